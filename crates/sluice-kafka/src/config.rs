@@ -1,0 +1,109 @@
+//! How to reach the brokers, and the librdkafka properties we rely on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+/// Broker connection settings shared by every stage of a process.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Consumer groups are `{group_prefix}-{stage}`: one group per stage, so any
+    /// stage can run as many replicas as its input topic has partitions.
+    pub group_prefix: String,
+    /// librdkafka `session.timeout.ms`. tansu makes a first group join wait for
+    /// half of it, hence the short default.
+    pub session_timeout_ms: u32,
+    /// Extra librdkafka properties for every client (security settings:
+    /// `security.protocol`, `sasl.*`, `ssl.*`). Values are never logged.
+    pub properties: BTreeMap<String, String>,
+    /// Extra properties for consumers only.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// Extra properties for producers only.
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_prefix: "sluice".into(),
+            session_timeout_ms: 6000,
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+// Property values may hold passwords: show the keys only.
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_prefix", &self.group_prefix)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .field("consumer_properties", &self.consumer_properties.keys().collect::<Vec<_>>())
+            .field("producer_properties", &self.producer_properties.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    pub(crate) fn base(&self, client_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.id", client_id);
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// A producer that never duplicates on its own retries and waits for all
+    /// in-sync replicas: an acknowledgement means the output is safe.
+    pub fn producer_config(&self, client_id: &str) -> ClientConfig {
+        let mut config = self.base(client_id);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "200000");
+        for (k, v) in &self.producer_properties {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// A consumer whose offsets are stored by the runtime (only after the
+    /// outputs are acknowledged) and committed in the background and on
+    /// revocation and close.
+    pub fn consumer_config(&self, client_id: &str, group_id: &str) -> ClientConfig {
+        let mut config = self.base(client_id);
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (self.session_timeout_ms / 4).max(100).to_string())
+            // The default (1000 ms) stalls a batching consumer about 0.5 s every few
+            // thousand messages once its prefetch queue fills (docs/decisions.md).
+            .set("fetch.queue.backoff.ms", "10")
+            // A broker that holds an empty fetch for the full wait (the mock
+            // cluster does) adds this much latency per stage.
+            .set("fetch.wait.max.ms", "100")
+            // Bound what librdkafka prefetches per partition (KiB): with the
+            // runtime's bounded queues this bounds the process's memory.
+            .set("queued.max.messages.kbytes", "65536");
+        for (k, v) in &self.consumer_properties {
+            config.set(k, v);
+        }
+        config
+    }
+}

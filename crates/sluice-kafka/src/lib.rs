@@ -1,0 +1,29 @@
+//! Sluice's Kafka runtime. Stages never touch rdkafka: this crate consumes,
+//! batches, hands each batch to a [`Stage`], produces what the stage returns
+//! (dead letters included), and stores an input offset for commit only once
+//! every output produced from it has been acknowledged by the broker.
+//!
+//! - [`config`]: broker addresses and client properties.
+//! - [`batcher`]: size-or-deadline batching, the deadline timed from the oldest
+//!   waiting message.
+//! - [`runtime`]: the consume → batch → process → produce → commit loop.
+//! - [`admin`] and [`embedded`]: topic creation, and librdkafka's in-process
+//!   mock cluster for the demo and fast tests.
+
+pub mod admin;
+pub mod batcher;
+pub mod client;
+pub mod config;
+pub mod embedded;
+mod error;
+pub mod runtime;
+mod stage;
+pub mod status;
+mod telemetry;
+
+pub use batcher::BatchPolicy;
+pub use config::KafkaConfig;
+pub use error::KafkaRuntimeError;
+pub use runtime::{RunOptions, run_stage};
+pub use stage::{BatchFailure, Incoming, Output, Stage};
+pub use status::StageStatus;

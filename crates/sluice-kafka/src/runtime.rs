@@ -1,0 +1,331 @@
+//! The consume → batch → process → produce → commit loop.
+//!
+//! Four tasks joined by bounded channels, so that a slow step blocks the one
+//! before it and, in the end, consumption pauses instead of memory growing:
+//!
+//! ```text
+//! consume ──(queue_capacity)──► batcher ──(1 batch)──► process ──(4 batches)──► acknowledge
+//! ```
+//!
+//! `process` runs the stage on one batch while the batcher accumulates the next.
+//! `acknowledge` awaits every delivery of a batch's outputs, in batch order, and
+//! only then stores the batch's last offset per partition; librdkafka commits
+//! stored offsets every second, on revocation and on close. Hence at-least-once:
+//! a crash can re-deliver, never skip.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, TopicPartitionList};
+use sluice_messages::dead_letter::DeadLetter;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::batcher::{Batch, BatchPolicy, run_batcher};
+use crate::{Incoming, KafkaConfig, KafkaRuntimeError, Output, Stage, StageStatus, telemetry};
+
+/// Where a stage reads and how it batches.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub input_topic: String,
+    pub dead_letter_topic: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// The batching policy; a new value applies from the next cut.
+    pub policy: watch::Receiver<BatchPolicy>,
+    /// How long a shutdown may take to finish in-flight batches.
+    pub drain_timeout: Duration,
+    /// Messages buffered between the consumer and the batcher.
+    pub queue_capacity: usize,
+}
+
+/// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
+/// is processed, produced and committed, within `drain_timeout`.
+///
+/// A fatal failure cancels `shutdown` (so sibling stages of a `sluice pipeline`
+/// stop too) and is returned; nothing past the failure is committed.
+pub async fn run_stage<S: Stage>(
+    kafka: &KafkaConfig,
+    options: RunOptions,
+    mut stage: S,
+    status: Arc<StageStatus>,
+    shutdown: CancellationToken,
+) -> Result<(), KafkaRuntimeError> {
+    let name = stage.name();
+    let context = RebalanceLogger { stage: name, status: status.clone() };
+    let consumer: Arc<StreamConsumer<RebalanceLogger>> = Arc::new(
+        kafka
+            .consumer_config(&options.client_id, &options.group_id)
+            .create_with_context(context)
+            .map_err(|e| KafkaRuntimeError::client(format!("{name} consumer"), e))?,
+    );
+    consumer
+        .subscribe(&[&options.input_topic])
+        .map_err(|e| KafkaRuntimeError::client(format!("{name} subscribe"), e))?;
+    let producer: FutureProducer = kafka
+        .producer_config(&options.client_id)
+        .create()
+        .map_err(|e| KafkaRuntimeError::client(format!("{name} producer"), e))?;
+    info!(stage = name, topic = options.input_topic, group = options.group_id, "stage started");
+
+    let (item_tx, item_rx) = mpsc::channel(options.queue_capacity.max(1));
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let (ack_tx, ack_rx) = mpsc::channel(4);
+    let input_topic: Arc<str> = options.input_topic.as_str().into();
+
+    let consume = tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, shutdown.clone(), name));
+    tokio::spawn(run_batcher(item_rx, batch_tx, options.policy));
+    let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone()));
+    let work = async {
+        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options.dead_letter_topic, &shutdown).await;
+        let acknowledged = acknowledge.await.unwrap_or_else(|e| {
+            Err(KafkaRuntimeError::Stage { stage: name, message: format!("acknowledger panicked: {e}") })
+        });
+        processed.and(acknowledged)
+    };
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(options.drain_timeout).await;
+    };
+    let result = tokio::select! {
+        result = work => result,
+        () = drain_deadline => Err(KafkaRuntimeError::DrainTimeout { stage: name, seconds: options.drain_timeout.as_secs_f64() }),
+    };
+    if let Err(e) = &result {
+        error!(stage = name, error = %e, "stage failed; committing what was acknowledged");
+        shutdown.cancel();
+    }
+    let _ = consume.await;
+
+    // Commit what was acknowledged. Only acknowledged offsets were stored, so
+    // this is safe even after a failure or a drain timeout.
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => warn!(stage = name, error = %e, "final commit failed; the next owner re-processes from the last commit"),
+    }
+    if let Err(e) = producer.flush(Duration::from_secs(5)) {
+        warn!(stage = name, error = %e, "producer flush on shutdown");
+    }
+    telemetry::stopped(name, status.acknowledged.load(Ordering::Relaxed));
+    result
+}
+
+/// Logs rebalances and keeps [`StageStatus`] up to date. Offsets of revoked
+/// partitions are committed by librdkafka before it revokes them (auto-commit).
+struct RebalanceLogger {
+    stage: &'static str,
+    status: Arc<StageStatus>,
+}
+
+impl ClientContext for RebalanceLogger {}
+
+impl ConsumerContext for RebalanceLogger {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|tpl| tpl.count() as i64).unwrap_or(0);
+        let (kind, partitions) = match rebalance {
+            Rebalance::Assign(tpl) => ("assign", describe(tpl)),
+            Rebalance::Revoke(tpl) => ("revoke", describe(tpl)),
+            Rebalance::Error(e) => ("error", e.to_string()),
+        };
+        self.status.set_assigned(assigned);
+        telemetry::rebalance(self.stage, kind, &partitions, assigned);
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>().join(",")
+}
+
+async fn consume_loop(
+    consumer: Arc<StreamConsumer<RebalanceLogger>>,
+    topic: Arc<str>,
+    items: mpsc::Sender<Incoming>,
+    shutdown: CancellationToken,
+    stage: &'static str,
+) {
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = consumer.recv() => received,
+        };
+        let incoming = match received {
+            Ok(message) => Incoming {
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                topic: if *topic == *message.topic() { topic.clone() } else { message.topic().into() },
+                partition: message.partition(),
+                offset: message.offset(),
+                timestamp_ms: message.timestamp().to_millis(),
+            },
+            Err(e) => {
+                telemetry::consume_error(stage, &e.to_string());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            sent = items.send(incoming) => if sent.is_err() { return },
+        }
+    }
+}
+
+/// A processed batch whose outputs are on their way to the broker.
+struct PendingAck {
+    deliveries: Vec<(Arc<str>, DeliveryFuture)>,
+    /// The batch's last offset per partition.
+    last_offsets: BTreeMap<i32, i64>,
+    inputs: usize,
+}
+
+async fn process_loop<S: Stage>(
+    stage: &mut S,
+    mut batches: mpsc::Receiver<Batch<Incoming>>,
+    producer: &FutureProducer,
+    acks: mpsc::Sender<PendingAck>,
+    dead_letter_topic: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaRuntimeError> {
+    let name = stage.name();
+    let dead_letter_topic: Arc<str> = dead_letter_topic.into();
+    while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
+        // A batch given up on (shutdown during retries) must stop the loop: a
+        // later batch's offsets would commit past it.
+        let Some(outputs) = process_with_retry(stage, &batch.items, shutdown).await? else {
+            return Ok(());
+        };
+        telemetry::batch_processed(name, batch.items.len(), batch.waited, started.elapsed());
+        let mut deliveries = Vec::with_capacity(outputs.len());
+        let mut sent = 0;
+        for output in outputs {
+            let (topic, key, payload) = match output {
+                Output::Send { source, topic, key, payload } => {
+                    check_source(name, source, batch.items.len())?;
+                    sent += 1;
+                    (topic, key, payload)
+                }
+                Output::DeadLetter { source, reason, detail, event_id } => {
+                    check_source(name, source, batch.items.len())?;
+                    let input = &batch.items[source];
+                    telemetry::dead_lettered(name, reason, &detail, event_id.as_deref());
+                    let letter = DeadLetter {
+                        stage: name.to_string(),
+                        reason: reason.to_string(),
+                        detail,
+                        source: input.coordinates(),
+                        event_id,
+                        key: input.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload_base64: DeadLetter::encode_payload(&input.payload),
+                        dead_at_ms: sluice_messages::now_ms(),
+                    };
+                    let json = serde_json::to_vec(&letter).expect("a DeadLetter always serialises");
+                    (dead_letter_topic.clone(), input.key.clone(), json)
+                }
+            };
+            let delivery = enqueue(producer, &topic, key.as_deref(), &payload).await?;
+            deliveries.push((topic, delivery));
+        }
+        telemetry::outputs_sent(name, sent);
+        let mut last_offsets = BTreeMap::new();
+        for item in &batch.items {
+            last_offsets.insert(item.partition, item.offset);
+        }
+        let pending = PendingAck { deliveries, last_offsets, inputs: batch.items.len() };
+        if acks.send(pending).await.is_err() {
+            // The acknowledger stopped on an error, which it reports.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn check_source(stage: &'static str, source: usize, len: usize) -> Result<(), KafkaRuntimeError> {
+    if source < len {
+        Ok(())
+    } else {
+        Err(KafkaRuntimeError::Stage { stage, message: format!("output names input {source} of a batch of {len}") })
+    }
+}
+
+async fn process_with_retry<S: Stage>(
+    stage: &mut S,
+    items: &[Incoming],
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Output>>, KafkaRuntimeError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match stage.process(items).await {
+            Ok(outputs) => return Ok(Some(outputs)),
+            Err(failure) if failure.retryable => {
+                telemetry::batch_failed(stage.name(), true, &failure.message, backoff);
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(failure) => {
+                telemetry::batch_failed(stage.name(), false, &failure.message, Duration::ZERO);
+                return Err(KafkaRuntimeError::Stage { stage: stage.name(), message: failure.message });
+            }
+        }
+    }
+}
+
+/// Hands one record to librdkafka, waiting while its queue is full.
+pub(crate) async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+) -> Result<DeliveryFuture, KafkaRuntimeError> {
+    loop {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((source, _)) => return Err(KafkaRuntimeError::Delivery { topic: topic.to_string(), source }),
+        }
+    }
+}
+
+async fn ack_loop(
+    consumer: Arc<StreamConsumer<RebalanceLogger>>,
+    mut acks: mpsc::Receiver<PendingAck>,
+    topic: Arc<str>,
+    stage: &'static str,
+    status: Arc<StageStatus>,
+) -> Result<(), KafkaRuntimeError> {
+    while let Some(pending) = acks.recv().await {
+        for (topic, delivery) in pending.deliveries {
+            let source = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((source, _))) => source,
+                Err(_) => KafkaError::Canceled,
+            };
+            return Err(KafkaRuntimeError::Delivery { topic: topic.to_string(), source });
+        }
+        for (partition, offset) in pending.last_offsets {
+            // Stores `offset + 1`, the next offset to read.
+            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                telemetry::stale_offset(stage, partition, &e.to_string());
+            }
+        }
+        status.acknowledged.fetch_add(pending.inputs as u64, Ordering::Relaxed);
+        telemetry::acknowledged(stage, pending.inputs);
+    }
+    Ok(())
+}

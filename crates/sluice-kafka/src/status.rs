@@ -1,0 +1,41 @@
+//! A stage's live state, shared with the health endpoints.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// Read by `/readyz` and `/status`; written by the runtime and the stage.
+#[derive(Debug, Default)]
+pub struct StageStatus {
+    /// The stage finished its warm-up (the inferrer: the model ran a full batch).
+    warmed_up: AtomicBool,
+    /// Partitions of the input topic currently assigned to this member.
+    assigned_partitions: AtomicI64,
+    /// Whether the group join completed at least once.
+    joined: AtomicBool,
+    /// Inputs whose outputs were all acknowledged and whose offsets were stored.
+    pub acknowledged: AtomicU64,
+}
+
+impl StageStatus {
+    pub fn set_warmed_up(&self) {
+        self.warmed_up.store(true, Ordering::Release);
+    }
+
+    pub fn warmed_up(&self) -> bool {
+        self.warmed_up.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_assigned(&self, partitions: i64) {
+        self.assigned_partitions.store(partitions, Ordering::Release);
+        self.joined.store(true, Ordering::Release);
+    }
+
+    pub fn assigned_partitions(&self) -> i64 {
+        self.assigned_partitions.load(Ordering::Acquire)
+    }
+
+    /// Ready to serve: warmed up and a member of its consumer group. A member
+    /// with zero partitions is still ready (more replicas than partitions).
+    pub fn ready(&self) -> bool {
+        self.warmed_up() && self.joined.load(Ordering::Acquire)
+    }
+}

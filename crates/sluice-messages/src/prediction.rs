@@ -1,0 +1,31 @@
+//! The records on the `predictions` output topic (JSON; schema in
+//! `schemas/prediction.schema.json`) and in the JSON-lines file sink.
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+/// One stock prediction as consumers of Sluice see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRecord {
+    pub event_id: String,
+    /// Always `stock` for now; query intents get their own kind.
+    pub kind: String,
+    pub symbol: String,
+    pub as_of: NaiveDate,
+    pub predicted_return: f32,
+    pub confidence: f32,
+    pub model: ModelRef,
+    /// Size of the model batch that computed this prediction.
+    pub batch_size: u32,
+    /// Whether the answer came from the prediction cache.
+    pub cached: bool,
+    pub requested_at_ms: i64,
+    pub written_at_ms: i64,
+}
+
+/// The model that answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+}

@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What can go wrong with a model. `Clone`, so that one failure can be reported
+/// to every item of the batch it hit.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum ModelError {
+    /// A file is missing or unreadable: fatal, fix the deployment.
+    #[error("reading {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    /// `metadata.json` is not valid, or contradicts itself.
+    #[error("model metadata {path}: {message}")]
+    Metadata { path: PathBuf, message: String },
+    /// The requested device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
+    /// Input of the wrong size for the model: a bug in the caller.
+    #[error("input of {got} values is not {rows} x {row_len}")]
+    InputShape { got: usize, rows: usize, row_len: usize },
+    /// libtorch failed to load or run the model.
+    #[error("libtorch: {0}")]
+    Torch(String),
+    /// The model's output is not `[rows, outputs]`.
+    #[error("model returned shape {got:?}, expected [{rows}, {outputs}]")]
+    OutputShape { got: Vec<i64>, rows: usize, outputs: usize },
+    /// The model thread is gone (it panicked or the worker was dropped).
+    #[error("the model thread has stopped")]
+    WorkerGone,
+}
+
+impl From<tch::TchError> for ModelError {
+    fn from(e: tch::TchError) -> Self {
+        Self::Torch(e.to_string())
+    }
+}

@@ -1,0 +1,20 @@
+//! Sluice's model runtime: a TorchScript model plus its metadata file, loaded
+//! through libtorch (`tch`), owned by one dedicated thread and fed whole batches.
+//!
+//! - [`metadata`]: what ships next to `model.pt` (shape, normalisation
+//!   statistics, the meaning of each output).
+//! - [`Model`]: load, pick the device, warm up, run one batch (synchronous).
+//! - [`ModelWorker`]: the thread that owns a [`Model`], and its async handle.
+
+mod config;
+mod device;
+mod error;
+pub mod metadata;
+mod model;
+mod worker;
+
+pub use config::{DeviceChoice, ModelConfig};
+pub use error::ModelError;
+pub use metadata::ModelMetadata;
+pub use model::Model;
+pub use worker::{Inference, ModelWorker};

@@ -1,0 +1,109 @@
+//! The thread that owns a model, and the async handle that feeds it.
+//!
+//! libtorch calls block for milliseconds; on a dedicated OS thread they never
+//! stall the async runtime, and the stage can accumulate the next batch while
+//! this one runs.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Model, ModelConfig, ModelError, ModelMetadata};
+
+/// One model run's result.
+#[derive(Debug, Clone)]
+pub struct Inference {
+    /// `rows x outputs` values, row-major.
+    pub outputs: Vec<f32>,
+    /// Time spent in the model call.
+    pub elapsed: Duration,
+}
+
+struct Job {
+    input: Vec<f32>,
+    rows: usize,
+    reply: oneshot::Sender<Result<Inference, ModelError>>,
+}
+
+/// Handle to the model thread. Dropping it stops the thread.
+#[derive(Debug)]
+pub struct ModelWorker {
+    jobs: Option<mpsc::Sender<Job>>,
+    metadata: Arc<ModelMetadata>,
+    device: String,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ModelWorker {
+    /// Starts the thread, loads the model there and warms it up; returns once
+    /// the model has answered a full warm-up batch.
+    pub async fn start(config: ModelConfig) -> Result<Self, ModelError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(2);
+        let thread = std::thread::Builder::new()
+            .name("sluice-model".into())
+            .spawn(move || serve(&config, ready_tx, jobs_rx))
+            .map_err(|e| ModelError::Torch(format!("spawning the model thread: {e}")))?;
+        let (metadata, device) = ready_rx.await.map_err(|_| ModelError::WorkerGone)??;
+        Ok(Self { jobs: Some(jobs_tx), metadata: Arc::new(metadata), device, thread: Some(thread) })
+    }
+
+    pub fn metadata(&self) -> &Arc<ModelMetadata> {
+        &self.metadata
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Runs one batch of `rows` samples on the model thread.
+    pub async fn infer(&self, input: Vec<f32>, rows: usize) -> Result<Inference, ModelError> {
+        let (reply, answer) = oneshot::channel();
+        let jobs = self.jobs.as_ref().ok_or(ModelError::WorkerGone)?;
+        jobs.send(Job { input, rows, reply }).await.map_err(|_| ModelError::WorkerGone)?;
+        answer.await.map_err(|_| ModelError::WorkerGone)?
+    }
+}
+
+impl Drop for ModelWorker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(
+    config: &ModelConfig,
+    ready: oneshot::Sender<Result<(ModelMetadata, String), ModelError>>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let started = Instant::now();
+    let model = match Model::load(config).and_then(|m| m.warm_up(config.warmup_batch_size).map(|()| m)) {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    tracing::info!(
+        model = model.metadata().name,
+        version = model.metadata().version,
+        device = model.device_name(),
+        warmup_batch = config.warmup_batch_size,
+        took_ms = started.elapsed().as_millis() as u64,
+        "model loaded and warmed up"
+    );
+    if ready.send(Ok((model.metadata().clone(), model.device_name()))).is_err() {
+        return;
+    }
+    while let Some(job) = jobs.blocking_recv() {
+        let started = Instant::now();
+        let result = model.forward(&job.input, job.rows).map(|outputs| Inference { outputs, elapsed: started.elapsed() });
+        let _ = job.reply.send(result);
+    }
+}

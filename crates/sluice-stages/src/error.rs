@@ -1,0 +1,57 @@
+use chrono::NaiveDate;
+use sluice_messages::MessageError;
+use sluice_model::ModelError;
+use thiserror::Error;
+
+/// Why a stage could not process an event (poison: dead letter) or a batch.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum StageError {
+    /// The input could not be read (bad JSON, bad envelope, bad field).
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// The history source has no such symbol.
+    #[error("unknown symbol {0}")]
+    UnknownSymbol(String),
+    /// Fewer trading days of history than the model's window.
+    #[error("{symbol} has {have} trading days of history up to {as_of}; the model needs {need}")]
+    InsufficientHistory { symbol: String, as_of: NaiveDate, have: usize, need: usize },
+    /// A window (inline or fetched) of the wrong shape.
+    #[error("window is {rows} x {cols}; the model needs {want_rows} x {want_cols}")]
+    WindowShape { rows: usize, cols: usize, want_rows: usize, want_cols: usize },
+    /// NaN or infinity in the input (or produced by normalising it).
+    #[error("non-finite {what} at day {day}, feature {feature}")]
+    NonFiniteInput { what: &'static str, day: usize, feature: usize },
+    /// NaN or infinity in the model's answer.
+    #[error("the model returned a non-finite {output} ({value})")]
+    NonFinitePrediction { output: &'static str, value: f32 },
+    /// An event kind this deployment does not process yet.
+    #[error("{kind} events are not served by this deployment: {why}")]
+    UnsupportedKind { kind: &'static str, why: &'static str },
+    /// An envelope with a payload this stage does not take.
+    #[error("expected a {expected} payload, got {got}")]
+    UnexpectedPayload { expected: &'static str, got: &'static str },
+    /// The model failed (the whole batch).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A sink could not be written (the whole batch; retried).
+    #[error("sink {sink}: {message}")]
+    Sink { sink: &'static str, message: String },
+}
+
+impl StageError {
+    /// The bounded dead-letter reason (also a metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Message(e) => e.reason(),
+            Self::UnknownSymbol(_) => "unknown_symbol",
+            Self::InsufficientHistory { .. } => "insufficient_history",
+            Self::WindowShape { .. } => "invalid_window_shape",
+            Self::NonFiniteInput { .. } => "non_finite_input",
+            Self::NonFinitePrediction { .. } => "non_finite_prediction",
+            Self::UnsupportedKind { .. } => "unsupported_kind",
+            Self::UnexpectedPayload { .. } => "unexpected_payload",
+            Self::Model(_) => "model_error",
+            Self::Sink { .. } => "sink_error",
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The normalizer: per-feature z-scores with the statistics shipped in the
+//! model's metadata. Non-finite values, before or after, are dead letters.
+
+use std::sync::Arc;
+
+use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::envelope::{Payload, StockWindow};
+use sluice_model::metadata::Normalization;
+
+use crate::StageError;
+use crate::common::{dead_letter, decode, forward};
+
+/// The normalizer stage.
+#[derive(Debug)]
+pub struct Normalizer {
+    mean: Vec<f32>,
+    /// 1 / std, so the hot loop multiplies.
+    inv_std: Vec<f32>,
+    days: usize,
+    output: Arc<str>,
+}
+
+impl Normalizer {
+    /// `days` and the statistics' length fix the window shape it accepts.
+    pub fn new(stats: &Normalization, days: usize, output_topic: &str) -> Self {
+        Self {
+            mean: stats.mean.clone(),
+            inv_std: stats.std.iter().map(|s| 1.0 / s).collect(),
+            days,
+            output: output_topic.into(),
+        }
+    }
+
+    /// z-scores a window, refusing wrong shapes and non-finite values.
+    pub fn normalize(&self, window: &StockWindow) -> Result<StockWindow, StageError> {
+        let features = self.mean.len();
+        let (rows, cols) = (window.rows as usize, window.cols as usize);
+        if rows != self.days || cols != features || window.values.len() != rows * cols {
+            return Err(StageError::WindowShape { rows, cols, want_rows: self.days, want_cols: features });
+        }
+        let mut values = Vec::with_capacity(window.values.len());
+        for (day, row) in window.values.chunks_exact(features).enumerate() {
+            for (feature, ((x, mean), inv_std)) in row.iter().zip(&self.mean).zip(&self.inv_std).enumerate() {
+                if !x.is_finite() {
+                    return Err(StageError::NonFiniteInput { what: "input", day, feature });
+                }
+                let z = (x - mean) * inv_std;
+                if !z.is_finite() {
+                    return Err(StageError::NonFiniteInput { what: "z-score", day, feature });
+                }
+                values.push(z);
+            }
+        }
+        Ok(StockWindow { symbol: window.symbol.clone(), as_of: window.as_of, rows: window.rows, cols: window.cols, values })
+    }
+}
+
+impl Stage for Normalizer {
+    fn name(&self) -> &'static str {
+        "normalizer"
+    }
+
+    async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
+        Ok(batch
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let envelope = match decode(i, input) {
+                    Ok(envelope) => envelope,
+                    Err(dead) => return dead,
+                };
+                let result = match &envelope.payload {
+                    Payload::Fetched(window) => self.normalize(window),
+                    Payload::Query(_) => Err(StageError::UnsupportedKind {
+                        kind: "query",
+                        why: "no intent model is configured (query processing is not built yet)",
+                    }),
+                    other => Err(StageError::UnexpectedPayload { expected: "fetched", got: other.kind() }),
+                };
+                match result {
+                    Ok(normalized) => forward(i, input, &self.output, &envelope, Payload::Normalized(normalized)),
+                    Err(e) => dead_letter(i, &e, Some(envelope.event_id)),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    fn normalizer() -> Normalizer {
+        Normalizer::new(&Normalization { mean: vec![1.0, -2.0], std: vec![2.0, 0.5] }, 2, "out")
+    }
+
+    fn window(values: Vec<f32>) -> StockWindow {
+        StockWindow {
+            symbol: "S0001".into(),
+            as_of: NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"),
+            rows: 2,
+            cols: 2,
+            values,
+        }
+    }
+
+    #[test]
+    fn z_scores_each_feature() {
+        let out = normalizer().normalize(&window(vec![1.0, -2.0, 5.0, -1.0])).expect("normalised");
+        assert_eq!(out.values, vec![0.0, 0.0, 2.0, 2.0]);
+        assert_eq!((out.rows, out.cols, out.symbol.as_str()), (2, 2, "S0001"));
+    }
+
+    #[test]
+    fn refuses_non_finite_values_and_wrong_shapes() {
+        let n = normalizer();
+        let nan = n.normalize(&window(vec![1.0, f32::NAN, 0.0, 0.0])).expect_err("NaN");
+        assert_eq!((nan.reason(), nan.to_string().as_str()), ("non_finite_input", "non-finite input at day 0, feature 1"));
+        let inf = n.normalize(&window(vec![0.0, 0.0, f32::INFINITY, 0.0])).expect_err("inf");
+        assert_eq!(inf.reason(), "non_finite_input");
+        let overflow = n.normalize(&window(vec![0.0, f32::MAX, 0.0, 0.0])).expect_err("overflow");
+        assert!(overflow.to_string().contains("z-score"), "{overflow}");
+        let mut short = window(vec![0.0; 2]);
+        short.rows = 1;
+        assert_eq!(n.normalize(&short).expect_err("shape").reason(), "invalid_window_shape");
+    }
+}

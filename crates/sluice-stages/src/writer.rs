@@ -1,0 +1,128 @@
+//! The writer: drops predictions under `min_confidence` (counted, not saved)
+//! and writes the rest, in batches, to the `predictions` topic (JSON) and to a
+//! JSON-lines file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::counter;
+use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::envelope::Payload;
+use sluice_messages::prediction::{ModelRef, PredictionRecord};
+
+use crate::StageError;
+use crate::common::{dead_letter, decode};
+
+/// Counts shared with whoever reports on the writer (the demo's summary).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub written: AtomicU64,
+    pub below_min_confidence: AtomicU64,
+}
+
+/// The writer stage.
+#[derive(Debug)]
+pub struct Writer {
+    min_confidence: f32,
+    file: Option<(PathBuf, BufWriter<File>)>,
+    output: Arc<str>,
+    stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    /// Drops predictions under `min_confidence`; appends the others to `file`
+    /// (JSON lines) if one is given, and publishes them to `output_topic`.
+    pub fn new(
+        min_confidence: f32,
+        file: Option<&Path>,
+        output_topic: &str,
+        stats: Arc<WriterStats>,
+    ) -> Result<Self, StageError> {
+        let file = match file {
+            Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
+            None => None,
+        };
+        Ok(Self { min_confidence, file, output: output_topic.into(), stats })
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, StageError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| StageError::Sink { sink: "file", message: format!("{}: {e}", path.display()) })
+}
+
+impl Stage for Writer {
+    fn name(&self) -> &'static str {
+        "writer"
+    }
+
+    async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut lines = Vec::new();
+        let mut below = 0;
+        let written_at_ms = sluice_messages::now_ms();
+        for (i, input) in batch.iter().enumerate() {
+            let envelope = match decode(i, input) {
+                Ok(envelope) => envelope,
+                Err(dead) => {
+                    outputs.push(dead);
+                    continue;
+                }
+            };
+            let Payload::Prediction(p) = &envelope.payload else {
+                let e = StageError::UnexpectedPayload { expected: "prediction", got: envelope.payload.kind() };
+                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                continue;
+            };
+            if p.confidence < self.min_confidence {
+                below += 1;
+                continue;
+            }
+            let record = PredictionRecord {
+                event_id: envelope.event_id.clone(),
+                kind: "stock".into(),
+                symbol: p.symbol.clone(),
+                as_of: p.as_of,
+                predicted_return: p.predicted_return,
+                confidence: p.confidence,
+                model: ModelRef { name: p.model_name.clone(), version: p.model_version.clone() },
+                batch_size: p.batch_size,
+                cached: false,
+                requested_at_ms: envelope.requested_at_ms,
+                written_at_ms,
+            };
+            let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
+            if self.file.is_some() {
+                lines.extend_from_slice(&json);
+                lines.push(b'\n');
+            }
+            outputs.push(Output::Send {
+                source: i,
+                topic: self.output.clone(),
+                key: Some(envelope.event_id.into_bytes()),
+                payload: json,
+            });
+        }
+        if let Some((path, file)) = &mut self.file
+            && !lines.is_empty()
+        {
+            // Durable before the batch's offsets can be committed. A failure is
+            // retried: the batch is processed again, nothing is committed.
+            file.write_all(&lines).and_then(|()| file.flush()).and_then(|()| file.get_ref().sync_data()).map_err(
+                |e| BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) },
+            )?;
+        }
+        let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
+        self.stats.written.fetch_add(written, Ordering::Relaxed);
+        self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
+        counter!("sluice_writer_predictions_written_total").increment(written);
+        counter!("sluice_writer_below_min_confidence_total").increment(below);
+        Ok(outputs)
+    }
+}

@@ -1,0 +1,283 @@
+//! The one typed configuration: built-in defaults (`default.toml`), then a
+//! file, then `SLUICE_<SECTION>__<KEY>` environment variables, then flags.
+//! Validated at start; every error names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use sluice_kafka::admin::TopicSpec;
+use sluice_kafka::{BatchPolicy, KafkaConfig};
+use sluice_model::ModelConfig;
+use sluice_stages::fetcher::SyntheticConfig;
+
+const DEFAULTS: &str = include_str!("default.toml");
+
+/// Everything a Sluice process needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SluiceConfig {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub runtime: RuntimeConfig,
+    pub fetcher: FetcherConfig,
+    pub normalizer: NormalizerConfig,
+    pub inferrer: InferrerConfig,
+    pub writer: WriterConfig,
+    pub observe: ObserveConfig,
+}
+
+/// Topic names and how to create them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Producers' JSON request events.
+    pub requests: String,
+    /// Envelopes from the fetcher.
+    pub fetched: String,
+    /// Envelopes from the normalizer.
+    pub normalized: String,
+    /// Envelopes from the inferrer (predictions not yet written).
+    pub inferred: String,
+    /// The JSON output topic.
+    pub predictions: String,
+    /// Dead letters from every stage.
+    pub dead_letters: String,
+    /// Partitions of every topic `sluice topics create` makes: the most
+    /// replicas any stage can use.
+    pub partitions: i32,
+    pub replication: i32,
+}
+
+impl TopicsConfig {
+    /// Every topic, for creation.
+    pub fn specs(&self) -> Vec<TopicSpec> {
+        [&self.requests, &self.fetched, &self.normalized, &self.inferred, &self.predictions, &self.dead_letters]
+            .into_iter()
+            .map(|name| TopicSpec { name: name.clone(), partitions: self.partitions, replication: self.replication })
+            .collect()
+    }
+}
+
+/// Settings of the Kafka runtime shared by the stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// How long a shutdown may spend finishing in-flight work. Keep it below
+    /// the Kubernetes termination grace period.
+    pub drain_timeout_ms: u64,
+    /// Messages buffered between a stage's consumer and its batcher.
+    pub queue_capacity: usize,
+}
+
+/// Where history comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Synthetic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetcherConfig {
+    pub source: SourceKind,
+    pub batch: BatchPolicy,
+    pub synthetic: SyntheticConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizerConfig {
+    pub batch: BatchPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferrerConfig {
+    /// `max_batch_size` is the model batch; `max_wait_ms` bounds how long the
+    /// oldest waiting event waits for a fuller batch.
+    pub batch: BatchPolicy,
+    pub model: ModelConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriterConfig {
+    pub batch: BatchPolicy,
+    /// Predictions with a lower confidence are counted and dropped.
+    pub min_confidence: f32,
+    /// A JSON-lines file every saved prediction is appended to.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// Metrics, health and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObserveConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz`, `/readyz`,
+    /// `/status` (port 0: any free port, logged at start).
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration error, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_string(), message: message.into() }
+}
+
+impl SluiceConfig {
+    /// Defaults, then `file`, then the environment, then `overrides` (flags).
+    pub fn load(file: Option<&Path>, overrides: &Figment) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // Only SLUICE_<SECTION>__<KEY> names: SLUICE_MODEL_DIR, SLUICE_CACHE and
+        // the like are read elsewhere and are not configuration keys.
+        figment = figment.merge(Env::prefixed("SLUICE_").filter(|k| k.as_str().contains("__")).split("__"));
+        let mut config: Self = figment.merge(overrides.clone()).extract().map_err(|e| {
+            let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))
+        })?;
+        if config.inferrer.model.dir.as_os_str().is_empty() {
+            config.inferrer.model.dir = default_model_dir();
+        }
+        config.inferrer.model.warmup_batch_size = config.inferrer.batch.max_batch_size;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Figment overrides from a value, for flags.
+    pub fn flag(key: &str, value: impl Serialize) -> Figment {
+        Figment::new().merge(Serialized::default(key, value))
+    }
+
+    /// Rules the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, policy) in [
+            ("fetcher.batch", &self.fetcher.batch),
+            ("normalizer.batch", &self.normalizer.batch),
+            ("inferrer.batch", &self.inferrer.batch),
+            ("writer.batch", &self.writer.batch),
+        ] {
+            if !(1..=65_536).contains(&policy.max_batch_size) {
+                return Err(invalid(&format!("{key}.max_batch_size"), format!("{} is outside 1..=65536", policy.max_batch_size)));
+            }
+            if policy.max_wait_ms > 60_000 {
+                return Err(invalid(&format!("{key}.max_wait_ms"), format!("{} is over 60000", policy.max_wait_ms)));
+            }
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "empty"));
+        }
+        let t = &self.topics;
+        let names = [
+            ("topics.requests", &t.requests),
+            ("topics.fetched", &t.fetched),
+            ("topics.normalized", &t.normalized),
+            ("topics.inferred", &t.inferred),
+            ("topics.predictions", &t.predictions),
+            ("topics.dead_letters", &t.dead_letters),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(invalid(key, format!("{name:?} is not a valid topic name")));
+            }
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                return Err(invalid(key, format!("{name:?} is also {other}")));
+            }
+        }
+        if t.partitions < 1 {
+            return Err(invalid("topics.partitions", "must be at least 1"));
+        }
+        if t.replication < 1 {
+            return Err(invalid("topics.replication", "must be at least 1"));
+        }
+        if self.runtime.drain_timeout_ms == 0 {
+            return Err(invalid("runtime.drain_timeout_ms", "must be above 0"));
+        }
+        if self.runtime.queue_capacity == 0 {
+            return Err(invalid("runtime.queue_capacity", "must be above 0"));
+        }
+        let c = self.writer.min_confidence;
+        if !(c.is_finite() && (0.0..=1.0).contains(&c)) {
+            return Err(invalid("writer.min_confidence", format!("{c} is outside 0..=1")));
+        }
+        if self.fetcher.synthetic.universe == 0 || self.fetcher.synthetic.universe > 10_000 {
+            return Err(invalid("fetcher.synthetic.universe", "must be within 1..=10000 (symbols S0000..S9999)"));
+        }
+        Ok(())
+    }
+}
+
+/// Where `make setup` exports the fixture model.
+fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SLUICE_MODEL_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice")
+    });
+    cache.join("models/stock-lstm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(toml: &str) -> anyhow::Result<SluiceConfig> {
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}-{}", std::process::id(), toml.len()));
+        std::fs::write(&dir, toml)?;
+        let result = SluiceConfig::load(Some(&dir), &Figment::new());
+        std::fs::remove_file(&dir)?;
+        result
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = SluiceConfig::load(None, &Figment::new()).expect("defaults load");
+        assert_eq!(config.inferrer.batch.max_batch_size, 64);
+        assert_eq!(config.inferrer.model.warmup_batch_size, 64);
+        assert!(!config.inferrer.model.dir.as_os_str().is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load_with("[inferrer]\nbatch = { max_batch_size = 0, max_wait_ms = 5 }\n").expect_err("zero");
+        assert!(e.to_string().contains("inferrer.batch.max_batch_size"), "{e}");
+        let e = load_with("[writer]\nmin_confidence = 1.5\n").expect_err("range");
+        assert!(e.to_string().contains("writer.min_confidence"), "{e}");
+        let e = load_with("[inferrer.batch]\nmax_batch_size = \"big\"\n").expect_err("type");
+        assert!(e.to_string().contains("inferrer.batch.max_batch_size"), "{e}");
+        let e = load_with("[kafka]\nbrokerz = \"x\"\n").expect_err("unknown");
+        assert!(e.to_string().contains("brokerz"), "{e}");
+        let e = load_with("[topics]\nfetched = \"sluice.requests\"\n").expect_err("duplicate");
+        assert!(e.to_string().contains("topics.fetched"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let config = SluiceConfig::load(None, &SluiceConfig::flag("kafka.brokers", "10.0.0.1:9092")).expect("load");
+        assert_eq!(config.kafka.brokers, "10.0.0.1:9092");
+    }
+}

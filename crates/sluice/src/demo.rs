@@ -1,0 +1,169 @@
+//! `sluice demo`: the whole pipeline on librdkafka's in-process mock cluster,
+//! with no external service, and a summary that accounts for every event.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_kafka::embedded::EmbeddedCluster;
+use sluice_messages::dead_letter::DeadLetter;
+use sluice_messages::prediction::PredictionRecord;
+use sluice_stages::WriterStats;
+use sluice_stages::generate::generate;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SluiceConfig;
+use crate::launch::{StageKind, cancel_on_signals, join, spawn_stage};
+use crate::produce::progress;
+
+/// Events published but not yet accounted for, at most.
+const IN_FLIGHT: u64 = 512;
+
+/// What the demo saw, for its summary (and the test that reads it).
+#[derive(Debug, Default)]
+struct Tally {
+    predicted: HashMap<String, PredictionRecord>,
+    duplicate_predictions: u64,
+    dead_letters: BTreeMap<String, u64>,
+    dead_sources: HashSet<(String, i32, i64)>,
+}
+
+impl Tally {
+    fn accounted(&self, below: u64) -> u64 {
+        self.predicted.len() as u64 + self.dead_sources.len() as u64 + below
+    }
+}
+
+pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) -> anyhow::Result<()> {
+    let cluster = EmbeddedCluster::start()?;
+    let kafka = cluster.kafka_config(&config.kafka);
+    // One partition per stage is plenty in one process and keeps startup fast.
+    config.topics.partitions = config.topics.partitions.min(2);
+    cluster.create_topics(&config.topics.specs())?;
+    let config = Arc::new(config);
+
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let stats = Arc::new(WriterStats::default());
+    let stages: Vec<_> = StageKind::ALL
+        .into_iter()
+        .map(|kind| spawn_stage(kind, config.clone(), kafka.clone(), shutdown.clone(), stats.clone()))
+        .collect();
+
+    let started = Instant::now();
+    while !stages.iter().all(|s| s.status.ready()) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the stages did not become ready in 120 s");
+        if shutdown.is_cancelled() {
+            return join(stages).await.context("a stage failed to start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let warmup = started.elapsed();
+
+    let generated = generate("demo", events, invalid_every, config.fetcher.synthetic.universe);
+    let reader = TopicReader::new(
+        &kafka,
+        "sluice-demo-observer",
+        &[&config.topics.predictions, &config.topics.dead_letters],
+    )?;
+    let mut publisher = Publisher::new(&kafka, "sluice-demo-producer")?;
+    let mut tally = Tally::default();
+    let bar = progress(events as u64, "processed");
+    let published_at = Instant::now();
+    let deadline = published_at + Duration::from_secs(60 + events as u64 / 50);
+    let mut last_seen = published_at;
+    let mut next = generated.iter();
+    let mut published = 0u64;
+    loop {
+        let accounted = tally.accounted(stats.below_min_confidence.load(Ordering::Relaxed));
+        bar.set_position(accounted);
+        bar.set_message(format!("published {published}, processed"));
+        if accounted >= events as u64 || Instant::now() > deadline || shutdown.is_cancelled() {
+            break;
+        }
+        // The mock cluster keeps only about 5 MB per partition and drops older
+        // messages (see docs/decisions.md): keep the backlog well below that.
+        while published < accounted + IN_FLIGHT {
+            let Some(e) = next.next() else { break };
+            publisher.send(&config.topics.requests, Some(e.event_id.as_bytes()), &e.json).await?;
+            published += 1;
+        }
+        let Some(record) = reader.next(Duration::from_millis(100)).await else { continue };
+        let record = record?;
+        last_seen = Instant::now();
+        if record.topic == config.topics.predictions {
+            let p: PredictionRecord = serde_json::from_slice(&record.payload).context("a prediction record")?;
+            if tally.predicted.insert(p.event_id.clone(), p).is_some() {
+                tally.duplicate_predictions += 1;
+            }
+        } else {
+            let d: DeadLetter = serde_json::from_slice(&record.payload).context("a dead letter")?;
+            if tally.dead_sources.insert((d.source.topic.clone(), d.source.partition, d.source.offset)) {
+                *tally.dead_letters.entry(format!("{} ({})", d.reason, d.stage)).or_default() += 1;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    publisher.finish().await?;
+    let elapsed = last_seen.duration_since(published_at);
+
+    shutdown.cancel();
+    join(stages).await?;
+    summary(&tally, events, &stats, elapsed, warmup)
+}
+
+fn summary(tally: &Tally, events: usize, stats: &WriterStats, elapsed: Duration, warmup: Duration) -> anyhow::Result<()> {
+    let below = stats.below_min_confidence.load(Ordering::Relaxed);
+    let lost = (events as u64).saturating_sub(tally.accounted(below));
+    let mut latencies: Vec<i64> = tally.predicted.values().map(|p| p.written_at_ms - p.requested_at_ms).collect();
+    latencies.sort_unstable();
+    let percentile = |q: f64| -> i64 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        latencies[((latencies.len() - 1) as f64 * q).round() as usize]
+    };
+    // Keyed by each bucket's lower bound, so that they print in order.
+    let mut sizes: BTreeMap<u32, (&str, u64)> = BTreeMap::new();
+    for p in tally.predicted.values() {
+        let (low, label) = match p.batch_size {
+            0..=1 => (1, "1"),
+            2..=7 => (2, "2-7"),
+            8..=31 => (8, "8-31"),
+            32..=63 => (32, "32-63"),
+            64..=127 => (64, "64-127"),
+            _ => (128, "128+"),
+        };
+        sizes.entry(low).or_insert((label, 0)).1 += 1;
+    }
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nSluice demo: embedded broker, four stages, model {}", model_name(tally))?;
+    writeln!(out, "  events in:               {events}")?;
+    writeln!(out, "  predictions out:         {}", tally.predicted.len())?;
+    writeln!(out, "  duplicate predictions:   {}", tally.duplicate_predictions)?;
+    writeln!(out, "  below min_confidence:    {below} (counted, not saved)")?;
+    writeln!(out, "  dead letters:            {}", tally.dead_sources.len())?;
+    for (reason, n) in &tally.dead_letters {
+        writeln!(out, "    {reason:<40} {n}")?;
+    }
+    writeln!(out, "  batch sizes (events by the size of the model batch that computed them):")?;
+    for (bucket, n) in sizes.values() {
+        writeln!(out, "    {bucket:<8} {n}")?;
+    }
+    let seconds = elapsed.as_secs_f64().max(1e-3);
+    writeln!(out, "  throughput:              {:.0} events/s ({events} in {seconds:.2} s)", events as f64 / seconds)?;
+    writeln!(out, "  latency p50 / p99:       {} ms / {} ms (request to written)", percentile(0.5), percentile(0.99))?;
+    writeln!(out, "  warm-up:                 {:.2} s (model load, warm-up batch, group joins)", warmup.as_secs_f64())?;
+    writeln!(out, "  lost:                    {lost}")?;
+    anyhow::ensure!(lost == 0, "{lost} events were lost");
+    Ok(())
+}
+
+fn model_name(tally: &Tally) -> String {
+    tally.predicted.values().next().map_or_else(|| "?".into(), |p| format!("{} v{}", p.model.name, p.model.version))
+}

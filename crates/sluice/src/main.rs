@@ -1,0 +1,179 @@
+//! The `sluice` command: run a stage or the whole pipeline, the embedded demo,
+//! topic creation and event publishing.
+
+mod config;
+mod demo;
+mod launch;
+mod observe;
+mod produce;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use figment::Figment;
+use serde_json::json;
+use sluice_kafka::admin::create_topics;
+use sluice_stages::WriterStats;
+use sluice_stages::generate::generate;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SluiceConfig;
+use crate::launch::{StageKind, cancel_on_signals, join, spawn_stage};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "A streaming batch-inference pipeline over Kafka")]
+struct Cli {
+    /// Configuration file (TOML); see crates/sluice/src/default.toml for every key.
+    #[arg(long, env = "SLUICE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Overrides `kafka.brokers`.
+    #[arg(long, global = true)]
+    brokers: Option<String>,
+    /// Overrides `observe.listen` (the metrics and health server).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Overrides `observe.log_format`.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole pipeline on an in-process broker, with synthetic events,
+    /// and print a summary. Needs no external service.
+    Demo {
+        /// Events to publish.
+        #[arg(long, default_value_t = 2000)]
+        events: usize,
+        /// Make every N-th event invalid (0: none), to show dead letters.
+        #[arg(long, default_value_t = 100)]
+        invalid_every: usize,
+    },
+    /// Run one stage (a consumer-group member; run as many replicas as you like).
+    Run { stage: StageKind },
+    /// Run all four stages in this process, still through Kafka topics.
+    Pipeline,
+    /// Manage topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Publish request events to the requests topic.
+    Produce {
+        /// A JSON-lines file, one event per line.
+        #[arg(long, conflicts_with = "synthetic")]
+        file: Option<PathBuf>,
+        /// Publish this many synthetic stock events instead.
+        #[arg(long)]
+        synthetic: Option<usize>,
+        /// With --synthetic: make every N-th event invalid (0: none).
+        #[arg(long, default_value_t = 0)]
+        invalid_every: usize,
+        /// With --synthetic: event ids are `{prefix}-{n}`.
+        #[arg(long, default_value = "evt")]
+        prefix: String,
+    },
+    /// Print the effective configuration (secrets left out) and exit.
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsAction {
+    /// Create every configured topic (existing ones are left alone).
+    Create,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut overrides = Figment::new();
+    if let Some(brokers) = &cli.brokers {
+        overrides = overrides.merge(SluiceConfig::flag("kafka.brokers", brokers));
+    }
+    if let Some(listen) = &cli.listen {
+        overrides = overrides.merge(SluiceConfig::flag("observe.listen", listen));
+    }
+    if let Some(format) = &cli.log_format {
+        overrides = overrides.merge(SluiceConfig::flag("observe.log_format", format));
+    }
+    let config = SluiceConfig::load(cli.config.as_deref(), &overrides)?;
+    // The demo prints a summary: keep its logs to warnings unless RUST_LOG says otherwise.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info,librdkafka=warn,rdkafka=warn",
+    };
+    observe::init_logs(config.observe.log_format, default_filter);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Demo { events, invalid_every } => demo::run(config, events, invalid_every).await,
+        Command::Run { stage } => run_stages(&[stage], config).await,
+        Command::Pipeline => run_stages(&StageKind::ALL, config).await,
+        Command::Topics { action: TopicsAction::Create } => {
+            let created = create_topics(&config.kafka, &config.topics.specs()).await?;
+            tracing::info!(?created, brokers = config.kafka.brokers, "topics ready");
+            Ok(())
+        }
+        Command::Produce { file, synthetic, invalid_every, prefix } => {
+            let topic = &config.topics.requests;
+            let delivered = match (file, synthetic) {
+                (Some(path), _) => produce::publish_file(&config.kafka, topic, &path).await?,
+                (None, Some(n)) => {
+                    let events = generate(&prefix, n, invalid_every, config.fetcher.synthetic.universe);
+                    produce::publish_generated(&config.kafka, topic, &events).await?
+                }
+                (None, None) => anyhow::bail!("give --file FILE or --synthetic N"),
+            };
+            writeln!(std::io::stdout(), "published {delivered} events to {topic}")?;
+            Ok(())
+        }
+        Command::Config => {
+            writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
+            Ok(())
+        }
+    }
+}
+
+/// The configuration as JSON, with librdkafka property values (which may hold
+/// passwords) replaced.
+fn redacted(config: &SluiceConfig) -> serde_json::Value {
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    for section in ["properties", "consumer_properties", "producer_properties"] {
+        if let Some(props) = value.pointer_mut(&format!("/kafka/{section}")).and_then(|p| p.as_object_mut()) {
+            for v in props.values_mut() {
+                *v = json!("<redacted>");
+            }
+        }
+    }
+    value
+}
+
+async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result<()> {
+    let metrics = observe::init_metrics()?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let kafka = config.kafka.clone();
+    let info = redacted(&config);
+    let listen = config.observe.listen;
+    let config = Arc::new(config);
+    let stats = Arc::new(WriterStats::default());
+    let stages: Vec<_> =
+        kinds.iter().map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), stats.clone())).collect();
+    let health = observe::Health {
+        metrics,
+        stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(),
+        info,
+    };
+    if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
+        shutdown.cancel();
+        let _ = join(stages).await;
+        return Err(e);
+    }
+    join(stages).await.context("sluice stopped on an error")
+}

@@ -1,0 +1,104 @@
+//! Logs, Prometheus metrics and the health endpoints of a Sluice process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use sluice_kafka::StageStatus;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Starts logging. `RUST_LOG` overrides `default_filter`.
+pub fn init_logs(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Installs the Prometheus recorder (once per process).
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 32.0, 64.0, 128.0,
+            256.0, 512.0, 1024.0,
+        ])?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// What the health endpoints report on.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub metrics: PrometheusHandle,
+    /// The stages of this process, by name.
+    pub stages: Vec<(&'static str, Arc<StageStatus>)>,
+    /// Static facts for `/status` (effective configuration, with secrets left out).
+    pub info: serde_json::Value,
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/status` until `shutdown`.
+/// Returns the bound address (useful with port 0).
+pub async fn serve(listen: SocketAddr, health: Health, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("configuration key `observe.listen`: cannot bind {listen}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(Arc::new(health));
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    });
+    tracing::info!(%bound, "serving /metrics /healthz /readyz /status");
+    Ok(bound)
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health.metrics.render()
+}
+
+fn stage_states(health: &Health) -> serde_json::Value {
+    health
+        .stages
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.to_string(),
+                json!({
+                    "ready": s.ready(),
+                    "warmed_up": s.warmed_up(),
+                    "assigned_partitions": s.assigned_partitions(),
+                    "acknowledged": s.acknowledged.load(std::sync::atomic::Ordering::Relaxed),
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let ready = health.stages.iter().all(|(_, s)| s.ready());
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({ "ready": ready, "stages": stage_states(&health) })))
+}
+
+async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    Json(json!({ "stages": stage_states(&health), "info": health.info }))
+}
