@@ -1,1 +1,301 @@
+//! End to end through a real broker process (tansu): the four stages run as
+//! separate `sluice run` processes. Every valid event must come out as exactly
+//! one prediction equal to the model's own computation, every invalid one as a
+//! dead letter with its reason, and nothing else may appear. A second test
+//! kills the inferrer mid-stream and checks that no event is lost.
 
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice_kafka::KafkaConfig;
+use sluice_kafka::client::TopicReader;
+use sluice_messages::dead_letter::DeadLetter;
+use sluice_messages::prediction::PredictionRecord;
+use sluice_model::{DeviceChoice, Model, ModelConfig};
+use sluice_stages::Normalizer;
+use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::generate::{Expected, GeneratedEvent, generate};
+use sluice_tests::{Broker, StageProcess, heavy_test_lock, model_dir, sluice, temp_dir, unique, write_config};
+
+const STAGES: [&str; 4] = ["fetcher", "normalizer", "inferrer", "writer"];
+/// Predictions must equal the reference computation to this absolute tolerance.
+const TOLERANCE: f32 = 1e-5;
+
+/// Everything read back from the output and dead-letter topics.
+#[derive(Debug, Default)]
+struct Seen {
+    predictions: HashMap<String, Vec<PredictionRecord>>,
+    /// Dead letters by event id, or by payload when the id could not be read
+    /// (a later stage's dead letter carries that stage's input, not the request).
+    dead: HashMap<DeadKey, Vec<DeadLetter>>,
+}
+
+impl Seen {
+    fn prediction_count(&self) -> usize {
+        self.predictions.values().map(Vec::len).sum()
+    }
+
+    fn dead_count(&self) -> usize {
+        self.dead.values().map(Vec::len).sum()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum DeadKey {
+    Id(String),
+    Payload(Vec<u8>),
+}
+
+/// Reads until `done(seen)` holds and then `quiet` passes with nothing new, or
+/// until `timeout`.
+async fn read_until(
+    reader: &TopicReader,
+    predictions_topic: &str,
+    seen: &mut Seen,
+    timeout: Duration,
+    quiet: Duration,
+    done: impl Fn(&Seen) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut done_at: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if done_at.is_none() && done(seen) {
+            done_at = Some(Instant::now());
+        }
+        if done_at.is_some_and(|t| t.elapsed() >= quiet) {
+            return;
+        }
+        let Some(record) = reader.next(Duration::from_millis(200)).await else { continue };
+        let record = record.expect("read");
+        if record.topic == predictions_topic {
+            let p: PredictionRecord = serde_json::from_slice(&record.payload).expect("prediction JSON");
+            seen.predictions.entry(p.event_id.clone()).or_default().push(p);
+        } else {
+            let d: DeadLetter = serde_json::from_slice(&record.payload).expect("dead-letter JSON");
+            let key = match &d.event_id {
+                Some(id) => DeadKey::Id(id.clone()),
+                None => DeadKey::Payload(d.payload().expect("base64")),
+            };
+            seen.dead.entry(key).or_default().push(d);
+        }
+    }
+}
+
+/// The prediction for each valid event, computed here with no Kafka, no
+/// batching policy and no stage: synthetic window → z-score → model.
+fn reference_predictions(events: &[GeneratedEvent]) -> HashMap<String, (f32, f32)> {
+    let model = Model::load(&ModelConfig {
+        dir: model_dir(),
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 2,
+        warmup_batch_size: 1,
+    })
+    .expect("model");
+    let metadata = model.metadata().clone();
+    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
+    let source = SyntheticSource::new(SyntheticConfig::default());
+    let normalizer = Normalizer::new(metadata.normalization.as_ref().expect("stats"), metadata.days(), "unused");
+    let (r, c) =
+        (metadata.output_index("predicted_return").expect("r"), metadata.output_index("confidence").expect("c"));
+    let valid: Vec<(&str, WindowRequest)> = events
+        .iter()
+        .filter_map(|e| match &e.expected {
+            Expected::Prediction { symbol, as_of } => {
+                Some((e.event_id.as_str(), WindowRequest { symbol: symbol.clone(), as_of: *as_of }))
+            }
+            Expected::DeadLetter { .. } => None,
+        })
+        .collect();
+    let mut out = HashMap::new();
+    for chunk in valid.chunks(200) {
+        let mut input = Vec::with_capacity(chunk.len() * metadata.sample_len());
+        for (_, request) in chunk {
+            let values = source.window(request, shape).expect("window");
+            let window = sluice_messages::envelope::StockWindow {
+                symbol: request.symbol.clone(),
+                as_of: request.as_of,
+                rows: shape.days as u32,
+                cols: shape.features as u32,
+                values,
+            };
+            input.extend(normalizer.normalize(&window).expect("normalise").values);
+        }
+        let y = model.forward(&input, chunk.len()).expect("forward");
+        for ((id, _), row) in chunk.iter().zip(y.chunks(metadata.outputs.len())) {
+            out.insert(id.to_string(), (row[r], row[c]));
+        }
+    }
+    out
+}
+
+fn write_events(dir: &Path, events: &[GeneratedEvent]) -> std::path::PathBuf {
+    let path = dir.join("events.jsonl");
+    let mut file = std::fs::File::create(&path).expect("events file");
+    for e in events {
+        file.write_all(&e.json).and_then(|()| file.write_all(b"\n")).expect("write event");
+    }
+    path
+}
+
+fn start_stages(config: &Path, logs: &Path) -> Vec<StageProcess> {
+    STAGES.iter().map(|s| StageProcess::start(config, s, logs)).collect()
+}
+
+fn dump_logs(stages: &[StageProcess]) -> String {
+    stages.iter().map(|s| format!("---- {} ({})\n{}", s.stage, s.log.display(), tail(&s.logs(), 40))).collect()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn reader(brokers: &str, prefix: &str) -> TopicReader {
+    let kafka = KafkaConfig { brokers: brokers.to_string(), ..KafkaConfig::default() };
+    let predictions = format!("{prefix}.predictions");
+    let dead = format!("{prefix}.dead-letters");
+    TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn ten_thousand_events_through_four_processes() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("e2e");
+    let prefix = unique("e2e");
+    let config = write_config(&dir, &broker.addr, &prefix, 4, "");
+    sluice(&config, &["topics", "create"]);
+
+    // About 1% invalid, of eight different kinds.
+    let events = generate("e2e", 10_000, 100, SyntheticConfig::default().universe);
+    let invalid: Vec<&GeneratedEvent> =
+        events.iter().filter(|e| matches!(e.expected, Expected::DeadLetter { .. })).collect();
+    let valid_count = events.len() - invalid.len();
+    assert_eq!(invalid.len(), 100);
+    let expected = reference_predictions(&events);
+    assert_eq!(expected.len(), valid_count);
+
+    let mut stages = start_stages(&config, &dir);
+    let reader = reader(&broker.addr, &prefix);
+    let published = sluice(&config, &["produce", "--file", write_events(&dir, &events).to_str().expect("utf-8")]);
+    assert!(published.contains("published 10000 events"), "{published}");
+
+    let mut seen = Seen::default();
+    let predictions_topic = format!("{prefix}.predictions");
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(5), |s| {
+        s.prediction_count() >= valid_count && s.dead_count() >= invalid.len()
+    })
+    .await;
+    let logs = dump_logs(&stages);
+
+    // Every valid event: exactly one prediction, equal to the reference.
+    let missing: Vec<&String> = expected.keys().filter(|id| !seen.predictions.contains_key(*id)).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {valid_count} valid events have no prediction, e.g. {missing:?}\n{logs}",
+        valid_count - seen.predictions.len()
+    );
+    let mut worst = 0f32;
+    for (id, records) in &seen.predictions {
+        let (r, c) = expected.get(id).unwrap_or_else(|| panic!("a prediction for {id}, which is not a valid event"));
+        assert_eq!(records.len(), 1, "{id} has {} predictions", records.len());
+        let p = &records[0];
+        worst = worst.max((p.predicted_return - r).abs()).max((p.confidence - c).abs());
+        assert!(p.batch_size >= 1 && p.batch_size <= 64 && !p.cached && p.kind == "stock", "{p:?}");
+    }
+    assert!(worst <= TOLERANCE, "a prediction differs from the reference by {worst}");
+
+    // Every invalid event: one dead letter with its reason and coordinates.
+    for e in &invalid {
+        let Expected::DeadLetter { reason } = e.expected else { unreachable!() };
+        let letters = seen
+            .dead
+            .get(&DeadKey::Id(e.event_id.clone()))
+            .or_else(|| seen.dead.get(&DeadKey::Payload(e.json.clone())))
+            .unwrap_or_else(|| panic!("no dead letter for {}\n{logs}", e.event_id));
+        assert_eq!(letters.len(), 1, "{} dead-lettered {} times", e.event_id, letters.len());
+        let letter = &letters[0];
+        assert_eq!(letter.reason, reason, "{}: {}", e.event_id, letter.detail);
+        assert!(!letter.detail.is_empty() && !letter.stage.is_empty());
+        assert!(
+            letter.source.topic == format!("{prefix}.requests") || letter.source.topic == format!("{prefix}.fetched")
+        );
+        assert!(letter.source.offset >= 0 && letter.source.partition >= 0);
+    }
+    // Nothing else.
+    assert_eq!(seen.prediction_count(), valid_count, "extra predictions");
+    assert_eq!(seen.dead_count(), invalid.len(), "extra dead letters");
+
+    // SIGTERM drains and exits cleanly.
+    for stage in &stages {
+        stage.signal("TERM");
+    }
+    for stage in &mut stages {
+        let status = stage.wait(Duration::from_secs(30));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} exited with {status:?}\n{}",
+            stage.stage,
+            tail(&stage.logs(), 30)
+        );
+        assert!(
+            stage.logs().contains("offsets committed"),
+            "{} did not drain\n{}",
+            stage.stage,
+            tail(&stage.logs(), 30)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn killing_the_inferrer_mid_stream_loses_nothing() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("restart");
+    let prefix = unique("restart");
+    // Small batches and a slow deadline keep the inferrer busy long enough to be
+    // killed in the middle of the stream.
+    let config =
+        write_config(&dir, &broker.addr, &prefix, 4, "[inferrer]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n");
+    sluice(&config, &["topics", "create"]);
+    let events = generate("restart", 4000, 0, SyntheticConfig::default().universe);
+
+    let mut stages = start_stages(&config, &dir);
+    let reader = reader(&broker.addr, &prefix);
+    sluice(&config, &["produce", "--file", write_events(&dir, &events).to_str().expect("utf-8")]);
+    let predictions_topic = format!("{prefix}.predictions");
+    let mut seen = Seen::default();
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {
+        s.predictions.len() >= 500
+    })
+    .await;
+    let before_kill = seen.predictions.len();
+    assert!(before_kill >= 500, "the pipeline did not get going\n{}", dump_logs(&stages));
+    assert!(before_kill < events.len(), "the stream was over before the kill: make it longer");
+
+    stages[2].signal("KILL");
+    assert!(stages[2].wait(Duration::from_secs(10)).is_some(), "the inferrer did not die");
+    stages[2] = StageProcess::start(&config, "inferrer", &dir);
+
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
+        s.predictions.len() >= events.len()
+    })
+    .await;
+    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
+    let duplicates = seen.prediction_count() - seen.predictions.len();
+    assert_eq!(missing, 0, "{missing} events lost after the inferrer was killed\n{}", dump_logs(&stages));
+    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
+    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    // At-least-once: a kill can re-deliver what the dead inferrer had not committed.
+    std::io::stderr()
+        .write_all(
+            format!("restart test: {before_kill} predictions before the kill, {duplicates} duplicates after it\n")
+                .as_bytes(),
+        )
+        .expect("stderr");
+}

@@ -1,1 +1,208 @@
+//! Shared helpers of the integration tests: a real tansu broker process, the
+//! `sluice` binary as separate stage processes, and the cached fixtures.
+//!
+//! Each test gets its own topics and consumer groups (a unique prefix), so
+//! tests can share a machine; the heavy ones take [`heavy_test_lock`] so that
+//! two of them do not fight over the two cores.
 
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// `$SLUICE_CACHE`, else `~/.cache/sluice`: where `make setup` put the venv,
+/// the broker and the fixture model.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SLUICE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sluice"))
+}
+
+/// The fixture model's directory.
+pub fn model_dir() -> PathBuf {
+    std::env::var_os("SLUICE_MODEL_DIR").map_or_else(|| cache_dir().join("models/stock-lstm"), PathBuf::from)
+}
+
+/// The `sluice` binary of this build (`make test` builds it first).
+pub fn sluice_bin() -> PathBuf {
+    // Test binaries live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(Path::parent).expect("target/<profile>").join("sluice");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release --bin sluice` first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Serialises the tests that run whole pipelines.
+pub fn heavy_test_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A name no other test run uses.
+pub fn unique(name: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// A fresh temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A tansu broker process with in-memory storage, killed on drop.
+#[derive(Debug)]
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let tansu = std::env::var_os("SLUICE_TANSU").map_or_else(|| cache_dir().join("bin/tansu"), PathBuf::from);
+        assert!(tansu.exists(), "{} is missing: run `make setup`", tansu.display());
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = File::create(temp_dir("tansu").join("tansu.log")).expect("log file");
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{addr}")])
+            .args(["--advertised-listener-url", &format!("tcp://{addr}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        let started = Instant::now();
+        while TcpStream::connect(&addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "tansu did not listen on {addr} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config file for one test: its own topics and groups on `brokers`.
+pub fn write_config(dir: &Path, brokers: &str, prefix: &str, partitions: i32, extra: &str) -> PathBuf {
+    let path = dir.join("sluice.toml");
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_prefix = "{prefix}"
+
+[topics]
+requests = "{prefix}.requests"
+fetched = "{prefix}.fetched"
+normalized = "{prefix}.normalized"
+inferred = "{prefix}.inferred"
+predictions = "{prefix}.predictions"
+dead_letters = "{prefix}.dead-letters"
+partitions = {partitions}
+
+[inferrer.model]
+dir = "{model}"
+
+[observe]
+listen = "127.0.0.1:0"
+
+{extra}
+"#,
+        model = model_dir().display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `sluice <args>` to completion and returns its stdout, failing with its
+/// output if it fails.
+pub fn sluice(config: &Path, args: &[&str]) -> String {
+    let output = Command::new(sluice_bin()).arg("--config").arg(config).args(args).output().expect("run sluice");
+    assert!(
+        output.status.success(),
+        "sluice {args:?} failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A `sluice run <stage>` process, logging to a file; killed on drop.
+#[derive(Debug)]
+pub struct StageProcess {
+    child: Child,
+    pub stage: String,
+    pub log: PathBuf,
+}
+
+impl StageProcess {
+    pub fn start(config: &Path, stage: &str, log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{stage}-{}.log", unique("run")));
+        let file = File::create(&log).expect("log file");
+        let child = Command::new(sluice_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["run", stage])
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start stage");
+        Self { child, stage: stage.to_string(), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The stage's log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for StageProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -20,10 +20,8 @@ pub struct TopicSpec {
 pub async fn create_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<Vec<String>, KafkaRuntimeError> {
     let admin: AdminClient<DefaultClientContext> =
         config.base("sluice-admin").create().map_err(|e| KafkaRuntimeError::client("admin", e))?;
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication)))
-        .collect();
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|t| NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication))).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &options).await.map_err(|e| KafkaRuntimeError::Admin {
         topic: topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),

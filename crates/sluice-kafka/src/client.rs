@@ -24,13 +24,17 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("in_flight", &self.in_flight.len()).field("delivered", &self.delivered).finish()
+        f.debug_struct("Publisher")
+            .field("in_flight", &self.in_flight.len())
+            .field("delivered", &self.delivered)
+            .finish()
     }
 }
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig, client_id: &str) -> Result<Self, KafkaRuntimeError> {
-        let producer = kafka.producer_config(client_id).create().map_err(|e| KafkaRuntimeError::client("publisher", e))?;
+        let producer =
+            kafka.producer_config(client_id).create().map_err(|e| KafkaRuntimeError::client("publisher", e))?;
         Ok(Self { producer, in_flight: VecDeque::new(), delivered: 0 })
     }
 

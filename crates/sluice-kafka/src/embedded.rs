@@ -42,9 +42,9 @@ impl EmbeddedCluster {
     /// Creates topics (the admin API cannot create topics on the mock cluster).
     pub fn create_topics(&self, topics: &[TopicSpec]) -> Result<(), KafkaRuntimeError> {
         for t in topics {
-            self.cluster.create_topic(&t.name, t.partitions, t.replication).map_err(|e| {
-                KafkaRuntimeError::Admin { topic: t.name.clone(), message: e.to_string() }
-            })?;
+            self.cluster
+                .create_topic(&t.name, t.partitions, t.replication)
+                .map_err(|e| KafkaRuntimeError::Admin { topic: t.name.clone(), message: e.to_string() })?;
         }
         Ok(())
     }

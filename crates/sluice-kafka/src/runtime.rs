@@ -84,7 +84,8 @@ pub async fn run_stage<S: Stage>(
     tokio::spawn(run_batcher(item_rx, batch_tx, options.policy));
     let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone()));
     let work = async {
-        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options.dead_letter_topic, &shutdown).await;
+        let processed =
+            process_loop(&mut stage, batch_rx, &producer, ack_tx, &options.dead_letter_topic, &shutdown).await;
         let acknowledged = acknowledge.await.unwrap_or_else(|e| {
             Err(KafkaRuntimeError::Stage { stage: name, message: format!("acknowledger panicked: {e}") })
         });
@@ -108,7 +109,9 @@ pub async fn run_stage<S: Stage>(
     // this is safe even after a failure or a drain timeout.
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => warn!(stage = name, error = %e, "final commit failed; the next owner re-processes from the last commit"),
+        Err(e) => {
+            warn!(stage = name, error = %e, "final commit failed; the next owner re-processes from the last commit")
+        }
     }
     if let Err(e) = producer.flush(Duration::from_secs(5)) {
         warn!(stage = name, error = %e, "producer flush on shutdown");

@@ -29,7 +29,8 @@ pub enum RequestEvent {
 pub struct StockRequest {
     pub event_id: String,
     pub symbol: String,
-    /// The last trading day of the history window.
+    /// The last trading day of the history window, exactly `YYYY-MM-DD`.
+    #[serde(deserialize_with = "strict_date")]
     pub as_of: NaiveDate,
     /// A history window carried inline (rows of features, oldest first) instead
     /// of being fetched. Parsed as f64 so that values outside f32 are caught as
@@ -70,13 +71,24 @@ impl RequestEvent {
         validate_event_id(self.event_id())?;
         match self {
             Self::Stock(s) => validate_symbol(&s.symbol),
-            Self::Query(q) if q.text.trim().is_empty() => Err(MessageError::InvalidField {
-                field: "text",
-                reason: "empty".into(),
-            }),
+            Self::Query(q) if q.text.trim().is_empty() => {
+                Err(MessageError::InvalidField { field: "text", reason: "empty".into() })
+            }
             Self::Query(_) => Ok(()),
         }
     }
+}
+
+/// `YYYY-MM-DD` and nothing else: chrono alone also takes `2024-5-31` and
+/// `+2024-05-31`, which the JSON Schema refuses.
+fn strict_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<NaiveDate, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    let shaped = text.len() == 10
+        && text.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    if !shaped {
+        return Err(serde::de::Error::custom(format!("date {text:?} is not YYYY-MM-DD")));
+    }
+    NaiveDate::parse_from_str(&text, "%Y-%m-%d").map_err(|e| serde::de::Error::custom(format!("date {text:?}: {e}")))
 }
 
 fn validate_event_id(id: &str) -> Result<(), MessageError> {
@@ -111,8 +123,9 @@ mod tests {
 
     #[test]
     fn parses_a_stock_event() {
-        let event = RequestEvent::from_json(br#"{"kind":"stock","event_id":"e-1","symbol":"AAPL","as_of":"2024-05-31"}"#)
-            .expect("valid");
+        let event =
+            RequestEvent::from_json(br#"{"kind":"stock","event_id":"e-1","symbol":"AAPL","as_of":"2024-05-31"}"#)
+                .expect("valid");
         let RequestEvent::Stock(stock) = event else { panic!("not a stock event") };
         assert_eq!(stock.symbol, "AAPL");
         assert_eq!(stock.as_of, NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"));
@@ -134,12 +147,17 @@ mod tests {
         assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":"A"}"#), "invalid_event");
         assert_eq!(reason(r#"{"kind":"bond","event_id":"e","symbol":"A","as_of":"2024-01-01"}"#), "invalid_event");
         assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"2024-02-30"}"#), "invalid_event");
+        assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"2024-5-31"}"#), "invalid_event");
+        assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"+2024-05-31"}"#), "invalid_event");
         assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":7,"as_of":"2024-01-01"}"#), "invalid_event");
         assert_eq!(
             reason(r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"2024-01-01","extra":1}"#),
             "invalid_event"
         );
-        assert_eq!(reason(r#"{"kind":"stock","event_id":"e","symbol":"A'; DROP TABLE x;--","as_of":"2024-01-01"}"#), "invalid_field");
+        assert_eq!(
+            reason(r#"{"kind":"stock","event_id":"e","symbol":"A'; DROP TABLE x;--","as_of":"2024-01-01"}"#),
+            "invalid_field"
+        );
         assert_eq!(reason(r#"{"kind":"stock","event_id":"","symbol":"A","as_of":"2024-01-01"}"#), "invalid_field");
         assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"  "}"#), "invalid_field");
     }

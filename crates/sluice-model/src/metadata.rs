@@ -54,8 +54,8 @@ impl ModelMetadata {
         let path = dir.join("metadata.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ModelError::Read { path: path.clone(), message: e.to_string() })?;
-        let metadata: Self =
-            serde_json::from_str(&text).map_err(|e| ModelError::Metadata { path: path.clone(), message: e.to_string() })?;
+        let metadata: Self = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Metadata { path: path.clone(), message: e.to_string() })?;
         metadata.check().map_err(|message| ModelError::Metadata { path, message })?;
         Ok(metadata)
     }
@@ -111,7 +111,8 @@ impl ModelMetadata {
         let Some(reference) = &self.reference else { return Ok(None) };
         let inputs = read_f32(&dir.join(&reference.inputs))?;
         let outputs = read_f32(&dir.join(&reference.outputs))?;
-        if inputs.len() != reference.count * self.sample_len() || outputs.len() != reference.count * self.outputs.len() {
+        if inputs.len() != reference.count * self.sample_len() || outputs.len() != reference.count * self.outputs.len()
+        {
             return Err(ModelError::Metadata {
                 path: dir.join("metadata.json"),
                 message: format!("reference files do not hold {} samples", reference.count),

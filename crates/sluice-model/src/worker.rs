@@ -103,7 +103,8 @@ fn serve(
     }
     while let Some(job) = jobs.blocking_recv() {
         let started = Instant::now();
-        let result = model.forward(&job.input, job.rows).map(|outputs| Inference { outputs, elapsed: started.elapsed() });
+        let result =
+            model.forward(&job.input, job.rows).map(|outputs| Inference { outputs, elapsed: started.elapsed() });
         let _ = job.reply.send(result);
     }
 }

@@ -20,7 +20,13 @@ pub(crate) fn decode(source: usize, input: &Incoming) -> Result<Envelope, Output
 
 /// Wraps `payload` in a copy of `envelope`'s headers and addresses it to `topic`,
 /// keyed like the input (or by event id when the input had no key).
-pub(crate) fn forward(source: usize, input: &Incoming, topic: &Arc<str>, envelope: &Envelope, payload: Payload) -> Output {
+pub(crate) fn forward(
+    source: usize,
+    input: &Incoming,
+    topic: &Arc<str>,
+    envelope: &Envelope,
+    payload: Payload,
+) -> Output {
     let next = Envelope {
         event_id: envelope.event_id.clone(),
         traceparent: envelope.traceparent.clone(),

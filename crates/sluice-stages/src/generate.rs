@@ -62,7 +62,10 @@ fn invalid_event(id: &str, symbol: &str, date: NaiveDate, n: usize) -> (String, 
     match n % 8 {
         0 => (format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"#), dead("malformed_json")),
         1 => (format!(r#"{{"kind":"stock","event_id":"{id}","as_of":"{date}"}}"#), dead("invalid_event")),
-        2 => (format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"ZZZZ","as_of":"{date}"}}"#), dead("unknown_symbol")),
+        2 => (
+            format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"ZZZZ","as_of":"{date}"}}"#),
+            dead("unknown_symbol"),
+        ),
         3 => (
             format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"2020-01-10"}}"#),
             dead("insufficient_history"),
@@ -72,7 +75,9 @@ fn invalid_event(id: &str, symbol: &str, date: NaiveDate, n: usize) -> (String, 
             dead("invalid_field"),
         ),
         5 => (
-            format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"{date}","window":[[1.0,2.0]]}}"#),
+            format!(
+                r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"{date}","window":[[1.0,2.0]]}}"#
+            ),
             dead("invalid_window_shape"),
         ),
         6 => {
@@ -80,7 +85,9 @@ fn invalid_event(id: &str, symbol: &str, date: NaiveDate, n: usize) -> (String, 
             let row = format!("[{}]", vec!["1e300"; 105].join(","));
             let window = format!("[{}]", vec![row; 30].join(","));
             (
-                format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"{date}","window":{window}}}"#),
+                format!(
+                    r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"{date}","window":{window}}}"#
+                ),
                 dead("non_finite_input"),
             )
         }

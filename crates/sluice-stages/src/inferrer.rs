@@ -95,10 +95,11 @@ impl Stage for Inferrer {
         }
 
         let n = rows.len();
-        let inference = self.worker.infer(input, n).await.map_err(|e| BatchFailure {
-            retryable: false,
-            message: StageError::from(e).to_string(),
-        })?;
+        let inference = self
+            .worker
+            .infer(input, n)
+            .await
+            .map_err(|e| BatchFailure { retryable: false, message: StageError::from(e).to_string() })?;
         histogram!("sluice_model_batch_rows").record(n as f64);
         histogram!("sluice_model_inference_seconds").record(inference.elapsed.as_secs_f64());
         let width = metadata.outputs.len();
@@ -114,7 +115,9 @@ impl Stage for Inferrer {
                 outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
                 continue;
             }
-            let Payload::Normalized(window) = &envelope.payload else { unreachable!("only normalized rows are batched") };
+            let Payload::Normalized(window) = &envelope.payload else {
+                unreachable!("only normalized rows are batched")
+            };
             let prediction = StockPrediction {
                 symbol: window.symbol.clone(),
                 as_of: window.as_of,

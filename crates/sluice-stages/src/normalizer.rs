@@ -51,7 +51,13 @@ impl Normalizer {
                 values.push(z);
             }
         }
-        Ok(StockWindow { symbol: window.symbol.clone(), as_of: window.as_of, rows: window.rows, cols: window.cols, values })
+        Ok(StockWindow {
+            symbol: window.symbol.clone(),
+            as_of: window.as_of,
+            rows: window.rows,
+            cols: window.cols,
+            values,
+        })
     }
 }
 
@@ -116,7 +122,10 @@ mod tests {
     fn refuses_non_finite_values_and_wrong_shapes() {
         let n = normalizer();
         let nan = n.normalize(&window(vec![1.0, f32::NAN, 0.0, 0.0])).expect_err("NaN");
-        assert_eq!((nan.reason(), nan.to_string().as_str()), ("non_finite_input", "non-finite input at day 0, feature 1"));
+        assert_eq!(
+            (nan.reason(), nan.to_string().as_str()),
+            ("non_finite_input", "non-finite input at day 0, feature 1")
+        );
         let inf = n.normalize(&window(vec![0.0, 0.0, f32::INFINITY, 0.0])).expect_err("inf");
         assert_eq!(inf.reason(), "non_finite_input");
         let overflow = n.normalize(&window(vec![0.0, f32::MAX, 0.0, 0.0])).expect_err("overflow");

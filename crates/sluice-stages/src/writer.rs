@@ -114,9 +114,10 @@ impl Stage for Writer {
         {
             // Durable before the batch's offsets can be committed. A failure is
             // retried: the batch is processed again, nothing is committed.
-            file.write_all(&lines).and_then(|()| file.flush()).and_then(|()| file.get_ref().sync_data()).map_err(
-                |e| BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) },
-            )?;
+            file.write_all(&lines)
+                .and_then(|()| file.flush())
+                .and_then(|()| file.get_ref().sync_data())
+                .map_err(|e| BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) })?;
         }
         let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
         self.stats.written.fetch_add(written, Ordering::Relaxed);

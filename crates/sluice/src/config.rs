@@ -181,7 +181,10 @@ impl SluiceConfig {
             ("writer.batch", &self.writer.batch),
         ] {
             if !(1..=65_536).contains(&policy.max_batch_size) {
-                return Err(invalid(&format!("{key}.max_batch_size"), format!("{} is outside 1..=65536", policy.max_batch_size)));
+                return Err(invalid(
+                    &format!("{key}.max_batch_size"),
+                    format!("{} is outside 1..=65536", policy.max_batch_size),
+                ));
             }
             if policy.max_wait_ms > 60_000 {
                 return Err(invalid(&format!("{key}.max_wait_ms"), format!("{} is over 60000", policy.max_wait_ms)));
@@ -235,9 +238,9 @@ fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SLUICE_MODEL_DIR") {
         return dir.into();
     }
-    let cache = std::env::var_os("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice")
-    });
+    let cache = std::env::var_os("SLUICE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice"));
     cache.join("models/stock-lstm")
 }
 

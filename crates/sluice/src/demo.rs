@@ -65,11 +65,8 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     let warmup = started.elapsed();
 
     let generated = generate("demo", events, invalid_every, config.fetcher.synthetic.universe);
-    let reader = TopicReader::new(
-        &kafka,
-        "sluice-demo-observer",
-        &[&config.topics.predictions, &config.topics.dead_letters],
-    )?;
+    let reader =
+        TopicReader::new(&kafka, "sluice-demo-observer", &[&config.topics.predictions, &config.topics.dead_letters])?;
     let mut publisher = Publisher::new(&kafka, "sluice-demo-producer")?;
     let mut tally = Tally::default();
     let bar = progress(events as u64, "processed");
@@ -116,7 +113,13 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     summary(&tally, events, &stats, elapsed, warmup)
 }
 
-fn summary(tally: &Tally, events: usize, stats: &WriterStats, elapsed: Duration, warmup: Duration) -> anyhow::Result<()> {
+fn summary(
+    tally: &Tally,
+    events: usize,
+    stats: &WriterStats,
+    elapsed: Duration,
+    warmup: Duration,
+) -> anyhow::Result<()> {
     let below = stats.below_min_confidence.load(Ordering::Relaxed);
     let lost = (events as u64).saturating_sub(tally.accounted(below));
     let mut latencies: Vec<i64> = tally.predicted.values().map(|p| p.written_at_ms - p.requested_at_ms).collect();

@@ -103,7 +103,8 @@ async fn run(
         }
         StageKind::Normalizer => {
             let metadata = metadata()?;
-            let stats = metadata.normalization.as_ref().context("the model's metadata has no normalization statistics")?;
+            let stats =
+                metadata.normalization.as_ref().context("the model's metadata has no normalization statistics")?;
             let stage = Normalizer::new(stats, metadata.days(), &topics.normalized);
             status.set_warmed_up();
             run_stage(kafka, options(&topics.fetched, config.normalizer.batch), stage, status, shutdown).await?;

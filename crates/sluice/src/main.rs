@@ -165,11 +165,8 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
     let stats = Arc::new(WriterStats::default());
     let stages: Vec<_> =
         kinds.iter().map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), stats.clone())).collect();
-    let health = observe::Health {
-        metrics,
-        stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(),
-        info,
-    };
+    let health =
+        observe::Health { metrics, stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(), info };
     if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
         shutdown.cancel();
         let _ = join(stages).await;

@@ -145,12 +145,8 @@ impl Stage for Fetcher {
                 Pending::Done(_) => None,
             })
             .collect();
-        let mut fetched = if requests.is_empty() {
-            Vec::new()
-        } else {
-            self.source.fetch(&requests, self.shape).await?
-        }
-        .into_iter();
+        let mut fetched =
+            if requests.is_empty() { Vec::new() } else { self.source.fetch(&requests, self.shape).await? }.into_iter();
 
         let mut outputs = Vec::with_capacity(batch.len());
         for (i, p) in pending.into_iter().enumerate() {

@@ -56,9 +56,9 @@ impl SyntheticSource {
     }
 
     fn knows(&self, symbol: &str) -> bool {
-        symbol.strip_prefix('S').is_some_and(|digits| {
-            digits.len() == 4 && digits.parse::<usize>().is_ok_and(|i| i < self.config.universe)
-        })
+        symbol
+            .strip_prefix('S')
+            .is_some_and(|digits| digits.len() == 4 && digits.parse::<usize>().is_ok_and(|i| i < self.config.universe))
     }
 
     /// The window for one request.

@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:
+#   make demo   installs what is missing, then runs the pipeline on the embedded broker
+#   make test   installs what is missing, then checks formatting and lints and runs every test
+# Heavy caches (torch venv, tansu broker, fixture model, cargo target folder)
+# live in $(SLUICE_CACHE), outside the clone; see deploy/setup.sh.
+
+SLUICE_CACHE ?= $(HOME)/.cache/sluice
+export SLUICE_CACHE
+CARGO ?= cargo
+EVENTS ?= 2000
+
+.PHONY: setup demo test fmt lint build clean-cache
+
+setup:
+	@bash deploy/setup.sh
+
+demo: setup
+	$(CARGO) run --release --bin sluice -- demo --events $(EVENTS)
+
+fmt: setup
+	$(CARGO) fmt --all -- --check
+
+lint: setup
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+build: setup
+	$(CARGO) build --release --workspace --bins
+
+# The integration tests start `sluice` as separate processes, so the binary is
+# built first. Everything builds in release: one build serves tests and demo.
+test: fmt lint build
+	$(CARGO) test --release --workspace
+
+clean-cache:
+	rm -rf "$(SLUICE_CACHE)"
