@@ -199,6 +199,8 @@ fn dead_letter(event_id: Option<&str>, key: Option<&str>, payload: &[u8]) -> Dea
         event_id: event_id.map(Into::into),
         key: key.map(Into::into),
         payload_base64: DeadLetter::encode_payload(payload),
+        payload_bytes: payload.len() as u64,
+        payload_truncated: false,
         dead_at_ms: sluice_messages::now_ms(),
     }
 }

@@ -54,7 +54,45 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// librdkafka properties the delivery guarantee depends on: refused in the
+/// pass-through maps.
+pub const RESERVED_PROPERTIES: [&str; 7] = [
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "group.id",
+    "enable.idempotence",
+    "acks",
+    "bootstrap.servers",
+    "auto.offset.reset",
+];
+
 impl KafkaConfig {
+    /// Checks what serde cannot; the error is (key, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.brokers.trim().is_empty() {
+            return Err(("kafka.brokers".into(), "empty".into()));
+        }
+        if !(1000..=300_000).contains(&self.session_timeout_ms) {
+            return Err((
+                "kafka.session_timeout_ms".into(),
+                format!("{} is outside 1000..=300000", self.session_timeout_ms),
+            ));
+        }
+        for (section, map) in [
+            ("properties", &self.properties),
+            ("consumer_properties", &self.consumer_properties),
+            ("producer_properties", &self.producer_properties),
+        ] {
+            if let Some(key) = map.keys().find(|k| RESERVED_PROPERTIES.contains(&k.as_str())) {
+                return Err((
+                    format!("kafka.{section}.{key}"),
+                    "is set by Sluice (at-least-once delivery depends on it) and cannot be overridden".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn base(&self, client_id: &str) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers).set("client.id", client_id);
@@ -98,8 +136,9 @@ impl KafkaConfig {
             // A broker that holds an empty fetch for the full wait (the mock
             // cluster does) adds this much latency per stage.
             .set("fetch.wait.max.ms", "100")
-            // Bound what librdkafka prefetches per partition (KiB): with the
-            // runtime's bounded queues this bounds the process's memory.
+            // Bound what librdkafka prefetches for this consumer (KiB, all
+            // partitions together): with the runtime's bounded queues this
+            // bounds the process's memory.
             .set("queued.max.messages.kbytes", "65536");
         for (k, v) in &self.consumer_properties {
             config.set(k, v);

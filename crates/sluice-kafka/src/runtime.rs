@@ -82,10 +82,15 @@ pub async fn run_stage<S: Stage>(
 
     let consume = tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, shutdown.clone(), name));
     tokio::spawn(run_batcher(item_rx, batch_tx, options.policy));
-    let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone()));
+    let acknowledge =
+        tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone(), shutdown.clone()));
     let work = async {
         let processed =
             process_loop(&mut stage, batch_rx, &producer, ack_tx, &options.dead_letter_topic, &shutdown).await;
+        if processed.is_err() {
+            // Stop consuming (and sibling stages) now, not after the acknowledger.
+            shutdown.cancel();
+        }
         let acknowledged = acknowledge.await.unwrap_or_else(|e| {
             Err(KafkaRuntimeError::Stage { stage: name, message: format!("acknowledger panicked: {e}") })
         });
@@ -103,7 +108,10 @@ pub async fn run_stage<S: Stage>(
         error!(stage = name, error = %e, "stage failed; committing what was acknowledged");
         shutdown.cancel();
     }
-    let _ = consume.await;
+    let consumed = consume.await.unwrap_or_else(|e| {
+        Err(KafkaRuntimeError::Stage { stage: name, message: format!("consumer task panicked: {e}") })
+    });
+    let result = result.and(consumed);
 
     // Commit what was acknowledged. Only acknowledged offsets were stored, so
     // this is safe even after a failure or a drain timeout.
@@ -137,7 +145,9 @@ impl ConsumerContext for RebalanceLogger {
             Rebalance::Revoke(tpl) => ("revoke", describe(tpl)),
             Rebalance::Error(e) => ("error", e.to_string()),
         };
-        self.status.set_assigned(assigned);
+        if !matches!(rebalance, Rebalance::Error(_)) {
+            self.status.set_assigned(assigned);
+        }
         telemetry::rebalance(self.stage, kind, &partitions, assigned);
     }
 }
@@ -152,10 +162,10 @@ async fn consume_loop(
     items: mpsc::Sender<Incoming>,
     shutdown: CancellationToken,
     stage: &'static str,
-) {
+) -> Result<(), KafkaRuntimeError> {
     loop {
         let received = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
             received = consumer.recv() => received,
         };
         let incoming = match received {
@@ -167,6 +177,12 @@ async fn consume_loop(
                 offset: message.offset(),
                 timestamp_ms: message.timestamp().to_millis(),
             },
+            Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
+                // The client cannot go on (fenced, unauthorised, ...): stop the
+                // stage rather than log forever.
+                shutdown.cancel();
+                return Err(KafkaRuntimeError::client(format!("{stage} consumer"), e));
+            }
             Err(e) => {
                 telemetry::consume_error(stage, &e.to_string());
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -174,8 +190,8 @@ async fn consume_loop(
             }
         };
         tokio::select! {
-            () = shutdown.cancelled() => return,
-            sent = items.send(incoming) => if sent.is_err() { return },
+            () = shutdown.cancelled() => return Ok(()),
+            sent = items.send(incoming) => if sent.is_err() { return Ok(()) },
         }
     }
 }
@@ -209,32 +225,41 @@ async fn process_loop<S: Stage>(
         let mut deliveries = Vec::with_capacity(outputs.len());
         let mut sent = 0;
         for output in outputs {
-            let (topic, key, payload) = match output {
+            let delivery = match output {
                 Output::Send { source, topic, key, payload } => {
                     check_source(name, source, batch.items.len())?;
-                    sent += 1;
-                    (topic, key, payload)
+                    match enqueue(producer, &topic, key.as_deref(), &payload).await {
+                        Ok(delivery) => {
+                            sent += 1;
+                            (topic, delivery)
+                        }
+                        // Larger than the broker takes: this input can never be
+                        // forwarded, so it is a dead letter, not a stuck stage.
+                        Err(KafkaRuntimeError::Delivery {
+                            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                            ..
+                        }) => {
+                            let detail =
+                                format!("an output of {} bytes is larger than the producer allows", payload.len());
+                            let input = &batch.items[source];
+                            let letter = dead_letter(name, input, "output_too_large", detail, None);
+                            let key = input.key.as_deref();
+                            (dead_letter_topic.clone(), enqueue(producer, &dead_letter_topic, key, &letter).await?)
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Output::DeadLetter { source, reason, detail, event_id } => {
                     check_source(name, source, batch.items.len())?;
                     let input = &batch.items[source];
-                    telemetry::dead_lettered(name, reason, &detail, event_id.as_deref());
-                    let letter = DeadLetter {
-                        stage: name.to_string(),
-                        reason: reason.to_string(),
-                        detail,
-                        source: input.coordinates(),
-                        event_id,
-                        key: input.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        payload_base64: DeadLetter::encode_payload(&input.payload),
-                        dead_at_ms: sluice_messages::now_ms(),
-                    };
-                    let json = serde_json::to_vec(&letter).expect("a DeadLetter always serialises");
-                    (dead_letter_topic.clone(), input.key.clone(), json)
+                    let letter = dead_letter(name, input, reason, detail, event_id);
+                    (
+                        dead_letter_topic.clone(),
+                        enqueue(producer, &dead_letter_topic, input.key.as_deref(), &letter).await?,
+                    )
                 }
             };
-            let delivery = enqueue(producer, &topic, key.as_deref(), &payload).await?;
-            deliveries.push((topic, delivery));
+            deliveries.push(delivery);
         }
         telemetry::outputs_sent(name, sent);
         let mut last_offsets = BTreeMap::new();
@@ -248,6 +273,35 @@ async fn process_loop<S: Stage>(
         }
     }
     Ok(())
+}
+
+/// Original payloads larger than this are cut in dead letters, so that a huge
+/// bad input cannot make its own dead letter too large to publish.
+pub const MAX_DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
+
+/// The JSON dead letter for `input`.
+fn dead_letter(
+    stage: &'static str,
+    input: &Incoming,
+    reason: &'static str,
+    detail: String,
+    event_id: Option<String>,
+) -> Vec<u8> {
+    telemetry::dead_lettered(stage, reason, &detail, event_id.as_deref());
+    let kept = input.payload.len().min(MAX_DEAD_LETTER_PAYLOAD);
+    let letter = DeadLetter {
+        stage: stage.to_string(),
+        reason: reason.to_string(),
+        detail,
+        source: input.coordinates(),
+        event_id,
+        key: input.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload_base64: DeadLetter::encode_payload(&input.payload[..kept]),
+        payload_bytes: input.payload.len() as u64,
+        payload_truncated: kept < input.payload.len(),
+        dead_at_ms: sluice_messages::now_ms(),
+    };
+    serde_json::to_vec(&letter).expect("a DeadLetter always serialises")
 }
 
 fn check_source(stage: &'static str, source: usize, len: usize) -> Result<(), KafkaRuntimeError> {
@@ -311,6 +365,7 @@ async fn ack_loop(
     topic: Arc<str>,
     stage: &'static str,
     status: Arc<StageStatus>,
+    shutdown: CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     while let Some(pending) = acks.recv().await {
         for (topic, delivery) in pending.deliveries {
@@ -319,6 +374,8 @@ async fn ack_loop(
                 Ok(Err((source, _))) => source,
                 Err(_) => KafkaError::Canceled,
             };
+            // Nothing after this batch may be stored: stop the stage now.
+            shutdown.cancel();
             return Err(KafkaRuntimeError::Delivery { topic: topic.to_string(), source });
         }
         for (partition, offset) in pending.last_offsets {
@@ -331,4 +388,38 @@ async fn ack_loop(
         telemetry::acknowledged(stage, pending.inputs);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(payload: Vec<u8>) -> Incoming {
+        Incoming { key: Some(b"k".to_vec()), payload, topic: "t".into(), partition: 3, offset: 42, timestamp_ms: None }
+    }
+
+    #[test]
+    fn dead_letters_carry_the_reason_and_the_original_coordinates() {
+        let json = dead_letter("fetcher", &input(b"{bad".to_vec()), "malformed_json", "eof".into(), None);
+        let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!(
+            (letter.stage.as_str(), letter.reason.as_str(), letter.detail.as_str()),
+            ("fetcher", "malformed_json", "eof")
+        );
+        assert_eq!((letter.source.topic.as_str(), letter.source.partition, letter.source.offset), ("t", 3, 42));
+        assert_eq!(letter.key.as_deref(), Some("k"));
+        assert_eq!(letter.payload().expect("base64"), b"{bad");
+        assert!(!letter.payload_truncated);
+    }
+
+    #[test]
+    fn a_huge_input_is_cut_so_that_its_dead_letter_stays_publishable() {
+        let big = vec![b'x'; 3 * MAX_DEAD_LETTER_PAYLOAD];
+        let json = dead_letter("fetcher", &input(big), "malformed_json", "eof".into(), None);
+        assert!(json.len() < 2 * MAX_DEAD_LETTER_PAYLOAD, "{} bytes", json.len());
+        let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
+        assert!(letter.payload_truncated);
+        assert_eq!(letter.payload_bytes, 3 * MAX_DEAD_LETTER_PAYLOAD as u64);
+        assert_eq!(letter.payload().expect("base64").len(), MAX_DEAD_LETTER_PAYLOAD);
+    }
 }

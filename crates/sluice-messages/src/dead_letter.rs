@@ -20,8 +20,13 @@ pub struct DeadLetter {
     pub event_id: Option<String>,
     /// The original message key (UTF-8, lossy), if any.
     pub key: Option<String>,
-    /// The original message value, base64 (standard alphabet, padded).
+    /// The original message value, base64 (standard alphabet, padded); only
+    /// its first 64 KiB when `payload_truncated`.
     pub payload_base64: String,
+    /// Size of the original message value.
+    pub payload_bytes: u64,
+    /// Whether `payload_base64` holds only the start of the original value.
+    pub payload_truncated: bool,
     pub dead_at_ms: i64,
 }
 

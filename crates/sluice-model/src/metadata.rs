@@ -76,7 +76,8 @@ impl ModelMetadata {
                     n.std.len()
                 ));
             }
-            if let Some(i) = n.std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            // 1/std must be finite too: the normalizer multiplies by it.
+            if let Some(i) = n.std.iter().position(|s| !(s.is_finite() && *s > 0.0 && (1.0 / s).is_finite())) {
                 return Err(format!("normalization.std[{i}] = {} is not a positive number", n.std[i]));
             }
             if let Some(i) = n.mean.iter().position(|m| !m.is_finite()) {

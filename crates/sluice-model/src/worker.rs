@@ -19,6 +19,8 @@ pub struct Inference {
     pub outputs: Vec<f32>,
     /// Time spent in the model call.
     pub elapsed: Duration,
+    /// The input buffer, handed back so that the caller can reuse it.
+    pub input: Vec<f32>,
 }
 
 struct Job {
@@ -103,8 +105,11 @@ fn serve(
     }
     while let Some(job) = jobs.blocking_recv() {
         let started = Instant::now();
-        let result =
-            model.forward(&job.input, job.rows).map(|outputs| Inference { outputs, elapsed: started.elapsed() });
+        let result = model.forward(&job.input, job.rows).map(|outputs| Inference {
+            outputs,
+            elapsed: started.elapsed(),
+            input: job.input,
+        });
         let _ = job.reply.send(result);
     }
 }

@@ -95,11 +95,12 @@ impl Stage for Inferrer {
         }
 
         let n = rows.len();
-        let inference = self
+        let mut inference = self
             .worker
             .infer(input, n)
             .await
             .map_err(|e| BatchFailure { retryable: false, message: StageError::from(e).to_string() })?;
+        self.input = std::mem::take(&mut inference.input);
         histogram!("sluice_model_batch_rows").record(n as f64);
         histogram!("sluice_model_inference_seconds").record(inference.elapsed.as_secs_f64());
         let width = metadata.outputs.len();

@@ -80,6 +80,12 @@ impl Stage for Writer {
                 outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
                 continue;
             };
+            if !(p.confidence.is_finite() && p.predicted_return.is_finite()) {
+                let e =
+                    StageError::NonFinitePrediction { output: "confidence or predicted_return", value: p.confidence };
+                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                continue;
+            }
             if p.confidence < self.min_confidence {
                 below += 1;
                 continue;
@@ -113,11 +119,21 @@ impl Stage for Writer {
             && !lines.is_empty()
         {
             // Durable before the batch's offsets can be committed. A failure is
-            // retried: the batch is processed again, nothing is committed.
-            file.write_all(&lines)
-                .and_then(|()| file.flush())
-                .and_then(|()| file.get_ref().sync_data())
-                .map_err(|e| BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) })?;
+            // retried (the batch is processed again, nothing is committed), so
+            // first cut the file back to where this batch began: no torn line,
+            // no half batch written twice.
+            let start = file.get_ref().metadata().map(|m| m.len());
+            let written = file.write_all(&lines).and_then(|()| file.flush()).and_then(|()| file.get_ref().sync_data());
+            if let Err(e) = written {
+                if let (Ok(len), Ok(f)) = (start, open_append(path))
+                    && f.set_len(len).is_ok()
+                {
+                    // into_parts drops the unwritten buffer; dropping the old
+                    // writer would flush it after the cut.
+                    let _ = std::mem::replace(file, BufWriter::new(f)).into_parts();
+                }
+                return Err(BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) });
+            }
         }
         let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
         self.stats.written.fetch_add(written, Ordering::Relaxed);

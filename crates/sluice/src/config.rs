@@ -162,7 +162,9 @@ impl SluiceConfig {
         if config.inferrer.model.dir.as_os_str().is_empty() {
             config.inferrer.model.dir = default_model_dir();
         }
-        config.inferrer.model.warmup_batch_size = config.inferrer.batch.max_batch_size;
+        // Warm up with at least a full batch: the first real one must not pay.
+        let warmup = &mut config.inferrer.model.warmup_batch_size;
+        *warmup = (*warmup).max(config.inferrer.batch.max_batch_size);
         config.validate()?;
         Ok(config)
     }
@@ -190,9 +192,7 @@ impl SluiceConfig {
                 return Err(invalid(&format!("{key}.max_wait_ms"), format!("{} is over 60000", policy.max_wait_ms)));
             }
         }
-        if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", "empty"));
-        }
+        self.kafka.validate().map_err(|(key, message)| invalid(&key, message))?;
         let t = &self.topics;
         let names = [
             ("topics.requests", &t.requests),
@@ -276,6 +276,10 @@ mod tests {
         assert!(e.to_string().contains("brokerz"), "{e}");
         let e = load_with("[topics]\nfetched = \"sluice.requests\"\n").expect_err("duplicate");
         assert!(e.to_string().contains("topics.fetched"), "{e}");
+        let e = load_with("[kafka.consumer_properties]\n\"enable.auto.commit\" = \"false\"\n").expect_err("reserved");
+        assert!(e.to_string().contains("kafka.consumer_properties.enable.auto.commit"), "{e}");
+        let e = load_with("[kafka]\nsession_timeout_ms = 10\n").expect_err("range");
+        assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
     }
 
     #[test]

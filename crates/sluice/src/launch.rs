@@ -56,13 +56,12 @@ pub fn spawn_stage(
     let status = Arc::new(StageStatus::default());
     let task_status = status.clone();
     let task = tokio::spawn(async move {
-        let result = run(kind, &config, &kafka, task_status, shutdown.clone(), writer_stats)
+        // However this task ends (error, panic, or a normal drain), the other
+        // stages of the process must not keep running half a pipeline.
+        let _stop_the_others = shutdown.clone().drop_guard();
+        run(kind, &config, &kafka, task_status, shutdown.clone(), writer_stats)
             .await
-            .with_context(|| format!("stage {}", kind.name()));
-        if result.is_err() {
-            shutdown.cancel();
-        }
-        result
+            .with_context(|| format!("stage {}", kind.name()))
     });
     Launched { kind, status, task }
 }
