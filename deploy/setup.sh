@@ -47,8 +47,9 @@ fi
 EXPORT="$ROOT/deploy/models/export_stock_lstm.py"
 STAMP="$CACHE/models/stock-lstm.stamp"
 want="$(sha256sum "$EXPORT" | cut -d' ' -f1)"
-if [ ! -f "$CACHE/models/stock-lstm/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+if [ ! -f "$CACHE/models/stock-lstm/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     log "exporting the fixture model to $CACHE/models/stock-lstm"
+    rm -rf "$CACHE/models/stock-lstm"
     "$PY" "$EXPORT" --out "$CACHE/models/stock-lstm"
     echo "$want" > "$STAMP"
 fi

@@ -2,13 +2,13 @@
 //! export time (deploy/models/export_stock_lstm.py), batched and one at a
 //! time, directly and through the model thread.
 
-use sluice_model::{DeviceChoice, Model, ModelConfig, ModelWorker};
-use sluice_tests::model_dir;
+use sluice_model::{Model, ModelConfig, ModelWorker};
+use sluice_tests::{model_config, model_dir};
 
 const TOLERANCE: f32 = 1e-5;
 
 fn config() -> ModelConfig {
-    ModelConfig { dir: model_dir(), device: DeviceChoice::Cpu, intra_op_threads: 1, warmup_batch_size: 4 }
+    model_config("1")
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -20,7 +20,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn reproduces_the_python_reference_outputs() {
     let model = Model::load(&config()).expect("load the fixture model (run `make setup`)");
     let metadata = model.metadata().clone();
-    let reference = metadata.load_reference(&model_dir()).expect("read reference").expect("the fixture ships one");
+    let reference =
+        metadata.load_reference(&model_dir().join("1")).expect("read reference").expect("the fixture ships one");
     let count = metadata.reference.as_ref().expect("reference").count;
     assert!(count >= 8, "too few reference samples to mean anything: {count}");
 
@@ -48,7 +49,7 @@ async fn the_model_thread_gives_the_same_answers() {
     let worker = ModelWorker::start(config()).await.expect("start the model thread");
     assert_eq!(worker.device(), "cpu");
     let metadata = worker.metadata().clone();
-    let reference = metadata.load_reference(&model_dir()).expect("read").expect("reference");
+    let reference = metadata.load_reference(&model_dir().join("1")).expect("read").expect("reference");
     let count = metadata.reference.as_ref().expect("reference").count;
     let inference = worker.infer(reference.inputs.clone(), count).await.expect("infer");
     let diff = max_abs_diff(&inference.outputs, &reference.outputs);
@@ -63,5 +64,5 @@ async fn the_model_thread_gives_the_same_answers() {
 fn a_missing_model_is_a_clear_error() {
     let config = ModelConfig { dir: "/nonexistent/model".into(), ..config() };
     let e = Model::load(&config).expect_err("missing");
-    assert!(e.to_string().contains("/nonexistent/model/metadata.json"), "{e}");
+    assert!(e.to_string().contains("/nonexistent/model/1/metadata.json"), "{e}");
 }

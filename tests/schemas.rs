@@ -183,7 +183,7 @@ fn prediction(event_id: &str, cached: bool) -> PredictionRecord {
         predicted_return: -0.0125,
         confidence: 0.73,
         model: ModelRef { name: "stock-lstm".into(), version: "1".into() },
-        batch_size: 64,
+        batch_size: if cached { 0 } else { 64 },
         cached,
         requested_at_ms: 1_717_171_200_000,
         written_at_ms: sluice_messages::now_ms(),

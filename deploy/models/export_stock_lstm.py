@@ -2,13 +2,15 @@
 
     python export_stock_lstm.py --out DIR
 
-writes DIR/model.pt (TorchScript), DIR/metadata.json, and reference data that the
-Rust runtime must reproduce (tests/model_reference.rs):
-DIR/reference_inputs.f32 ([N, 30, 105]) and DIR/reference_outputs.f32 ([N, 2]),
-little-endian float32, row-major.
+writes two versions, DIR/1/ and DIR/2/ (the same architecture with other weights,
+for switching versions at run time), each with model.pt (TorchScript),
+metadata.json, and reference data that the Rust runtime must reproduce
+(tests/model_reference.rs): reference_inputs.f32 ([N, 30, 105]) and
+reference_outputs.f32 ([N, 2]), little-endian float32, row-major.
 
 The weights are random but seeded: the fixture stands in for a trained model with
-the users' shapes (30 days x 105 features -> predicted return, confidence). The
+the users' shapes (30 days x 105 features -> predicted return, confidence). Both
+versions share the input normalisation (the normalizer applies it). The
 normalisation statistics are those of Sluice's synthetic history source
 (crates/sluice-stages/src/fetcher/synthetic.rs uses the same two formulas).
 """
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 NAME = "stock-lstm"
-VERSION = "1"
+VERSIONS = {"1": 7, "2": 8}  # version -> weight seed
 WINDOW, FEATURES, HIDDEN = 30, 105, 64
 REFERENCE_COUNT = 16
 
@@ -50,30 +52,26 @@ class StockLSTM(nn.Module):
         return torch.stack([predicted_return, confidence], dim=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-
-    torch.manual_seed(7)
+def export(out: str, version: str, seed: int) -> None:
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(seed)
     model = StockLSTM()
     # Spread the confidences over (0, 1) so that a min_confidence filter has work to do.
     nn.init.normal_(model.head.weight, std=1.5)
     model.eval()
     scripted = torch.jit.script(model)
-    scripted.save(os.path.join(args.out, "model.pt"))
+    scripted.save(os.path.join(out, "model.pt"))
 
     generator = torch.Generator().manual_seed(11)
     inputs = torch.randn(REFERENCE_COUNT, WINDOW, FEATURES, generator=generator)
     with torch.inference_mode():
         outputs = scripted(inputs)
-    inputs.numpy().astype("<f4").tofile(os.path.join(args.out, "reference_inputs.f32"))
-    outputs.numpy().astype("<f4").tofile(os.path.join(args.out, "reference_outputs.f32"))
+    inputs.numpy().astype("<f4").tofile(os.path.join(out, "reference_inputs.f32"))
+    outputs.numpy().astype("<f4").tofile(os.path.join(out, "reference_outputs.f32"))
 
     metadata = {
         "name": NAME,
-        "version": VERSION,
+        "version": version,
         "kind": "stock",
         "input_shape": [WINDOW, FEATURES],
         "normalization": {
@@ -91,9 +89,17 @@ def main() -> None:
         },
         "exported_with": {"torch": torch.__version__},
     }
-    with open(os.path.join(args.out, "metadata.json"), "w") as f:
+    with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(metadata, f, indent=2)
-    print(f"exported {NAME} v{VERSION} to {args.out}: confidences {outputs[:, 1].min():.3f}..{outputs[:, 1].max():.3f}")
+    print(f"exported {NAME} v{version} to {out}: confidences {outputs[:, 1].min():.3f}..{outputs[:, 1].max():.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory (one subdirectory per version)")
+    args = parser.parse_args()
+    for version, seed in VERSIONS.items():
+        export(os.path.join(args.out, version), version, seed)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,17 @@ pub fn model_dir() -> PathBuf {
     std::env::var_os("SLUICE_MODEL_DIR").map_or_else(|| cache_dir().join("models/stock-lstm"), PathBuf::from)
 }
 
+/// The fixture model's `version`, on the CPU with one thread.
+pub fn model_config(version: &str) -> sluice_model::ModelConfig {
+    sluice_model::ModelConfig {
+        dir: model_dir(),
+        version: version.into(),
+        device: sluice_model::DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        warmup_batch_size: 4,
+    }
+}
+
 /// The `sluice` binary of this build (`make test` builds it first).
 pub fn sluice_bin() -> PathBuf {
     // Test binaries live in <target>/<profile>/deps/.
@@ -153,12 +164,18 @@ pub struct StageProcess {
 
 impl StageProcess {
     pub fn start(config: &Path, stage: &str, log_dir: &Path) -> Self {
+        Self::command(config, &["run", stage], stage, log_dir)
+    }
+
+    /// `sluice <args>` as a long-running process named `name` in logs.
+    pub fn command(config: &Path, args: &[&str], name: &str, log_dir: &Path) -> Self {
+        let stage = name;
         let log = log_dir.join(format!("{stage}-{}.log", unique("run")));
         let file = File::create(&log).expect("log file");
         let child = Command::new(sluice_bin())
             .arg("--config")
             .arg(config)
-            .args(["run", stage])
+            .args(args)
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
             .stderr(file)
@@ -204,5 +221,58 @@ impl Drop for StageProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The Redis every session has on 127.0.0.1:6379 (tests use their own prefix).
+pub const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A private `redis-server` on its own port, for outage tests; killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = Self { child: None, port: free_port() };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (nothing is kept on disk: a restart starts empty).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "redis-server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

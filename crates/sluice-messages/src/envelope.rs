@@ -73,7 +73,10 @@ pub struct StockPrediction {
     pub confidence: f32,
     pub model_name: String,
     pub model_version: String,
-    /// Size of the model batch that computed it (1 for one-at-a-time).
+    /// Size of the model batch that computed it (1 for one-at-a-time; 0 when
+    /// it came from the prediction cache).
     pub batch_size: u32,
+    /// Whether the answer came from the prediction cache.
+    pub cached: bool,
     pub inferred_at_ms: i64,
 }

@@ -15,7 +15,8 @@ pub struct PredictionRecord {
     pub predicted_return: f32,
     pub confidence: f32,
     pub model: ModelRef,
-    /// Size of the model batch that computed this prediction.
+    /// Size of the model batch that computed this prediction; 0 when it came
+    /// from the prediction cache.
     pub batch_size: u32,
     /// Whether the answer came from the prediction cache.
     pub cached: bool,

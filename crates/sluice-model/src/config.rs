@@ -6,8 +6,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// A directory holding `model.pt` (TorchScript) and `metadata.json`.
+    /// The model's directory: one subdirectory per version, each holding
+    /// `model.pt` (TorchScript) and `metadata.json`.
     pub dir: PathBuf,
+    /// The version to serve (a subdirectory of `dir`); Redis can switch it.
+    pub version: String,
     /// `auto` (CUDA when a GPU is usable, else CPU), `cpu` or `cuda`.
     pub device: DeviceChoice,
     /// libtorch intra-op threads on CPU; 0 picks half the cores (at least 1),
@@ -20,7 +23,33 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::new(), device: DeviceChoice::Auto, intra_op_threads: 0, warmup_batch_size: 64 }
+        Self {
+            dir: PathBuf::new(),
+            version: "1".into(),
+            device: DeviceChoice::Auto,
+            intra_op_threads: 0,
+            warmup_batch_size: 64,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The directory of `version`.
+    pub fn version_dir(&self, version: &str) -> PathBuf {
+        self.dir.join(version)
+    }
+
+    /// Whether `version` is installed (has a metadata file).
+    pub fn has_version(&self, version: &str) -> bool {
+        self.version_dir(version).join("metadata.json").is_file()
+    }
+
+    /// libtorch CPU threads to use: the configured number, or half the cores.
+    pub fn threads(&self) -> usize {
+        match self.intra_op_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
     }
 }
 

@@ -15,27 +15,30 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `model.pt` and `metadata.json` from `config.dir` onto the chosen
+    /// Loads `model.pt` and `metadata.json` of `config.version` onto the chosen
     /// device, in evaluation mode, and sets libtorch's CPU threads for the
     /// calling thread (call it on the thread that will run the model).
     pub fn load(config: &ModelConfig) -> Result<Self, ModelError> {
-        let metadata = ModelMetadata::load(&config.dir)?;
+        let dir = config.version_dir(&config.version);
+        let metadata = ModelMetadata::load(&dir)?;
         let device = device::select(config.device)?;
         if device == Device::Cpu {
-            let threads = match config.intra_op_threads {
-                0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
-                n => n,
-            };
-            tch::set_num_threads(threads as i32);
-            tracing::info!(threads, "libtorch CPU intra-op threads");
+            set_threads(config.threads());
         }
-        let path = config.dir.join("model.pt");
+        let path = dir.join("model.pt");
         if !Path::new(&path).exists() {
             return Err(ModelError::Read { path, message: "no such file".into() });
         }
         let mut module = CModule::load_on_device(&path, device)?;
         module.set_eval();
         Ok(Self { module, device, metadata })
+    }
+
+    /// Sets libtorch's CPU threads for the calling thread (the model's).
+    pub fn set_threads(&self, threads: usize) {
+        if self.device == Device::Cpu {
+            set_threads(threads);
+        }
     }
 
     pub fn metadata(&self) -> &ModelMetadata {
@@ -80,4 +83,9 @@ impl Model {
         }
         Ok(())
     }
+}
+
+fn set_threads(threads: usize) {
+    tch::set_num_threads(threads.max(1) as i32);
+    tracing::info!(threads, "libtorch CPU intra-op threads");
 }

@@ -23,10 +23,15 @@ pub struct Inference {
     pub input: Vec<f32>,
 }
 
-struct Job {
-    input: Vec<f32>,
-    rows: usize,
-    reply: oneshot::Sender<Result<Inference, ModelError>>,
+enum Job {
+    Infer {
+        input: Vec<f32>,
+        rows: usize,
+        reply: oneshot::Sender<Result<Inference, ModelError>>,
+    },
+    /// libtorch's CPU threads are a per-thread setting: only the model thread
+    /// can change its own.
+    Threads(usize),
 }
 
 /// Handle to the model thread. Dropping it stops the thread.
@@ -35,6 +40,7 @@ pub struct ModelWorker {
     jobs: Option<mpsc::Sender<Job>>,
     metadata: Arc<ModelMetadata>,
     device: String,
+    version: String,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -42,6 +48,7 @@ impl ModelWorker {
     /// Starts the thread, loads the model there and warms it up; returns once
     /// the model has answered a full warm-up batch.
     pub async fn start(config: ModelConfig) -> Result<Self, ModelError> {
+        let version = config.version.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(2);
         let thread = std::thread::Builder::new()
@@ -49,7 +56,7 @@ impl ModelWorker {
             .spawn(move || serve(&config, ready_tx, jobs_rx))
             .map_err(|e| ModelError::Torch(format!("spawning the model thread: {e}")))?;
         let (metadata, device) = ready_rx.await.map_err(|_| ModelError::WorkerGone)??;
-        Ok(Self { jobs: Some(jobs_tx), metadata: Arc::new(metadata), device, thread: Some(thread) })
+        Ok(Self { jobs: Some(jobs_tx), metadata: Arc::new(metadata), device, version, thread: Some(thread) })
     }
 
     pub fn metadata(&self) -> &Arc<ModelMetadata> {
@@ -61,12 +68,26 @@ impl ModelWorker {
         &self.device
     }
 
+    /// The version (subdirectory) it serves.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     /// Runs one batch of `rows` samples on the model thread.
     pub async fn infer(&self, input: Vec<f32>, rows: usize) -> Result<Inference, ModelError> {
         let (reply, answer) = oneshot::channel();
-        let jobs = self.jobs.as_ref().ok_or(ModelError::WorkerGone)?;
-        jobs.send(Job { input, rows, reply }).await.map_err(|_| ModelError::WorkerGone)?;
+        self.send(Job::Infer { input, rows, reply }).await?;
         answer.await.map_err(|_| ModelError::WorkerGone)?
+    }
+
+    /// Changes libtorch's CPU threads from the next batch on.
+    pub async fn set_threads(&self, threads: usize) -> Result<(), ModelError> {
+        self.send(Job::Threads(threads)).await
+    }
+
+    async fn send(&self, job: Job) -> Result<(), ModelError> {
+        let jobs = self.jobs.as_ref().ok_or(ModelError::WorkerGone)?;
+        jobs.send(job).await.map_err(|_| ModelError::WorkerGone)
     }
 }
 
@@ -94,7 +115,7 @@ fn serve(
     };
     tracing::info!(
         model = model.metadata().name,
-        version = model.metadata().version,
+        version = config.version,
         device = model.device_name(),
         warmup_batch = config.warmup_batch_size,
         took_ms = started.elapsed().as_millis() as u64,
@@ -104,12 +125,14 @@ fn serve(
         return;
     }
     while let Some(job) = jobs.blocking_recv() {
-        let started = Instant::now();
-        let result = model.forward(&job.input, job.rows).map(|outputs| Inference {
-            outputs,
-            elapsed: started.elapsed(),
-            input: job.input,
-        });
-        let _ = job.reply.send(result);
+        match job {
+            Job::Infer { input, rows, reply } => {
+                let started = Instant::now();
+                let result =
+                    model.forward(&input, rows).map(|outputs| Inference { outputs, elapsed: started.elapsed(), input });
+                let _ = reply.send(result);
+            }
+            Job::Threads(n) => model.set_threads(n),
+        }
     }
 }

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::counter;
+use sluice_control::Settings;
 use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::envelope::Payload;
 use sluice_messages::prediction::{ModelRef, PredictionRecord};
+use tokio::sync::watch;
 
 use crate::StageError;
 use crate::common::{dead_letter, decode};
@@ -26,17 +28,18 @@ pub struct WriterStats {
 /// The writer stage.
 #[derive(Debug)]
 pub struct Writer {
-    min_confidence: f32,
+    /// `min_confidence` is read from here before each batch (Redis overrides).
+    settings: watch::Receiver<Settings>,
     file: Option<(PathBuf, BufWriter<File>)>,
     output: Arc<str>,
     stats: Arc<WriterStats>,
 }
 
 impl Writer {
-    /// Drops predictions under `min_confidence`; appends the others to `file`
-    /// (JSON lines) if one is given, and publishes them to `output_topic`.
+    /// Drops predictions under the live `min_confidence`; appends the others
+    /// to `file` (JSON lines) if one is given, and publishes them to `output_topic`.
     pub fn new(
-        min_confidence: f32,
+        settings: watch::Receiver<Settings>,
         file: Option<&Path>,
         output_topic: &str,
         stats: Arc<WriterStats>,
@@ -45,7 +48,7 @@ impl Writer {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
         };
-        Ok(Self { min_confidence, file, output: output_topic.into(), stats })
+        Ok(Self { settings, file, output: output_topic.into(), stats })
     }
 }
 
@@ -67,6 +70,7 @@ impl Stage for Writer {
         let mut lines = Vec::new();
         let mut below = 0;
         let written_at_ms = sluice_messages::now_ms();
+        let min_confidence = self.settings.borrow().min_confidence;
         for (i, input) in batch.iter().enumerate() {
             let envelope = match decode(i, input) {
                 Ok(envelope) => envelope,
@@ -86,7 +90,7 @@ impl Stage for Writer {
                 outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
                 continue;
             }
-            if p.confidence < self.min_confidence {
+            if p.confidence < min_confidence {
                 below += 1;
                 continue;
             }
@@ -99,7 +103,7 @@ impl Stage for Writer {
                 confidence: p.confidence,
                 model: ModelRef { name: p.model_name.clone(), version: p.model_version.clone() },
                 batch_size: p.batch_size,
-                cached: false,
+                cached: p.cached,
                 requested_at_ms: envelope.requested_at_ms,
                 written_at_ms,
             };

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use sluice_control::Settings;
+use sluice_control::cache::LruConfig;
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::{BatchPolicy, KafkaConfig};
 use sluice_model::ModelConfig;
@@ -26,7 +28,30 @@ pub struct SluiceConfig {
     pub normalizer: NormalizerConfig,
     pub inferrer: InferrerConfig,
     pub writer: WriterConfig,
+    pub control: ControlConfig,
+    pub cache: CacheConfig,
     pub observe: ObserveConfig,
+}
+
+/// Where live overrides and the shared cache tier are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Empty: the embedded default (in-process overrides, LRU tier only).
+    /// May hold a password: never logged, redacted in `/status`.
+    pub redis_url: String,
+    pub prefix: String,
+    pub pipeline: String,
+    pub reconcile_ms: u64,
+}
+
+/// The prediction cache's defaults (overridable at run time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub ttl_s: u64,
+    pub lru: LruConfig,
 }
 
 /// Topic names and how to create them.
@@ -226,10 +251,59 @@ impl SluiceConfig {
         if !(c.is_finite() && (0.0..=1.0).contains(&c)) {
             return Err(invalid("writer.min_confidence", format!("{c} is outside 0..=1")));
         }
+        let name_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !name_ok(&self.inferrer.model.version) {
+            return Err(invalid("inferrer.model.version", "not a version name (A-Z a-z 0-9 . _ -)"));
+        }
+        if !name_ok(&self.control.prefix) {
+            return Err(invalid("control.prefix", "not a key prefix (A-Z a-z 0-9 . _ -)"));
+        }
+        if !name_ok(&self.control.pipeline) {
+            return Err(invalid("control.pipeline", "not a pipeline name (A-Z a-z 0-9 . _ -)"));
+        }
+        if !(50..=60_000).contains(&self.control.reconcile_ms) {
+            return Err(invalid("control.reconcile_ms", "outside 50..=60000"));
+        }
+        let url = &self.control.redis_url;
+        if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(invalid("control.redis_url", "must start with redis:// or rediss://"));
+        }
+        if !(1..=30 * 24 * 3600).contains(&self.cache.ttl_s) {
+            return Err(invalid("cache.ttl_s", "outside 1..=2592000"));
+        }
+        if self.cache.lru.max_entries == 0 {
+            return Err(invalid("cache.lru.max_entries", "must be above 0"));
+        }
+        if self.cache.lru.max_bytes < 1024 {
+            return Err(invalid("cache.lru.max_bytes", "must be at least 1024"));
+        }
         if self.fetcher.synthetic.universe == 0 || self.fetcher.synthetic.universe > 10_000 {
             return Err(invalid("fetcher.synthetic.universe", "must be within 1..=10000 (symbols S0000..S9999)"));
         }
         Ok(())
+    }
+}
+
+impl SluiceConfig {
+    /// The settings overrides can change, as configured (before any override).
+    pub fn base_settings(&self) -> Settings {
+        Settings {
+            max_batch_size: self.inferrer.batch.max_batch_size,
+            max_wait_ms: self.inferrer.batch.max_wait_ms,
+            min_confidence: self.writer.min_confidence,
+            model_version: self.inferrer.model.version.clone(),
+            cache_enabled: self.cache.enabled,
+            cache_ttl_s: self.cache.ttl_s,
+            intra_op_threads: self.inferrer.model.threads(),
+        }
+    }
+}
+
+/// `redis://user:secret@host` → `redis://***@host`: for logs and `/status`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_string(),
     }
 }
 

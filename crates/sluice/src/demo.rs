@@ -12,12 +12,11 @@ use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_kafka::embedded::EmbeddedCluster;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
-use sluice_stages::WriterStats;
 use sluice_stages::generate::generate;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
-use crate::launch::{StageKind, cancel_on_signals, join, spawn_stage};
+use crate::launch::{StageKind, Stats, cancel_on_signals, join, spawn_stage, start_control};
 use crate::produce::progress;
 
 /// Events published but not yet accounted for, at most.
@@ -48,11 +47,15 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
 
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    let stats = Arc::new(WriterStats::default());
+    let all_stats = Arc::new(Stats::default());
+    let control = start_control(&config, shutdown.clone()).await?;
     let stages: Vec<_> = StageKind::ALL
         .into_iter()
-        .map(|kind| spawn_stage(kind, config.clone(), kafka.clone(), shutdown.clone(), stats.clone()))
+        .map(|kind| {
+            spawn_stage(kind, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), all_stats.clone())
+        })
         .collect();
+    let stats = all_stats.writer.clone();
 
     let started = Instant::now();
     while !stages.iter().all(|s| s.status.ready()) {
@@ -110,17 +113,13 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
 
     shutdown.cancel();
     join(stages).await?;
-    summary(&tally, events, &stats, elapsed, warmup)
+    summary(&tally, events, &all_stats, elapsed, warmup)
 }
 
-fn summary(
-    tally: &Tally,
-    events: usize,
-    stats: &WriterStats,
-    elapsed: Duration,
-    warmup: Duration,
-) -> anyhow::Result<()> {
-    let below = stats.below_min_confidence.load(Ordering::Relaxed);
+fn summary(tally: &Tally, events: usize, stats: &Stats, elapsed: Duration, warmup: Duration) -> anyhow::Result<()> {
+    let below = stats.writer.below_min_confidence.load(Ordering::Relaxed);
+    let model_rows = stats.inferrer.model_rows.load(Ordering::Relaxed);
+    let cache_hits = stats.inferrer.cache_hits.load(Ordering::Relaxed);
     let lost = (events as u64).saturating_sub(tally.accounted(below));
     let mut latencies: Vec<i64> = tally.predicted.values().map(|p| p.written_at_ms - p.requested_at_ms).collect();
     latencies.sort_unstable();
@@ -158,6 +157,7 @@ fn summary(
     for (bucket, n) in sizes.values() {
         writeln!(out, "    {bucket:<8} {n}")?;
     }
+    writeln!(out, "  model rows computed:     {model_rows} (cache hits: {cache_hits})")?;
     let seconds = elapsed.as_secs_f64().max(1e-3);
     writeln!(out, "  throughput:              {:.0} events/s ({events} in {seconds:.2} s)", events as f64 / seconds)?;
     writeln!(out, "  latency p50 / p99:       {} ms / {} ms (request to written)", percentile(0.5), percentile(0.99))?;

@@ -5,10 +5,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::ValueEnum;
+use sluice_control::Settings;
+use sluice_control::cache::PredictionCache;
+use sluice_control::controller::{Controller, VersionCheck};
+use sluice_control::keys::KeyLayout;
+use sluice_control::link::RedisLink;
+use sluice_control::store::OverrideStore;
 use sluice_kafka::{BatchPolicy, KafkaConfig, RunOptions, StageStatus, run_stage};
 use sluice_model::{ModelMetadata, ModelWorker};
 use sluice_stages::fetcher::{SyntheticSource, WindowShape};
-use sluice_stages::{Fetcher, Inferrer, Normalizer, Writer, WriterStats};
+use sluice_stages::{Fetcher, Inferrer, InferrerStats, Normalizer, Writer, WriterStats};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +43,73 @@ impl StageKind {
     }
 }
 
+/// The control plane of one process: live settings and the prediction cache,
+/// shared by its stages.
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub settings: watch::Receiver<Settings>,
+    pub cache: Arc<PredictionCache>,
+}
+
+/// The override store the configuration names (Redis, or in process).
+pub fn override_store(config: &SluiceConfig) -> anyhow::Result<(OverrideStore, Option<Arc<RedisLink>>)> {
+    let c = &config.control;
+    let keys = KeyLayout::new(&c.prefix, &c.pipeline);
+    if c.redis_url.is_empty() {
+        return Ok((OverrideStore::memory(keys), None));
+    }
+    let link = Arc::new(RedisLink::new(&c.redis_url)?);
+    Ok((OverrideStore::Redis { link: link.clone(), keys }, Some(link)))
+}
+
+/// The name overrides and cache keys use for the configured model.
+pub fn model_name(config: &SluiceConfig) -> String {
+    let model = &config.inferrer.model;
+    ModelMetadata::load(&model.version_dir(&model.version))
+        .map(|m| m.name)
+        .unwrap_or_else(|_| model.dir.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()))
+}
+
+/// Starts following overrides (reading them once first).
+pub async fn start_control(config: &SluiceConfig, shutdown: CancellationToken) -> anyhow::Result<Control> {
+    let (store, link) = override_store(config)?;
+    let cache = Arc::new(PredictionCache::new(config.cache.lru.clone(), link.map(|l| (l, store.keys().clone()))));
+    let model = config.inferrer.model.clone();
+    let versions: VersionCheck = Arc::new(move |v| model.has_version(v));
+    let clear = cache.clone();
+    let name = model_name(config);
+    let controller = Controller::new(
+        store.clone(),
+        &name,
+        config.base_settings(),
+        versions,
+        Duration::from_millis(config.control.reconcile_ms),
+    )
+    .on_cache_clear(Arc::new(move || clear.clear_local()));
+    let settings = controller.start(shutdown).await;
+    Ok(Control { settings, cache })
+}
+
+/// The inferrer's batch policy, following the live settings.
+fn inferrer_policy(mut settings: watch::Receiver<Settings>) -> watch::Receiver<BatchPolicy> {
+    let policy = |s: &Settings| BatchPolicy { max_batch_size: s.max_batch_size, max_wait_ms: s.max_wait_ms };
+    let (tx, rx) = watch::channel(policy(&settings.borrow_and_update()));
+    tokio::spawn(async move {
+        while settings.changed().await.is_ok() {
+            let next = policy(&settings.borrow_and_update());
+            tx.send_if_modified(|current| std::mem::replace(current, next) != next);
+        }
+    });
+    rx
+}
+
+/// Counters the demo and the status page report.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub writer: Arc<WriterStats>,
+    pub inferrer: Arc<InferrerStats>,
+}
+
 /// A stage running in this process.
 #[derive(Debug)]
 pub struct Launched {
@@ -51,7 +125,8 @@ pub fn spawn_stage(
     config: Arc<SluiceConfig>,
     kafka: KafkaConfig,
     shutdown: CancellationToken,
-    writer_stats: Arc<WriterStats>,
+    control: Control,
+    stats: Arc<Stats>,
 ) -> Launched {
     let status = Arc::new(StageStatus::default());
     let task_status = status.clone();
@@ -59,7 +134,7 @@ pub fn spawn_stage(
         // However this task ends (error, panic, or a normal drain), the other
         // stages of the process must not keep running half a pipeline.
         let _stop_the_others = shutdown.clone().drop_guard();
-        run(kind, &config, &kafka, task_status, shutdown.clone(), writer_stats)
+        run(kind, &config, &kafka, task_status, shutdown.clone(), control, stats)
             .await
             .with_context(|| format!("stage {}", kind.name()))
     });
@@ -72,22 +147,25 @@ async fn run(
     kafka: &KafkaConfig,
     status: Arc<StageStatus>,
     shutdown: CancellationToken,
-    writer_stats: Arc<WriterStats>,
+    control: Control,
+    stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let topics = &config.topics;
-    let options = |input: &str, batch: BatchPolicy| RunOptions {
+    let options = |input: &str, policy: watch::Receiver<BatchPolicy>| RunOptions {
         input_topic: input.to_string(),
         dead_letter_topic: topics.dead_letters.clone(),
         group_id: format!("{}-{}", kafka.group_prefix, kind.name()),
         client_id: format!("sluice-{}-{}", kind.name(), std::process::id()),
-        policy: batch.fixed(),
+        policy,
         drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
         queue_capacity: config.runtime.queue_capacity,
     };
-    let model_dir = &config.inferrer.model.dir;
+    let model = &config.inferrer.model;
+    let model_dir = model.version_dir(&model.version);
     let metadata = || {
-        ModelMetadata::load(model_dir)
-            .with_context(|| format!("configuration key `inferrer.model.dir` ({})", model_dir.display()))
+        ModelMetadata::load(&model_dir).with_context(|| {
+            format!("configuration keys `inferrer.model.dir` and `.version` ({})", model_dir.display())
+        })
     };
     match kind {
         StageKind::Fetcher => {
@@ -98,7 +176,7 @@ async fn run(
             };
             let stage = Fetcher::new(source, shape, &topics.fetched);
             status.set_warmed_up();
-            run_stage(kafka, options(&topics.requests, config.fetcher.batch), stage, status, shutdown).await?;
+            run_stage(kafka, options(&topics.requests, config.fetcher.batch.fixed()), stage, status, shutdown).await?;
         }
         StageKind::Normalizer => {
             let metadata = metadata()?;
@@ -106,21 +184,38 @@ async fn run(
                 metadata.normalization.as_ref().context("the model's metadata has no normalization statistics")?;
             let stage = Normalizer::new(stats, metadata.days(), &topics.normalized);
             status.set_warmed_up();
-            run_stage(kafka, options(&topics.fetched, config.normalizer.batch), stage, status, shutdown).await?;
+            run_stage(kafka, options(&topics.fetched, config.normalizer.batch.fixed()), stage, status, shutdown)
+                .await?;
         }
         StageKind::Inferrer => {
-            let worker = ModelWorker::start(config.inferrer.model.clone())
-                .await
-                .with_context(|| format!("loading the model from {}", model_dir.display()))?;
-            let stage = Inferrer::new(worker, &topics.inferred)?;
+            // Start with the version the overrides ask for, if it is installed.
+            let settings = control.settings.borrow().clone();
+            let start = sluice_model::ModelConfig {
+                version: settings.model_version.clone(),
+                intra_op_threads: settings.intra_op_threads,
+                ..model.clone()
+            };
+            let worker = ModelWorker::start(start).await.with_context(|| {
+                format!("loading model version {} from {}", settings.model_version, model.dir.display())
+            })?;
+            let stage = Inferrer::new(
+                worker,
+                model.clone(),
+                control.settings.clone(),
+                Some(control.cache.clone()),
+                &topics.inferred,
+                stats.inferrer.clone(),
+            )?;
             status.set_warmed_up();
-            run_stage(kafka, options(&topics.normalized, config.inferrer.batch), stage, status, shutdown).await?;
+            let policy = inferrer_policy(control.settings.clone());
+            run_stage(kafka, options(&topics.normalized, policy), stage, status, shutdown).await?;
         }
         StageKind::Writer => {
             let w = &config.writer;
-            let stage = Writer::new(w.min_confidence, w.file.as_deref(), &topics.predictions, writer_stats)?;
+            let stage =
+                Writer::new(control.settings.clone(), w.file.as_deref(), &topics.predictions, stats.writer.clone())?;
             status.set_warmed_up();
-            run_stage(kafka, options(&topics.inferred, w.batch), stage, status, shutdown).await?;
+            run_stage(kafka, options(&topics.inferred, w.batch.fixed()), stage, status, shutdown).await?;
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! topic creation and event publishing.
 
 mod config;
+mod control_cli;
 mod demo;
 mod launch;
 mod observe;
@@ -16,12 +17,11 @@ use clap::{Parser, Subcommand};
 use figment::Figment;
 use serde_json::json;
 use sluice_kafka::admin::create_topics;
-use sluice_stages::WriterStats;
 use sluice_stages::generate::generate;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
-use crate::launch::{StageKind, cancel_on_signals, join, spawn_stage};
+use crate::launch::{StageKind, Stats, cancel_on_signals, join, spawn_stage, start_control};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A streaming batch-inference pipeline over Kafka")]
@@ -78,6 +78,16 @@ enum Command {
         #[arg(long, default_value = "evt")]
         prefix: String,
     },
+    /// Live overrides in Redis (batch size, deadline, min confidence, model version, cache, threads).
+    Overrides {
+        #[command(subcommand)]
+        action: control_cli::OverridesAction,
+    },
+    /// The prediction cache's shared tier in Redis.
+    Cache {
+        #[command(subcommand)]
+        action: control_cli::CacheAction,
+    },
     /// Print the effective configuration (secrets left out) and exit.
     Config,
 }
@@ -133,6 +143,8 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
             writeln!(std::io::stdout(), "published {delivered} events to {topic}")?;
             Ok(())
         }
+        Command::Overrides { action } => control_cli::overrides(config, action).await,
+        Command::Cache { action } => control_cli::cache(config, action).await,
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
             Ok(())
@@ -144,6 +156,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
 /// passwords) replaced.
 fn redacted(config: &SluiceConfig) -> serde_json::Value {
     let mut value = serde_json::to_value(config).unwrap_or_default();
+    if let Some(url) = value.pointer_mut("/control/redis_url") {
+        *url = json!(config::redact_url(&config.control.redis_url));
+    }
     for section in ["properties", "consumer_properties", "producer_properties"] {
         if let Some(props) = value.pointer_mut(&format!("/kafka/{section}")).and_then(|p| p.as_object_mut()) {
             for v in props.values_mut() {
@@ -162,11 +177,19 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
     let info = redacted(&config);
     let listen = config.observe.listen;
     let config = Arc::new(config);
-    let stats = Arc::new(WriterStats::default());
-    let stages: Vec<_> =
-        kinds.iter().map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), stats.clone())).collect();
-    let health =
-        observe::Health { metrics, stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(), info };
+    let stats = Arc::new(Stats::default());
+    let control = start_control(&config, shutdown.clone()).await?;
+    let stages: Vec<_> = kinds
+        .iter()
+        .map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), stats.clone()))
+        .collect();
+    let health = observe::Health {
+        metrics,
+        stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(),
+        info,
+        settings: control.settings.clone(),
+        cache: kinds.contains(&StageKind::Inferrer).then(|| control.cache.clone()),
+    };
     if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
         shutdown.cancel();
         let _ = join(stages).await;

@@ -45,6 +45,10 @@ pub struct Health {
     pub stages: Vec<(&'static str, Arc<StageStatus>)>,
     /// Static facts for `/status` (effective configuration, with secrets left out).
     pub info: serde_json::Value,
+    /// The settings in force (configuration and Redis overrides).
+    pub settings: tokio::sync::watch::Receiver<sluice_control::Settings>,
+    /// The prediction cache, in a process that runs the inferrer.
+    pub cache: Option<Arc<sluice_control::cache::PredictionCache>>,
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/status` until `shutdown`.
@@ -100,5 +104,7 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    Json(json!({ "stages": stage_states(&health), "info": health.info }))
+    let settings = health.settings.borrow().clone();
+    let cache = health.cache.as_ref().map(|c| c.stats());
+    Json(json!({ "stages": stage_states(&health), "settings": settings, "cache": cache, "config": health.info }))
 }

@@ -1,0 +1,163 @@
+//! Follows the override store and publishes the effective [`Settings`].
+//!
+//! A change takes effect within one reconcile interval (500 ms by default)
+//! even if a notification is missed or Redis restarted: the store is re-read
+//! on every pub/sub notification *and* on a timer. Refused values are logged
+//! and counted once per change, and the last good value is kept.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use metrics::{counter, gauge};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::NOTIFY_CACHE_CLEAR;
+use crate::overrides::{FIELDS, Refusal};
+use crate::store::{OverrideStore, Scope};
+use crate::{Overrides, Settings};
+
+/// Says whether a model version can be served.
+pub type VersionCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Called when an operator clears the cache (`sluice cache clear`).
+pub type OnCacheClear = Arc<dyn Fn() + Send + Sync>;
+
+/// The override follower of one process.
+pub struct Controller {
+    store: OverrideStore,
+    model: String,
+    base: Settings,
+    version_exists: VersionCheck,
+    reconcile: Duration,
+    on_cache_clear: Option<OnCacheClear>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("model", &self.model).field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Followed {
+    all: Overrides,
+    model: Overrides,
+    reported: BTreeSet<Refusal>,
+}
+
+impl Controller {
+    /// `base` holds the built-in and configured values; overrides for `model`
+    /// apply on top.
+    pub fn new(
+        store: OverrideStore,
+        model: &str,
+        base: Settings,
+        version_exists: VersionCheck,
+        reconcile: Duration,
+    ) -> Self {
+        Self { store, model: model.into(), base, version_exists, reconcile, on_cache_clear: None }
+    }
+
+    pub fn on_cache_clear(mut self, f: OnCacheClear) -> Self {
+        self.on_cache_clear = Some(f);
+        self
+    }
+
+    /// Reads the overrides once (so that a stage starts with them when Redis is
+    /// up), then follows them on a task until `shutdown`.
+    pub async fn start(self, shutdown: CancellationToken) -> watch::Receiver<Settings> {
+        let mut followed = Followed::default();
+        let (tx, rx) = watch::channel(self.base.clone());
+        publish_gauges(&self.base);
+        self.reconcile_once(&tx, &mut followed).await;
+        tokio::spawn(self.run(tx, followed, shutdown));
+        rx
+    }
+
+    async fn run(self, tx: watch::Sender<Settings>, mut followed: Followed, shutdown: CancellationToken) {
+        let mut messages: Option<redis::aio::PubSubStream> = None;
+        loop {
+            if messages.is_none()
+                && let OverrideStore::Redis { link, keys } = &self.store
+                && link.is_up()
+                && let Ok(mut pubsub) = link.pubsub().await
+                && pubsub.subscribe(keys.channel()).await.is_ok()
+            {
+                messages = Some(pubsub.into_on_message());
+            }
+            let notified = async {
+                match (&mut messages, &self.store) {
+                    (Some(stream), _) => stream.next().await.map(|m| m.get_payload_bytes().to_vec()),
+                    (None, OverrideStore::Memory { changed, .. }) => {
+                        changed.notified().await;
+                        Some(Vec::new())
+                    }
+                    (None, OverrideStore::Redis { .. }) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.reconcile) => {}
+                message = notified => match message {
+                    Some(payload) if payload == NOTIFY_CACHE_CLEAR.as_bytes() => {
+                        if let Some(clear) = &self.on_cache_clear {
+                            clear();
+                        }
+                        tracing::info!("cache cleared by an operator");
+                    }
+                    Some(_) => {}
+                    // The pub/sub connection dropped: resubscribe once Redis is back.
+                    None => messages = None,
+                },
+            }
+            self.reconcile_once(&tx, &mut followed).await;
+        }
+    }
+
+    async fn reconcile_once(&self, tx: &watch::Sender<Settings>, followed: &mut Followed) {
+        // An unreachable Redis is reported by the link; the last good values stay.
+        let Ok((all, model)) = self.store.read(&self.model).await else { return };
+        let check = &*self.version_exists;
+        let (all, mut refused) = Overrides::parse(&self.store.key(&Scope::All), &all, &followed.all, check);
+        let (model, refused_model) =
+            Overrides::parse(&self.store.key(&Scope::Model(self.model.clone())), &model, &followed.model, check);
+        refused.extend(refused_model);
+        let refused: BTreeSet<Refusal> = refused.into_iter().collect();
+        for r in refused.difference(&followed.reported) {
+            let field = if FIELDS.contains(&r.field.as_str()) { r.field.clone() } else { "unknown".into() };
+            counter!("sluice_overrides_refused_total", "field" => field).increment(1);
+            tracing::warn!(
+                key = r.key,
+                field = r.field,
+                value = r.value,
+                reason = r.reason,
+                "override refused; the last good value is kept"
+            );
+        }
+        *followed = Followed { all, model, reported: refused };
+        let effective = self.base.with(&followed.all.then(&followed.model));
+        tx.send_if_modified(|current| {
+            if *current == effective {
+                return false;
+            }
+            for (field, value) in current.changed_fields(&effective) {
+                counter!("sluice_overrides_applied_total", "field" => field).increment(1);
+                tracing::info!(field, value, "override applied");
+            }
+            publish_gauges(&effective);
+            *current = effective.clone();
+            true
+        });
+    }
+}
+
+fn publish_gauges(s: &Settings) {
+    gauge!("sluice_setting", "field" => "max_batch_size").set(s.max_batch_size as f64);
+    gauge!("sluice_setting", "field" => "max_wait_ms").set(s.max_wait_ms as f64);
+    gauge!("sluice_setting", "field" => "min_confidence").set(f64::from(s.min_confidence));
+    gauge!("sluice_setting", "field" => "cache_enabled").set(if s.cache_enabled { 1.0 } else { 0.0 });
+    gauge!("sluice_setting", "field" => "cache_ttl_s").set(s.cache_ttl_s as f64);
+    gauge!("sluice_setting", "field" => "intra_op_threads").set(s.intra_op_threads as f64);
+}

@@ -1,0 +1,22 @@
+use thiserror::Error;
+
+/// What can go wrong in the control plane.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum ControlError {
+    /// Redis is unreachable or answered with an error: retryable. Stages keep
+    /// their last good settings and treat the cache as missing.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// An override value that is refused; the last good value is kept.
+    #[error("override `{field}` = {value:?} in {key}: {reason}")]
+    InvalidOverride { key: String, field: String, value: String, reason: String },
+    /// A bad `control.*` setting.
+    #[error("configuration key `{key}`: {message}")]
+    Config { key: &'static str, message: String },
+}
+
+impl From<redis::RedisError> for ControlError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Redis(e.to_string())
+    }
+}

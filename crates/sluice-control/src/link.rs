@@ -1,0 +1,152 @@
+//! A Redis connection that tolerates outages.
+//!
+//! The first connection is made lazily and retried with backoff, so a stage
+//! starts (with its last good, or built-in, settings) while Redis is down. Once
+//! down, callers fail fast until the next retry is due instead of each paying a
+//! connection timeout. An outage is reported once when it starts and once when
+//! it ends (log and metrics), not once per message.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::ControlError;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct State {
+    conn: Option<ConnectionManager>,
+    down: bool,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+/// A shared, self-healing Redis connection.
+pub struct RedisLink {
+    client: redis::Client,
+    state: Mutex<State>,
+    /// Connects one caller at a time.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RedisLink {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLink").finish_non_exhaustive()
+    }
+}
+
+impl RedisLink {
+    /// Parses the URL (`redis://`, `rediss://`, with AUTH in it if needed);
+    /// does not connect yet.
+    pub fn new(url: &str) -> Result<Self, ControlError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| ControlError::Config { key: "control.redis_url", message: e.to_string() })?;
+        Ok(Self {
+            client,
+            state: Mutex::new(State { conn: None, down: false, next_attempt: Instant::now(), backoff: MIN_BACKOFF }),
+            connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection, or an error at once while Redis is known to be down and
+    /// the next retry is not due.
+    pub async fn conn(&self) -> Result<ConnectionManager, ControlError> {
+        {
+            let state = self.state();
+            if state.down && Instant::now() < state.next_attempt {
+                return Err(ControlError::Redis("unreachable (waiting to retry)".into()));
+            }
+            if let Some(conn) = &state.conn {
+                return Ok(conn.clone());
+            }
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(conn) = &self.state().conn {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        match ConnectionManager::new_with_config(self.client.clone(), config).await {
+            Ok(conn) => {
+                self.state().conn = Some(conn.clone());
+                self.succeeded();
+                Ok(conn)
+            }
+            Err(e) => {
+                self.failed(&e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Opens a dedicated pub/sub connection.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ControlError> {
+        let connect = self.client.get_async_pubsub();
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ControlError::Redis("pub/sub connection timed out".into())),
+        }
+    }
+
+    /// Runs `f` on a connection, recording the outcome for outage reporting.
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, ControlError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        match f(conn).await {
+            Ok(value) => {
+                self.succeeded();
+                Ok(value)
+            }
+            Err(e) => {
+                // Server-side errors (wrong type, ...) are not outages.
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    self.failed(&e.to_string());
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whether the last attempt reached Redis.
+    pub fn is_up(&self) -> bool {
+        !self.state().down
+    }
+
+    fn succeeded(&self) {
+        let mut state = self.state();
+        if state.down {
+            tracing::info!("redis is reachable again");
+            gauge!("sluice_redis_up").set(1.0);
+        }
+        state.down = false;
+        state.backoff = MIN_BACKOFF;
+    }
+
+    fn failed(&self, error: &str) {
+        let mut state = self.state();
+        if !state.down {
+            tracing::warn!(error, "redis is unreachable: keeping the last good settings, cache lookups miss");
+            counter!("sluice_redis_outages_total").increment(1);
+            gauge!("sluice_redis_up").set(0.0);
+        }
+        state.down = true;
+        state.next_attempt = Instant::now() + state.backoff;
+        state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,149 @@
+//! `sluice overrides get|set|unset|watch` and `sluice cache stats|clear`.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use clap::Subcommand;
+use serde_json::json;
+use sluice_control::admin;
+use sluice_control::link::RedisLink;
+use sluice_control::overrides::FIELDS;
+use sluice_control::store::{OverrideStore, Scope};
+use sluice_control::{Overrides, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SluiceConfig;
+use crate::launch::{cancel_on_signals, model_name, override_store, start_control};
+
+#[derive(Debug, Subcommand)]
+pub enum OverridesAction {
+    /// Print the raw overrides of both scopes and the settings they give.
+    Get {
+        /// Scope: this model's overrides (default: the configured model).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Set one field (checked first); every stage applies it within a second.
+    Set {
+        field: String,
+        value: String,
+        /// Set it for this model only (wins over the all-models scope).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Remove one field: the configured value applies again.
+    Unset {
+        field: String,
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Print the effective settings each time they change, until Ctrl-C.
+    Watch,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Hits, misses and model rows summed over every inferrer, and the entry count.
+    Stats,
+    /// Delete every cache entry of the pipeline and empty the inferrers' LRUs.
+    Clear,
+}
+
+fn out(text: &str) -> anyhow::Result<()> {
+    writeln!(std::io::stdout(), "{text}")?;
+    Ok(())
+}
+
+fn redis_store(config: &SluiceConfig) -> anyhow::Result<(OverrideStore, Arc<RedisLink>)> {
+    match override_store(config)? {
+        (store, Some(link)) => Ok((store, link)),
+        (_, None) => anyhow::bail!(
+            "configuration key `control.redis_url` is empty: overrides then live in each process's memory \
+             (the embedded default); set it to manage them from here"
+        ),
+    }
+}
+
+fn scope(model: Option<String>) -> Scope {
+    model.map_or(Scope::All, Scope::Model)
+}
+
+pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow::Result<()> {
+    let model = model_name(&config);
+    match action {
+        OverridesAction::Get { model: asked } => {
+            let (store, _) = redis_store(&config)?;
+            let model = asked.unwrap_or(model);
+            let (all, one) = store.read(&model).await?;
+            let versions = |v: &str| config.inferrer.model.has_version(v);
+            let (all_o, r1) = Overrides::parse(&store.key(&Scope::All), &all, &Overrides::default(), &versions);
+            let (one_o, r2) =
+                Overrides::parse(&store.key(&Scope::Model(model.clone())), &one, &Overrides::default(), &versions);
+            let effective: Settings = config.base_settings().with(&all_o.then(&one_o));
+            let refused: Vec<_> = r1
+                .iter()
+                .chain(&r2)
+                .map(|r| json!({"key": r.key, "field": r.field, "value": r.value, "reason": r.reason}))
+                .collect();
+            out(&serde_json::to_string_pretty(&json!({
+                "model": model,
+                store.key(&Scope::All): all,
+                store.key(&Scope::Model(model.clone())): one,
+                "refused": refused,
+                "effective": effective,
+            }))?)
+        }
+        OverridesAction::Set { field, value, model } => {
+            let (store, _) = redis_store(&config)?;
+            let scope = scope(model);
+            let key = store.key(&scope);
+            Overrides::default()
+                .check(&field, &value, &|v| config.inferrer.model.has_version(v))
+                .map_err(|reason| anyhow::anyhow!("override `{field}` = {value:?} refused: {reason}"))?;
+            store.set(&scope, &field, &value).await?;
+            out(&format!("{key} {field} = {value}"))
+        }
+        OverridesAction::Unset { field, model } => {
+            anyhow::ensure!(FIELDS.contains(&field.as_str()), "unknown field {field:?} (known: {})", FIELDS.join(", "));
+            let (store, _) = redis_store(&config)?;
+            let scope = scope(model);
+            let removed = store.unset(&scope, &field).await?;
+            out(&format!("{} {field} {}", store.key(&scope), if removed { "removed" } else { "was not set" }))
+        }
+        OverridesAction::Watch => {
+            redis_store(&config)?;
+            let shutdown = CancellationToken::new();
+            cancel_on_signals(shutdown.clone());
+            let control = start_control(&config, shutdown.clone()).await?;
+            let mut settings = control.settings;
+            loop {
+                out(&serde_json::to_string(&*settings.borrow_and_update())?)?;
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    changed = settings.changed() => if changed.is_err() { return Ok(()) },
+                }
+            }
+        }
+    }
+}
+
+pub async fn cache(config: SluiceConfig, action: CacheAction) -> anyhow::Result<()> {
+    let (store, link) = redis_store(&config)?;
+    match action {
+        CacheAction::Stats => {
+            let (counters, entries) = admin::cache_stats(&link, store.keys()).await?;
+            let get = |k: &str| counters.get(k).copied().unwrap_or(0);
+            let hits = get("hits_lru") + get("hits_redis");
+            let lookups = hits + get("misses");
+            out(&serde_json::to_string_pretty(&json!({
+                "counters": counters,
+                "hit_ratio": if lookups > 0 { hits as f64 / lookups as f64 } else { 0.0 },
+                "redis_entries": entries,
+            }))?)
+        }
+        CacheAction::Clear => {
+            let deleted = admin::clear_cache(&link, store.keys()).await?;
+            out(&format!("deleted {deleted} cache entries; running inferrers empty their in-process tier"))
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Live control of a running pipeline (`sluice pipeline` on the tansu broker,
+//! Redis from a private `redis-server`): while events flow, an override
+//! changes the inferrer's batch size, Redis is killed and restarted, and the
+//! model version is switched. No event may be lost, and every prediction must
+//! equal the reference computation of the version it names.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sluice_control::keys::KeyLayout;
+use sluice_control::link::RedisLink;
+use sluice_control::store::{OverrideStore, Scope};
+use sluice_kafka::KafkaConfig;
+use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_messages::envelope::StockWindow;
+use sluice_messages::prediction::PredictionRecord;
+use sluice_model::Model;
+use sluice_stages::Normalizer;
+use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::generate::{Expected, GeneratedEvent, generate};
+use sluice_tests::{
+    Broker, RedisServer, StageProcess, heavy_test_lock, model_config, sluice, temp_dir, unique, write_config,
+};
+
+/// (predicted_return, confidence) of every valid event under `version`.
+fn reference(events: &[GeneratedEvent], version: &str) -> HashMap<String, (f32, f32)> {
+    let model = Model::load(&model_config(version)).expect("model");
+    let metadata = model.metadata().clone();
+    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
+    let source = SyntheticSource::new(SyntheticConfig::default());
+    let normalizer = Normalizer::new(metadata.normalization.as_ref().expect("stats"), metadata.days(), "unused");
+    let mut out = HashMap::new();
+    for chunk in events.chunks(256) {
+        let mut input = Vec::new();
+        for e in chunk {
+            let Expected::Prediction { symbol, as_of } = &e.expected else { panic!("only valid events here") };
+            let values =
+                source.window(&WindowRequest { symbol: symbol.clone(), as_of: *as_of }, shape).expect("window");
+            let w = StockWindow { symbol: symbol.clone(), as_of: *as_of, rows: 30, cols: 105, values };
+            input.extend(normalizer.normalize(&w).expect("normalise").values);
+        }
+        let y = model.forward(&input, chunk.len()).expect("forward");
+        for (e, row) in chunk.iter().zip(y.chunks(2)) {
+            out.insert(e.event_id.clone(), (row[0], row[1]));
+        }
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    sluice_messages::now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let mut redis = RedisServer::start();
+    let dir = temp_dir("control-e2e");
+    let prefix = unique("ctl");
+    let pipeline = unique("pipeline");
+    let extra =
+        format!("[control]\nredis_url = \"{}\"\nprefix = \"sluice-test\"\npipeline = \"{pipeline}\"\n", redis.url());
+    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
+    sluice(&config, &["topics", "create"]);
+    let link = std::sync::Arc::new(RedisLink::new(&redis.url()).expect("url"));
+    let store = OverrideStore::Redis { link, keys: KeyLayout::new("sluice-test", &pipeline) };
+
+    let events = generate("ctl", 9000, 0, SyntheticConfig::default().universe);
+    let expected = [("1", reference(&events, "1")), ("2", reference(&events, "2"))];
+    let mut process = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
+
+    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
+    let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
+    let mut publisher = Publisher::new(&kafka, "control-e2e").expect("publisher");
+    let requests = format!("{prefix}.requests");
+
+    // Publish 1,000 events a second for 9 s, acting on the pipeline as time passes.
+    let mut seen: HashMap<String, Vec<PredictionRecord>> = HashMap::new();
+    let mut marks: HashMap<&str, i64> = HashMap::new();
+    let started = Instant::now();
+    for (n, chunk) in events.chunks(100).enumerate() {
+        for e in chunk {
+            publisher.send(&requests, Some(e.event_id.as_bytes()), &e.json).await.expect("publish");
+        }
+        let at = Duration::from_millis(100 * n as u64);
+        match n {
+            20 => {
+                store.set(&Scope::All, "max_batch_size", "4").await.expect("set");
+                marks.insert("batch 4", now_ms());
+            }
+            40 => {
+                redis.kill();
+                marks.insert("redis killed", now_ms());
+            }
+            55 => {
+                redis.restart();
+                marks.insert("redis back", now_ms());
+            }
+            60 => {
+                store.set(&Scope::All, "max_batch_size", "2").await.expect("set after the restart");
+                marks.insert("batch 2", now_ms());
+            }
+            70 => {
+                store.set(&Scope::All, "model_version", "2").await.expect("set");
+                marks.insert("version 2", now_ms());
+            }
+            _ => {}
+        }
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            // Read while we wait, so the observer keeps up.
+            let deadline = Instant::now() + wait;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                if let Some(r) = reader.next(left.min(Duration::from_millis(20))).await {
+                    let p: PredictionRecord = serde_json::from_slice(&r.expect("read").payload).expect("record");
+                    seen.entry(p.event_id.clone()).or_default().push(p);
+                }
+            }
+        }
+    }
+    publisher.finish().await.expect("all published");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while seen.len() < events.len() && Instant::now() < deadline {
+        if let Some(r) = reader.next(Duration::from_millis(200)).await {
+            let p: PredictionRecord = serde_json::from_slice(&r.expect("read").payload).expect("record");
+            seen.entry(p.event_id.clone()).or_default().push(p);
+        }
+    }
+    let logs = process.logs();
+    let tail: String = logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+
+    // Nothing lost; every answer equals its version's reference.
+    let missing = events.iter().filter(|e| !seen.contains_key(&e.event_id)).count();
+    assert_eq!(missing, 0, "{missing} events lost\n{tail}");
+    let all: Vec<&PredictionRecord> = seen.values().flatten().collect();
+    for p in &all {
+        let (_, reference) = expected.iter().find(|(v, _)| *v == p.model.version).expect("version 1 or 2");
+        let (r, c) = reference[&p.event_id];
+        assert!((p.predicted_return - r).abs() <= 1e-5 && (p.confidence - c).abs() <= 1e-5, "{p:?} vs ({r}, {c})");
+    }
+
+    // The batch sizes followed the overrides: allow 1.5 s (the target is 1 s)
+    // from each change, measured on the pipeline's own timestamps.
+    let computed = |from: i64, to: i64| -> Vec<u32> {
+        all.iter()
+            .filter(|p| !p.cached && p.written_at_ms > from && p.written_at_ms < to)
+            .map(|p| p.batch_size)
+            .collect()
+    };
+    let before = computed(0, marks["batch 4"]);
+    assert!(before.iter().any(|b| *b > 4), "batches were never above 4 before the override: {before:?}");
+    let during = computed(marks["batch 4"] + 1500, marks["redis killed"]);
+    assert!(!during.is_empty() && during.iter().all(|b| *b <= 4), "max_batch_size=4 not applied: {during:?}");
+    let outage = computed(marks["batch 4"] + 1500, marks["redis back"]);
+    assert!(outage.iter().all(|b| *b <= 4), "the last good value must hold while Redis is down: {outage:?}");
+    let after = computed(marks["batch 2"] + 1500, marks["version 2"]);
+    assert!(
+        !after.is_empty() && after.iter().all(|b| *b <= 2),
+        "max_batch_size=2 (after the restart) not applied: {after:?}"
+    );
+    let switched = all.iter().filter(|p| p.model.version == "2").count();
+    assert!(switched > 0, "the model version never switched\n{tail}");
+    assert!(
+        logs.contains("redis is unreachable") && logs.contains("redis is reachable again"),
+        "outage not reported\n{tail}"
+    );
+    assert_eq!(logs.matches("redis is unreachable").count(), 1, "an outage is reported once\n{tail}");
+    let duplicates = all.len() - seen.len();
+    eprintln!("control e2e: {} predictions, {duplicates} duplicates, {switched} by version 2", all.len());
+
+    process.signal("TERM");
+    assert!(process.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain\n{tail}");
+}
