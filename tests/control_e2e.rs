@@ -70,6 +70,8 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
     let events = generate("ctl", 9000, 0, SyntheticConfig::default().universe);
     let expected = [("1", reference(&events, "1")), ("2", reference(&events, "2"))];
     let mut process = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
+    // Every stage has joined its group and got partitions: events flow at once.
+    process.wait_for_log("kind=\"assign\"", 4, Duration::from_secs(60));
 
     let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
     let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
@@ -99,10 +101,15 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
                 marks.insert("redis back", now_ms());
             }
             60 => {
-                store.set(&Scope::All, "max_batch_size", "2").await.expect("set after the restart");
+                // The test's own connection notices the restart on its first command.
+                let started = Instant::now();
+                while let Err(e) = store.set(&Scope::All, "max_batch_size", "2").await {
+                    assert!(started.elapsed() < Duration::from_secs(5), "set after the restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 marks.insert("batch 2", now_ms());
             }
-            70 => {
+            85 => {
                 store.set(&Scope::All, "model_version", "2").await.expect("set");
                 marks.insert("version 2", now_ms());
             }
@@ -140,21 +147,31 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
         assert!((p.predicted_return - r).abs() <= 1e-5 && (p.confidence - c).abs() <= 1e-5, "{p:?} vs ({r}, {c})");
     }
 
-    // The batch sizes followed the overrides: allow 1.5 s (the target is 1 s)
-    // from each change, measured on the pipeline's own timestamps.
+    // The batch sizes followed the overrides within a second of each change
+    // (plus 200 ms for the batch already cut), by the inferrer's own clock;
+    // right after a Redis restart, within two (reconnect, resubscribe, re-read).
     let computed = |from: i64, to: i64| -> Vec<u32> {
         all.iter()
-            .filter(|p| !p.cached && p.written_at_ms > from && p.written_at_ms < to)
+            .filter(|p| !p.cached && p.inferred_at_ms > from && p.inferred_at_ms < to)
             .map(|p| p.batch_size)
             .collect()
     };
+    let t0 = marks["batch 4"] - 2000;
+    let mut timeline: std::collections::BTreeMap<i64, (usize, u32)> = std::collections::BTreeMap::new();
+    for p in &all {
+        let e = timeline.entry((p.inferred_at_ms - t0) / 500).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(p.batch_size);
+    }
+    let marks_rel: Vec<(&str, i64)> = marks.iter().map(|(k, v)| (*k, v - t0)).collect();
+    eprintln!("marks {marks_rel:?}\ntimeline (500 ms buckets: writes, largest batch) {timeline:?}");
     let before = computed(0, marks["batch 4"]);
     assert!(before.iter().any(|b| *b > 4), "batches were never above 4 before the override: {before:?}");
-    let during = computed(marks["batch 4"] + 1500, marks["redis killed"]);
+    let during = computed(marks["batch 4"] + 1200, marks["redis killed"]);
     assert!(!during.is_empty() && during.iter().all(|b| *b <= 4), "max_batch_size=4 not applied: {during:?}");
-    let outage = computed(marks["batch 4"] + 1500, marks["redis back"]);
+    let outage = computed(marks["batch 4"] + 1200, marks["redis back"]);
     assert!(outage.iter().all(|b| *b <= 4), "the last good value must hold while Redis is down: {outage:?}");
-    let after = computed(marks["batch 2"] + 1500, marks["version 2"]);
+    let after = computed(marks["batch 2"] + 2000, marks["version 2"]);
     assert!(
         !after.is_empty() && after.iter().all(|b| *b <= 2),
         "max_batch_size=2 (after the restart) not applied: {after:?}"

@@ -186,6 +186,7 @@ fn prediction(event_id: &str, cached: bool) -> PredictionRecord {
         batch_size: if cached { 0 } else { 64 },
         cached,
         requested_at_ms: 1_717_171_200_000,
+        inferred_at_ms: 1_717_171_200_030,
         written_at_ms: sluice_messages::now_ms(),
     }
 }

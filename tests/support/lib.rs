@@ -193,6 +193,15 @@ impl StageProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the log holds `count` lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let started = Instant::now();
+        while self.logs().lines().filter(|l| l.contains(needle)).count() < count {
+            assert!(started.elapsed() < timeout, "{} never logged {count} x {needle:?}:\n{}", self.stage, self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends `signal` (`TERM`, `KILL`, ...) to the process.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");

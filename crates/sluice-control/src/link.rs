@@ -15,7 +15,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::ControlError;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Short on purpose: a restarted Redis must be noticed within the one second
+/// in which an override change has to take effect. While Redis is down that
+/// is two cheap connection attempts a second per process.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct State {

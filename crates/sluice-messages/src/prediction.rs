@@ -21,6 +21,8 @@ pub struct PredictionRecord {
     /// Whether the answer came from the prediction cache.
     pub cached: bool,
     pub requested_at_ms: i64,
+    /// When the model (or the cache) answered.
+    pub inferred_at_ms: i64,
     pub written_at_ms: i64,
 }
 

@@ -105,6 +105,7 @@ impl Stage for Writer {
                 batch_size: p.batch_size,
                 cached: p.cached,
                 requested_at_ms: envelope.requested_at_ms,
+                inferred_at_ms: p.inferred_at_ms,
                 written_at_ms,
             };
             let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
