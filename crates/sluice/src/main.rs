@@ -1,6 +1,7 @@
 //! The `sluice` command: run a stage or the whole pipeline, the embedded demo,
 //! topic creation and event publishing.
 
+mod bench;
 mod config;
 mod control_cli;
 mod demo;
@@ -88,8 +89,30 @@ enum Command {
         #[command(subcommand)]
         action: control_cli::CacheAction,
     },
+    /// Measure, and write the figures to docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// Print the effective configuration (secrets left out) and exit.
     Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Per-event cost of a cache hit against a model run, in process.
+    Cache {
+        #[arg(long, default_value_t = 4096)]
+        events: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Also measure hits served by Redis (e.g. redis://127.0.0.1:6379).
+        #[arg(long)]
+        redis_url: Option<String>,
+        /// The Markdown file to update.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +168,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
+        Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
+            bench::cache(config, events, batch.max(1), redis_url, &out).await
+        }
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
             Ok(())
