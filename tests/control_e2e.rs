@@ -12,40 +12,12 @@ use sluice_control::link::RedisLink;
 use sluice_control::store::{OverrideStore, Scope};
 use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::{Publisher, TopicReader};
-use sluice_messages::envelope::StockWindow;
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::Model;
-use sluice_stages::Normalizer;
-use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_stages::generate::{Expected, GeneratedEvent, generate};
+use sluice_stages::fetcher::SyntheticConfig;
+use sluice_stages::generate::generate;
 use sluice_tests::{
-    Broker, RedisServer, StageProcess, heavy_test_lock, model_config, sluice, temp_dir, unique, write_config,
+    Broker, RedisServer, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
 };
-
-/// (predicted_return, confidence) of every valid event under `version`.
-fn reference(events: &[GeneratedEvent], version: &str) -> HashMap<String, (f32, f32)> {
-    let model = Model::load(&model_config(version)).expect("model");
-    let metadata = model.metadata().clone();
-    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig::default());
-    let normalizer = Normalizer::new(metadata.normalization.as_ref().expect("stats"), metadata.days(), "unused");
-    let mut out = HashMap::new();
-    for chunk in events.chunks(256) {
-        let mut input = Vec::new();
-        for e in chunk {
-            let Expected::Prediction { symbol, as_of } = &e.expected else { panic!("only valid events here") };
-            let values =
-                source.window(&WindowRequest { symbol: symbol.clone(), as_of: *as_of }, shape).expect("window");
-            let w = StockWindow { symbol: symbol.clone(), as_of: *as_of, rows: 30, cols: 105, values };
-            input.extend(normalizer.normalize(&w).expect("normalise").values);
-        }
-        let y = model.forward(&input, chunk.len()).expect("forward");
-        for (e, row) in chunk.iter().zip(y.chunks(2)) {
-            out.insert(e.event_id.clone(), (row[0], row[1]));
-        }
-    }
-    out
-}
 
 fn now_ms() -> i64 {
     sluice_messages::now_ms()
@@ -68,7 +40,7 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
     let store = OverrideStore::Redis { link, keys: KeyLayout::new("sluice-test", &pipeline) };
 
     let events = generate("ctl", 9000, 0, SyntheticConfig::default().universe);
-    let expected = [("1", reference(&events, "1")), ("2", reference(&events, "2"))];
+    let expected = [("1", reference_predictions(&events, "1")), ("2", reference_predictions(&events, "2"))];
     let mut process = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
     // Every stage has joined its group and got partitions: events flow at once.
     process.wait_for_log("kind=\"assign\"", 4, Duration::from_secs(60));

@@ -13,11 +13,11 @@ use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::TopicReader;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::Model;
-use sluice_stages::Normalizer;
-use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
-use sluice_tests::{Broker, StageProcess, heavy_test_lock, model_config, sluice, temp_dir, unique, write_config};
+use sluice_tests::{
+    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
+};
 
 const STAGES: [&str; 4] = ["fetcher", "normalizer", "inferrer", "writer"];
 /// Predictions must equal the reference computation to this absolute tolerance.
@@ -83,47 +83,6 @@ async fn read_until(
     }
 }
 
-/// The prediction for each valid event, computed here with no Kafka, no
-/// batching policy and no stage: synthetic window → z-score → model.
-fn reference_predictions(events: &[GeneratedEvent]) -> HashMap<String, (f32, f32)> {
-    let model = Model::load(&model_config("1")).expect("model");
-    let metadata = model.metadata().clone();
-    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig::default());
-    let normalizer = Normalizer::new(metadata.normalization.as_ref().expect("stats"), metadata.days(), "unused");
-    let (r, c) =
-        (metadata.output_index("predicted_return").expect("r"), metadata.output_index("confidence").expect("c"));
-    let valid: Vec<(&str, WindowRequest)> = events
-        .iter()
-        .filter_map(|e| match &e.expected {
-            Expected::Prediction { symbol, as_of } => {
-                Some((e.event_id.as_str(), WindowRequest { symbol: symbol.clone(), as_of: *as_of }))
-            }
-            Expected::DeadLetter { .. } => None,
-        })
-        .collect();
-    let mut out = HashMap::new();
-    for chunk in valid.chunks(200) {
-        let mut input = Vec::with_capacity(chunk.len() * metadata.sample_len());
-        for (_, request) in chunk {
-            let values = source.window(request, shape).expect("window");
-            let window = sluice_messages::envelope::StockWindow {
-                symbol: request.symbol.clone(),
-                as_of: request.as_of,
-                rows: shape.days as u32,
-                cols: shape.features as u32,
-                values,
-            };
-            input.extend(normalizer.normalize(&window).expect("normalise").values);
-        }
-        let y = model.forward(&input, chunk.len()).expect("forward");
-        for ((id, _), row) in chunk.iter().zip(y.chunks(metadata.outputs.len())) {
-            out.insert(id.to_string(), (row[r], row[c]));
-        }
-    }
-    out
-}
-
 fn write_events(dir: &Path, events: &[GeneratedEvent]) -> std::path::PathBuf {
     let path = dir.join("events.jsonl");
     let mut file = std::fs::File::create(&path).expect("events file");
@@ -169,7 +128,7 @@ async fn ten_thousand_events_through_four_processes() {
         events.iter().filter(|e| matches!(e.expected, Expected::DeadLetter { .. })).collect();
     let valid_count = events.len() - invalid.len();
     assert_eq!(invalid.len(), 100);
-    let expected = reference_predictions(&events);
+    let expected = reference_predictions(&events, "1");
     assert_eq!(expected.len(), valid_count);
 
     let mut stages = start_stages(&config, &dir);

@@ -5,6 +5,7 @@
 //! tests can share a machine; the heavy ones take [`heavy_test_lock`] so that
 //! two of them do not fight over the two cores.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -284,4 +285,52 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The (predicted_return, confidence) of every valid event under model
+/// `version`, computed here with no Kafka, no batching policy and no stage:
+/// synthetic window → z-score → model.
+pub fn reference_predictions(
+    events: &[sluice_stages::generate::GeneratedEvent],
+    version: &str,
+) -> HashMap<String, (f32, f32)> {
+    use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+    use sluice_stages::generate::Expected;
+    let model = sluice_model::Model::load(&model_config(version)).expect("model");
+    let metadata = model.metadata().clone();
+    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
+    let source = SyntheticSource::new(SyntheticConfig::default());
+    let normalizer =
+        sluice_stages::Normalizer::new(metadata.normalization.as_ref().expect("stats"), metadata.days(), "unused");
+    let (r, c) =
+        (metadata.output_index("predicted_return").expect("r"), metadata.output_index("confidence").expect("c"));
+    let valid: Vec<(&str, WindowRequest)> = events
+        .iter()
+        .filter_map(|e| match &e.expected {
+            Expected::Prediction { symbol, as_of } => {
+                Some((e.event_id.as_str(), WindowRequest { symbol: symbol.clone(), as_of: *as_of }))
+            }
+            Expected::DeadLetter { .. } => None,
+        })
+        .collect();
+    let mut out = HashMap::new();
+    for chunk in valid.chunks(200) {
+        let mut input = Vec::with_capacity(chunk.len() * metadata.sample_len());
+        for (_, request) in chunk {
+            let values = source.window(request, shape).expect("window");
+            let window = sluice_messages::envelope::StockWindow {
+                symbol: request.symbol.clone(),
+                as_of: request.as_of,
+                rows: shape.days as u32,
+                cols: shape.features as u32,
+                values,
+            };
+            input.extend(normalizer.normalize(&window).expect("normalise").values);
+        }
+        let y = model.forward(&input, chunk.len()).expect("forward");
+        for ((id, _), row) in chunk.iter().zip(y.chunks(metadata.outputs.len())) {
+            out.insert(id.to_string(), (row[r], row[c]));
+        }
+    }
+    out
 }
