@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use sluice_control::Settings;
-use sluice_control::cache::{LruConfig, PredictionCache};
+use sluice_control::cache::{CacheKey, LruConfig, PredictionCache};
 use sluice_kafka::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, QueryText, StockPrediction, StockWindow};
@@ -141,6 +141,18 @@ async fn a_thousand_identical_events_cost_one_model_row() {
         seen.iter().all(|(_, _, p)| p.confidence == first.confidence && p.predicted_return == first.predicted_return)
     );
     assert_eq!(cache.stats().entries, 1);
+}
+
+#[tokio::test]
+async fn a_cached_value_of_the_wrong_width_is_a_miss_not_a_crash() {
+    let cache = Arc::new(PredictionCache::new(LruConfig::default(), None));
+    let key = CacheKey::of("stock-lstm", "1", &[0.3; 3150]);
+    cache.put_many("stock-lstm", "1", vec![(key, vec![1.0, 2.0, 3.0])], Duration::from_secs(60)).await;
+    let (mut inferrer, stats) = inferrer(watch::channel(settings()).1, Some(cache)).await;
+    let batch = vec![incoming(0, codec::encode(&envelope("e", window(0.3))))];
+    let (_, _, p) = predictions(&inferrer.process(&batch).await.expect("process")).remove(0);
+    assert!(!p.cached && p.confidence > 0.0 && p.confidence < 1.0, "{p:?}");
+    assert_eq!(stats.model_rows.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]

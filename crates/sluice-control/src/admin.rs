@@ -28,6 +28,7 @@ pub async fn clear_cache(link: &RedisLink, keys: &KeyLayout) -> Result<u64, Cont
     }
     redis::pipe()
         .del(keys.cache_stats())
+        .incr(keys.cache_epoch(), 1)
         .publish(keys.channel(), NOTIFY_CACHE_CLEAR)
         .query_async::<()>(&mut conn)
         .await?;

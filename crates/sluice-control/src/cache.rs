@@ -102,8 +102,17 @@ const ENTRY_OVERHEAD: usize = 64;
 
 struct Entry {
     values: Vec<f32>,
+    /// When it was stored here: with the TTL in force at look-up time, so that
+    /// lowering `cache_ttl_s` also shortens the lives of existing entries.
+    stored: Instant,
+    /// A cap from Redis's remaining TTL, for entries copied from Redis.
     expires: Instant,
 }
+
+/// Budget of one batch's Redis look-up: a slow Redis must not stall batches.
+const LOOKUP_BUDGET: Duration = Duration::from_millis(100);
+/// Budget of one batch's Redis writes.
+const WRITE_BUDGET: Duration = Duration::from_millis(250);
 
 struct Local {
     map: LruCache<CacheKey, Entry>,
@@ -118,7 +127,7 @@ impl Local {
 
     fn insert(&mut self, key: CacheKey, values: Vec<f32>, expires: Instant, stats: &CacheStats) {
         let cost = Self::cost(&values);
-        if let Some(old) = self.map.put(key, Entry { values, expires }) {
+        if let Some(old) = self.map.put(key, Entry { values, stored: Instant::now(), expires }) {
             self.bytes -= Self::cost(&old.values);
         }
         self.bytes += cost;
@@ -174,7 +183,9 @@ impl PredictionCache {
             let mut local = self.local();
             for (i, key) in keys.iter().enumerate() {
                 match local.map.get(key) {
-                    Some(entry) if entry.expires > started => found[i] = Some((entry.values.clone(), Tier::Lru)),
+                    Some(entry) if entry.expires > started && entry.stored + ttl > started => {
+                        found[i] = Some((entry.values.clone(), Tier::Lru));
+                    }
                     Some(_) => {
                         if let Some(expired) = local.map.pop(key) {
                             local.bytes -= Local::cost(&expired.values);
@@ -189,19 +200,32 @@ impl PredictionCache {
         self.count(Tier::Lru, (keys.len() - missing.len()) as u64, missing.len() as u64);
         if let (Some((link, layout)), false) = (&self.remote, missing.is_empty()) {
             let names: Vec<String> = missing.iter().map(|i| layout.cache_entry(model, version, keys[*i].0)).collect();
+            // Values and their remaining lives, in one round trip.
+            let mut pipe = redis::pipe();
+            pipe.cmd("MGET").arg(&names);
+            for name in &names {
+                pipe.pttl(name);
+            }
+            // A pipeline answers one value per command: the MGET's list, then each PTTL.
             let answer = link
-                .run(|mut conn| async move {
-                    redis::cmd("MGET").arg(&names).query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+                .run_within(LOOKUP_BUDGET, |mut conn| async move {
+                    let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut conn).await?.into_iter();
+                    let values: Vec<Option<Vec<u8>>> =
+                        redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))?;
+                    let lives: Vec<i64> = replies.map(redis::from_redis_value::<i64>).collect::<Result<_, _>>()?;
+                    Ok((values, lives))
                 })
                 .await;
             match answer {
-                Ok(values) => {
+                Ok((values, lives)) => {
                     let mut hits = 0;
-                    let expires = Instant::now() + ttl;
+                    let now = Instant::now();
                     let mut local = self.local();
-                    for (i, value) in missing.iter().zip(values) {
+                    for ((i, value), life_ms) in missing.iter().zip(values).zip(lives) {
                         if let Some(values) = value.as_deref().and_then(decode) {
-                            local.insert(keys[*i], values.clone(), expires, &self.stats);
+                            // Never outlive the Redis copy (-1: no TTL; -2: gone since).
+                            let life = u64::try_from(life_ms).map_or(ttl, Duration::from_millis).min(ttl);
+                            local.insert(keys[*i], values.clone(), now + life, &self.stats);
                             found[*i] = Some((values, Tier::Redis));
                             hits += 1;
                         }
@@ -242,7 +266,8 @@ impl PredictionCache {
         if let Some((link, _)) = &self.remote
             && pipe.cmd_iter().next().is_some()
         {
-            let _ = link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
+            let _ =
+                link.run_within(WRITE_BUDGET, |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
         }
     }
 
@@ -254,7 +279,8 @@ impl PredictionCache {
             pipe.hincr(layout.cache_stats(), *field, *n).ignore();
         }
         if pipe.cmd_iter().next().is_some() {
-            let _ = link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
+            let _ =
+                link.run_within(WRITE_BUDGET, |mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await;
         }
     }
 

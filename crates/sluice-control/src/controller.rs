@@ -45,6 +45,8 @@ struct Followed {
     all: Overrides,
     model: Overrides,
     reported: BTreeSet<Refusal>,
+    /// The cache-clear counter last seen (None until first read).
+    cache_epoch: Option<u64>,
 }
 
 impl Controller {
@@ -82,10 +84,18 @@ impl Controller {
             if messages.is_none()
                 && let OverrideStore::Redis { link, keys } = &self.store
                 && link.is_up()
-                && let Ok(mut pubsub) = link.pubsub().await
-                && pubsub.subscribe(keys.channel()).await.is_ok()
             {
-                messages = Some(pubsub.into_on_message());
+                // Bounded: a half-open socket must not freeze the reconcile loop.
+                let subscribe = async {
+                    let mut pubsub = link.pubsub().await?;
+                    pubsub.subscribe(keys.channel()).await?;
+                    Ok::<_, crate::ControlError>(pubsub)
+                };
+                match tokio::time::timeout(Duration::from_millis(500), subscribe).await {
+                    Ok(Ok(pubsub)) => messages = Some(pubsub.into_on_message()),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "pub/sub subscribe failed; reconcile still runs"),
+                    Err(_) => tracing::debug!("pub/sub subscribe timed out; reconcile still runs"),
+                }
             }
             let notified = async {
                 match (&mut messages, &self.store) {
@@ -136,7 +146,8 @@ impl Controller {
                 "override refused; the last good value is kept"
             );
         }
-        *followed = Followed { all, model, reported: refused };
+        *followed = Followed { all, model, reported: refused, cache_epoch: followed.cache_epoch };
+        self.follow_cache_epoch(followed).await;
         let effective = self.base.with(&followed.all.then(&followed.model));
         tx.send_if_modified(|current| {
             if *current == effective {
@@ -150,6 +161,27 @@ impl Controller {
             *current = effective.clone();
             true
         });
+    }
+}
+
+impl Controller {
+    /// Empties the in-process cache tier when `sluice cache clear` ran, even if
+    /// its notification was missed.
+    async fn follow_cache_epoch(&self, followed: &mut Followed) {
+        let (OverrideStore::Redis { link, keys }, Some(clear)) = (&self.store, &self.on_cache_clear) else { return };
+        let key = keys.cache_epoch();
+        let Ok(epoch) = link
+            .run(|mut conn| async move { redis::cmd("GET").arg(&key).query_async::<Option<u64>>(&mut conn).await })
+            .await
+        else {
+            return;
+        };
+        let epoch = epoch.unwrap_or(0);
+        if followed.cache_epoch.is_some_and(|seen| seen != epoch) {
+            clear();
+            tracing::info!(epoch, "cache cleared by an operator");
+        }
+        followed.cache_epoch = Some(epoch);
     }
 }
 

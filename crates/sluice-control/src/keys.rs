@@ -6,6 +6,7 @@
 //! {prefix}:{pipeline}:control                   pub/sub channel: "overrides" or "cache:clear"
 //! {prefix}:{pipeline}:cache:{model}:{version}:{hash}   string: a cached prediction (with a TTL)
 //! {prefix}:{pipeline}:cache-stats               hash: cache counters summed over all replicas
+//! {prefix}:{pipeline}:cache-epoch               integer: how many times the cache was cleared
 //! ```
 
 /// Builds every key from a prefix and a pipeline name.
@@ -38,6 +39,12 @@ impl KeyLayout {
     /// A `SCAN MATCH` pattern for every cache entry of the pipeline.
     pub fn cache_pattern(&self) -> String {
         format!("{}:cache:*", self.base)
+    }
+
+    /// Incremented by every `sluice cache clear`: a process that missed the
+    /// notification still sees the clear at its next reconcile.
+    pub fn cache_epoch(&self) -> String {
+        format!("{}:cache-epoch", self.base)
     }
 
     pub fn cache_stats(&self) -> String {

@@ -19,6 +19,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// in which an override change has to take effect. While Redis is down that
 /// is two cheap connection attempts a second per process.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Time budget of a call, unless the caller gives one.
+const DEFAULT_BUDGET: Duration = Duration::from_millis(1000);
 
 #[derive(Debug)]
 struct State {
@@ -73,8 +75,15 @@ impl RedisLink {
             }
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(conn) = &self.state().conn {
-            return Ok(conn.clone());
+        {
+            // Another caller may have connected, or failed, while this one waited.
+            let state = self.state();
+            if let Some(conn) = &state.conn {
+                return Ok(conn.clone());
+            }
+            if state.down && Instant::now() < state.next_attempt {
+                return Err(ControlError::Redis("unreachable (waiting to retry)".into()));
+            }
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
@@ -110,8 +119,30 @@ impl RedisLink {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.conn().await?;
-        match f(conn).await {
+        self.run_within(DEFAULT_BUDGET, f).await
+    }
+
+    /// [`RedisLink::run`] with a time budget for the whole call (connecting
+    /// included): a hung Redis costs a caller at most `budget`, and then
+    /// counts as down, so that the next callers fail fast until a retry is due.
+    pub async fn run_within<T, F, Fut>(&self, budget: Duration, f: F) -> Result<T, ControlError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let call = async {
+            let conn = self.conn().await?;
+            Ok::<_, ControlError>(f(conn).await)
+        };
+        let answer = match tokio::time::timeout(budget, call).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                self.failed("no answer within the time budget");
+                return Err(ControlError::Redis(format!("no answer within {budget:?}")));
+            }
+        };
+        match answer {
             Ok(value) => {
                 self.succeeded();
                 Ok(value)

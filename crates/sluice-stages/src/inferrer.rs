@@ -31,6 +31,19 @@ pub struct InferrerStats {
     pub cache_hits: AtomicU64,
     /// Model versions swapped in.
     pub switches: AtomicU64,
+    /// The version answering now (which may lag the requested one while it
+    /// loads, or stay behind if it failed to load).
+    pub serving_version: std::sync::Mutex<String>,
+}
+
+impl InferrerStats {
+    pub fn serving_version(&self) -> String {
+        self.serving_version.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_serving(&self, version: &str) {
+        *self.serving_version.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = version.to_string();
+    }
 }
 
 /// The inferrer stage.
@@ -70,6 +83,7 @@ impl Inferrer {
         stats: Arc<InferrerStats>,
     ) -> Result<Self, ModelError> {
         output_indices(&worker)?;
+        stats.set_serving(worker.version());
         Ok(Self {
             threads: model.threads(),
             worker,
@@ -95,16 +109,22 @@ impl Inferrer {
             && let Some((version, task)) = self.loading.take()
         {
             let loaded = task.await.unwrap_or_else(|e| Err(ModelError::Torch(format!("loading task: {e}"))));
-            match loaded.and_then(|w| output_indices(&w).map(|_| w)) {
+            match loaded.and_then(|w| compatible(&self.worker, &w).map(|()| w)) {
                 Ok(worker) if version == settings.model_version => {
                     tracing::info!(from = self.worker.version(), to = version, "model version switched");
                     counter!("sluice_model_switches_total").increment(1);
                     self.stats.switches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set_serving(&version);
                     let old = std::mem::replace(&mut self.worker, worker);
                     // Joining the old model thread blocks: not on the async runtime.
                     tokio::task::spawn_blocking(move || drop(old));
+                    // The thread count may have changed while it loaded.
+                    if self.worker.set_threads(settings.intra_op_threads).await.is_ok() {
+                        self.threads = settings.intra_op_threads;
+                    }
                 }
-                Ok(_) => {} // The override moved on meanwhile.
+                // The override moved on meanwhile.
+                Ok(unwanted) => drop(tokio::task::spawn_blocking(move || drop(unwanted))),
                 Err(e) => {
                     tracing::error!(version, error = %e, serving = self.worker.version(), "model version failed to load; the serving version stays");
                     counter!("sluice_model_load_failures_total").increment(1);
@@ -124,11 +144,31 @@ impl Inferrer {
             let config = ModelConfig {
                 version: want.clone(),
                 intra_op_threads: settings.intra_op_threads,
+                warmup_batch_size: self.model.warmup_batch_size.max(settings.max_batch_size),
                 ..self.model.clone()
             };
             self.loading = Some((want.clone(), tokio::spawn(ModelWorker::start(config))));
         }
     }
+}
+
+/// A new version must take the same input as the serving one: the upstream
+/// stages shape and normalise windows for it.
+fn compatible(serving: &ModelWorker, new: &ModelWorker) -> Result<(), ModelError> {
+    output_indices(new)?;
+    let (a, b) = (serving.metadata(), new.metadata());
+    if a.input_shape != b.input_shape || a.normalization != b.normalization {
+        return Err(ModelError::Metadata {
+            path: format!("version {}/metadata.json", new.version()).into(),
+            message: format!(
+                "input shape {:?} or normalisation differs from the serving version {} ({:?}): a different input is a new model, not a version",
+                b.input_shape,
+                serving.version(),
+                a.input_shape
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn output_indices(worker: &ModelWorker) -> Result<(usize, usize), ModelError> {
@@ -215,13 +255,14 @@ impl Stage for Inferrer {
             let found = cache.get_many(&metadata.name, &version, &keys, ttl).await;
             for (group, found) in groups.into_iter().zip(found) {
                 match found {
-                    Some((values, tier)) => {
+                    // A value of another width (corrupt, or another model's) is a miss.
+                    Some((values, tier)) if values.len() == metadata.outputs.len() => {
                         hits_by_tier[usize::from(tier == Tier::Redis)] += group.rows.len() as u64;
                         for row in group.rows {
                             answers[row] = Some((values.clone(), true));
                         }
                     }
-                    None => to_compute.push(group),
+                    _ => to_compute.push(group),
                 }
             }
         } else {

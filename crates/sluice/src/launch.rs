@@ -195,9 +195,22 @@ async fn run(
                 intra_op_threads: settings.intra_op_threads,
                 ..model.clone()
             };
-            let worker = ModelWorker::start(start).await.with_context(|| {
-                format!("loading model version {} from {}", settings.model_version, model.dir.display())
-            })?;
+            let worker = match ModelWorker::start(start).await {
+                Ok(worker) => worker,
+                // An overridden version that cannot load must not crash-loop the
+                // stage: serve the configured one and say so.
+                Err(e) if settings.model_version != model.version => {
+                    tracing::error!(version = settings.model_version, error = %e, serving = model.version, "the overridden model version failed to load; serving the configured one");
+                    ModelWorker::start(model.clone()).await.with_context(|| {
+                        format!("loading model version {} from {}", model.version, model.dir.display())
+                    })?
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("loading model version {} from {}", model.version, model.dir.display())
+                    });
+                }
+            };
             let stage = Inferrer::new(
                 worker,
                 model.clone(),

@@ -215,6 +215,7 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
         info,
         settings: control.settings.clone(),
         cache: kinds.contains(&StageKind::Inferrer).then(|| control.cache.clone()),
+        inferrer: kinds.contains(&StageKind::Inferrer).then(|| stats.inferrer.clone()),
     };
     if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
         shutdown.cancel();

@@ -51,6 +51,8 @@ pub struct Health {
     pub settings: tokio::sync::watch::Receiver<sluice_control::Settings>,
     /// The prediction cache, in a process that runs the inferrer.
     pub cache: Option<Arc<sluice_control::cache::PredictionCache>>,
+    /// The inferrer's counters (serving model version), if it runs here.
+    pub inferrer: Option<Arc<sluice_stages::InferrerStats>>,
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/status` until `shutdown`.
@@ -108,5 +110,19 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let settings = health.settings.borrow().clone();
     let cache = health.cache.as_ref().map(|c| c.stats());
-    Json(json!({ "stages": stage_states(&health), "settings": settings, "cache": cache, "config": health.info }))
+    let model = health.inferrer.as_ref().map(|s| {
+        json!({
+            "serving_version": s.serving_version(),
+            "model_rows": s.model_rows.load(std::sync::atomic::Ordering::Relaxed),
+            "cache_hits": s.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
+            "switches": s.switches.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    });
+    Json(json!({
+        "stages": stage_states(&health),
+        "settings": settings,
+        "model": model,
+        "cache": cache,
+        "config": health.info,
+    }))
 }
