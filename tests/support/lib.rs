@@ -334,3 +334,11 @@ pub fn reference_predictions(
     }
     out
 }
+
+/// The PostgreSQL every session has on 127.0.0.1 (trust auth).
+pub const LOCAL_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
+
+/// A schema name no other test run uses (PostgreSQL identifiers: a-z 0-9 _).
+pub fn unique_schema(name: &str) -> String {
+    unique(&format!("sluice_{name}")).replace('-', "_").to_lowercase()
+}

@@ -13,6 +13,7 @@ use sluice_control::cache::LruConfig;
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::{BatchPolicy, KafkaConfig};
 use sluice_model::ModelConfig;
+use sluice_postgres::PostgresConfig;
 use sluice_stages::fetcher::SyntheticConfig;
 
 const DEFAULTS: &str = include_str!("default.toml");
@@ -28,6 +29,7 @@ pub struct SluiceConfig {
     pub normalizer: NormalizerConfig,
     pub inferrer: InferrerConfig,
     pub writer: WriterConfig,
+    pub postgres: PostgresConfig,
     pub control: ControlConfig,
     pub cache: CacheConfig,
     pub observe: ObserveConfig,
@@ -102,6 +104,8 @@ pub struct RuntimeConfig {
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Synthetic,
+    /// The `features` table (`[postgres]`).
+    Postgres,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +267,12 @@ impl SluiceConfig {
         }
         if !(50..=60_000).contains(&self.control.reconcile_ms) {
             return Err(invalid("control.reconcile_ms", "outside 50..=60000"));
+        }
+        if self.fetcher.source == SourceKind::Postgres || !self.postgres.dsn.is_empty() {
+            self.postgres.validate().map_err(|e| match e {
+                sluice_postgres::PostgresError::Config { key, message } => invalid(key, message),
+                other => invalid("postgres", other.to_string()),
+            })?;
         }
         let url = &self.control.redis_url;
         if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {

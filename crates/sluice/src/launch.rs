@@ -13,7 +13,8 @@ use sluice_control::link::RedisLink;
 use sluice_control::store::OverrideStore;
 use sluice_kafka::{BatchPolicy, KafkaConfig, RunOptions, StageStatus, run_stage};
 use sluice_model::{ModelMetadata, ModelWorker};
-use sluice_stages::fetcher::{SyntheticSource, WindowShape};
+use sluice_postgres::history::PgHistory;
+use sluice_stages::fetcher::{HistorySource, SyntheticSource, WindowShape};
 use sluice_stages::{Fetcher, Inferrer, InferrerStats, Normalizer, Writer, WriterStats};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -171,8 +172,10 @@ async fn run(
         StageKind::Fetcher => {
             let metadata = metadata()?;
             let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-            let source = match config.fetcher.source {
+            let source: Box<dyn HistorySource> = match config.fetcher.source {
                 SourceKind::Synthetic => Box::new(SyntheticSource::new(config.fetcher.synthetic.clone())),
+                // One pool per stage process; the first connection is made lazily.
+                SourceKind::Postgres => Box::new(PgHistory::new(config.postgres.pool()?)),
             };
             let stage = Fetcher::new(source, shape, &topics.fetched);
             status.set_warmed_up();

@@ -89,6 +89,11 @@ enum Command {
         #[command(subcommand)]
         action: control_cli::CacheAction,
     },
+    /// PostgreSQL: create the tables, load synthetic history.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
     /// Measure, and write the figures to docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -96,6 +101,23 @@ enum Command {
     },
     /// Print the effective configuration (secrets left out) and exit.
     Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum DbAction {
+    /// Apply the migrations in schemas/sql/ that are missing.
+    Migrate,
+    /// Load deterministic synthetic history (the synthetic source's rows) with COPY.
+    Seed {
+        /// Symbols S0000.. to load.
+        #[arg(long, default_value_t = 5000)]
+        symbols: usize,
+        /// Trading days per symbol, ending at --end.
+        #[arg(long, default_value_t = 60)]
+        days: usize,
+        #[arg(long, default_value = "2024-12-31")]
+        end: chrono::NaiveDate,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +190,23 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
+        Command::Db { action } => {
+            let pool = config.postgres.pool()?;
+            match action {
+                DbAction::Migrate => {
+                    let applied = sluice_postgres::migrate::migrate(&pool, &config.postgres.schema).await?;
+                    writeln!(std::io::stdout(), "applied {} migration(s): {applied:?}", applied.len())?;
+                }
+                DbAction::Seed { symbols, days, end } => {
+                    let model = &config.inferrer.model;
+                    let metadata = sluice_model::ModelMetadata::load(&model.version_dir(&model.version))?;
+                    let started = std::time::Instant::now();
+                    let rows = sluice_postgres::seed::seed(&pool, symbols, days, end, metadata.features()).await?;
+                    writeln!(std::io::stdout(), "seeded {rows} rows in {:.1} s", started.elapsed().as_secs_f64())?;
+                }
+            }
+            Ok(())
+        }
         Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
             bench::cache(config, events, batch.max(1), redis_url, &out).await
         }
@@ -182,6 +221,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
 /// passwords) replaced.
 fn redacted(config: &SluiceConfig) -> serde_json::Value {
     let mut value = serde_json::to_value(config).unwrap_or_default();
+    if let Some(dsn) = value.pointer_mut("/postgres/dsn") {
+        *dsn = json!("<redacted>");
+    }
     if let Some(url) = value.pointer_mut("/control/redis_url") {
         *url = json!(config::redact_url(&config.control.redis_url));
     }

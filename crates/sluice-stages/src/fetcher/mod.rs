@@ -12,7 +12,7 @@ use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::envelope::{Envelope, Payload, QueryText, StockWindow};
 use sluice_messages::events::{RequestEvent, StockRequest};
 
-pub use synthetic::{SyntheticConfig, SyntheticSource, feature_mean, feature_std};
+pub use synthetic::{SyntheticConfig, SyntheticSource, feature_mean, feature_std, synthetic_row, trading_days_back};
 
 use crate::StageError;
 use crate::common::{dead_letter, send};

@@ -98,8 +98,16 @@ impl HistorySource for SyntheticSource {
     }
 }
 
+/// One day's `features` values for `symbol`: what `sluice db seed` stores in
+/// PostgreSQL, so that the database and the synthetic source agree.
+pub fn synthetic_row(symbol: &str, day: NaiveDate, features: usize) -> Vec<f32> {
+    let mut row = Vec::with_capacity(features);
+    push_row(&mut row, fnv1a(symbol.as_bytes()), day, features);
+    row
+}
+
 /// Up to `n` weekdays on or before `as_of` and on or after `start`, newest first.
-fn trading_days_back(as_of: NaiveDate, start: NaiveDate, n: usize) -> Vec<NaiveDate> {
+pub fn trading_days_back(as_of: NaiveDate, start: NaiveDate, n: usize) -> Vec<NaiveDate> {
     let mut days = Vec::with_capacity(n);
     let mut day = as_of;
     while days.len() < n && day >= start {

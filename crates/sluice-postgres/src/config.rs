@@ -1,0 +1,77 @@
+use std::fmt;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::NoTls;
+
+use crate::PostgresError;
+
+/// How to reach PostgreSQL.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style (`host=... user=... dbname=...`) or URL (`postgres://...`).
+    /// May hold a password: never logged.
+    pub dsn: String,
+    /// Connections per process (one pool per process, shared by its stages).
+    pub pool_size: usize,
+    /// Server-side limit on each statement.
+    pub statement_timeout_ms: u64,
+    /// The schema Sluice's tables live in (tests use one of their own).
+    pub schema: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { dsn: String::new(), pool_size: 4, statement_timeout_ms: 5000, schema: "public".into() }
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("dsn", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// Checks what serde cannot; errors name the key (never the DSN's value).
+    pub fn validate(&self) -> Result<(), PostgresError> {
+        if self.dsn.trim().is_empty() {
+            return Err(PostgresError::Config { key: "postgres.dsn", message: "empty".into() });
+        }
+        if !(1..=256).contains(&self.pool_size) {
+            return Err(PostgresError::Config { key: "postgres.pool_size", message: "outside 1..=256".into() });
+        }
+        let schema_ok = !self.schema.is_empty()
+            && self.schema.len() <= 63
+            && !self.schema.starts_with("pg_")
+            && self.schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !schema_ok {
+            return Err(PostgresError::Config {
+                key: "postgres.schema",
+                message: "must be 1 to 63 of a-z 0-9 _, not starting with pg_".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The connection pool: every connection uses `schema` and the statement timeout.
+    pub fn pool(&self) -> Result<Pool, PostgresError> {
+        self.validate()?;
+        let mut pg: tokio_postgres::Config = self.dsn.parse().map_err(|_| PostgresError::Config {
+            key: "postgres.dsn",
+            message: "not a valid connection string".into(),
+        })?;
+        pg.options(format!("-c search_path={} -c statement_timeout={}", self.schema, self.statement_timeout_ms));
+        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .build()
+            .map_err(|e| PostgresError::Config { key: "postgres.pool_size", message: e.to_string() })
+    }
+}

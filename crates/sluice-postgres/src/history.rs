@@ -1,0 +1,96 @@
+//! The fetcher's PostgreSQL history source: one query per micro-batch, for all
+//! its (symbol, as_of) pairs at once, on a pooled connection.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use chrono::NaiveDate;
+use deadpool_postgres::Pool;
+use sluice_kafka::BatchFailure;
+use sluice_stages::StageError;
+use sluice_stages::fetcher::{FetchResults, HistorySource, WindowRequest, WindowShape};
+
+use crate::PostgresError;
+
+/// The last `$3` rows up to each request's date, newest first, tagged with the
+/// request's position (1-based).
+const WINDOWS: &str = "\
+SELECT r.req, f.trade_date, f.features
+FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS r(symbol, as_of, req)
+CROSS JOIN LATERAL (
+    SELECT trade_date, features FROM features
+    WHERE symbol = r.symbol AND trade_date <= r.as_of
+    ORDER BY trade_date DESC
+    LIMIT $3
+) f";
+
+/// History from the `features` table.
+#[derive(Debug, Clone)]
+pub struct PgHistory {
+    pool: Pool,
+}
+
+impl PgHistory {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn windows(&self, requests: &[WindowRequest], shape: WindowShape) -> Result<FetchResults, PostgresError> {
+        let symbols: Vec<&str> = requests.iter().map(|r| r.symbol.as_str()).collect();
+        let dates: Vec<NaiveDate> = requests.iter().map(|r| r.as_of).collect();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(WINDOWS).await?;
+        let rows = client.query(&statement, &[&symbols, &dates, &(shape.days as i64)]).await?;
+        let mut days: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(shape.days); requests.len()];
+        for row in rows {
+            let req: i64 = row.get(0);
+            let features: Vec<f32> = row.get(2);
+            if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
+                slot.push(features);
+            }
+        }
+        Ok(requests
+            .iter()
+            .zip(days)
+            .map(|(request, mut rows)| {
+                if rows.len() < shape.days {
+                    return Err(StageError::InsufficientHistory {
+                        symbol: request.symbol.clone(),
+                        as_of: request.as_of,
+                        have: rows.len(),
+                        need: shape.days,
+                    });
+                }
+                if let Some(bad) = rows.iter().find(|r| r.len() != shape.features) {
+                    return Err(StageError::WindowShape {
+                        rows: rows.len(),
+                        cols: bad.len(),
+                        want_rows: shape.days,
+                        want_cols: shape.features,
+                    });
+                }
+                rows.reverse(); // oldest day first
+                Ok(rows.concat())
+            })
+            .collect())
+    }
+}
+
+impl HistorySource for PgHistory {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        requests: &'a [WindowRequest],
+        shape: WindowShape,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchResults, BatchFailure>> + Send + 'a>> {
+        Box::pin(async move {
+            self.windows(requests, shape).await.map_err(|e| {
+                // The runtime retries retryable failures with backoff and reports them.
+                BatchFailure { retryable: e.retryable(), message: e.to_string() }
+            })
+        })
+    }
+}

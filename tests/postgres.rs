@@ -1,0 +1,186 @@
+//! The PostgreSQL side against the real server on localhost, each test in a
+//! schema of its own: migrations, seeding, and the fetcher's history source,
+//! whose windows must equal a hand-written query's and the synthetic source's.
+
+use chrono::NaiveDate;
+use sluice_postgres::PostgresConfig;
+use sluice_postgres::history::PgHistory;
+use sluice_postgres::migrate::migrate;
+use sluice_postgres::seed::seed;
+use sluice_stages::fetcher::{HistorySource, SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_tests::{LOCAL_POSTGRES, unique_schema};
+
+const SHAPE: WindowShape = WindowShape { days: 30, features: 105 };
+
+fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(y, m, d).expect("date")
+}
+
+/// A migrated schema of its own, dropped at the end.
+struct Schema {
+    config: PostgresConfig,
+    pool: deadpool_postgres::Pool,
+}
+
+impl Schema {
+    async fn new(name: &str) -> Self {
+        let config =
+            PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: unique_schema(name), ..PostgresConfig::default() };
+        let pool = config.pool().expect("pool");
+        let applied = migrate(&pool, &config.schema).await.expect("migrate");
+        assert_eq!(applied, vec!["0001_initial"]);
+        assert!(migrate(&pool, &config.schema).await.expect("again").is_empty(), "migrations apply once");
+        Self { config, pool }
+    }
+
+    async fn drop_it(self) {
+        let client = self.pool.get().await.expect("client");
+        client.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.config.schema)).await.expect("drop schema");
+    }
+}
+
+#[tokio::test]
+async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
+    let schema = Schema::new("pg_windows").await;
+    let end = date(2024, 5, 31);
+    let rows = seed(&schema.pool, 5, 60, end, SHAPE.features).await.expect("seed");
+    assert_eq!(rows, 5 * 60);
+    // Seeding again replaces rather than duplicates.
+    seed(&schema.pool, 5, 60, end, SHAPE.features).await.expect("seed again");
+    let client = schema.pool.get().await.expect("client");
+    let count: i64 = client.query_one("SELECT count(*) FROM features", &[]).await.expect("count").get(0);
+    assert_eq!(count, 300);
+
+    let requests: Vec<WindowRequest> =
+        [("S0000", end), ("S0003", date(2024, 5, 20)), ("S0004", date(2024, 5, 25)), ("S0000", date(2024, 5, 1))]
+            .iter()
+            .map(|(s, d)| WindowRequest { symbol: (*s).into(), as_of: *d })
+            .collect();
+    let history = PgHistory::new(schema.pool.clone());
+    let fetched = history.fetch(&requests, SHAPE).await.expect("fetch");
+    let synthetic = SyntheticSource::new(SyntheticConfig { universe: 5, history_start: date(2000, 1, 1) });
+    for (request, window) in requests.iter().zip(fetched) {
+        let window = window.expect("enough history");
+        let by_hand: Vec<f32> = client
+            .query(
+                "SELECT features FROM features WHERE symbol = $1 AND trade_date <= $2 ORDER BY trade_date DESC LIMIT 30",
+                &[&request.symbol, &request.as_of],
+            )
+            .await
+            .expect("query")
+            .iter()
+            .rev()
+            .flat_map(|row| row.get::<_, Vec<f32>>(0))
+            .collect();
+        assert_eq!(window, by_hand, "{request:?}");
+        assert_eq!(window, synthetic.window(request, SHAPE).expect("synthetic"), "{request:?}");
+    }
+    drop(client);
+    schema.drop_it().await;
+}
+
+#[tokio::test]
+async fn short_or_missing_history_is_insufficient_history() {
+    let schema = Schema::new("pg_short").await;
+    seed(&schema.pool, 2, 40, date(2024, 5, 31), SHAPE.features).await.expect("seed");
+    let history = PgHistory::new(schema.pool.clone());
+    let requests = vec![
+        // 40 trading days up to 2024-05-31 start on 2024-04-08: 9 of them by 2024-04-18.
+        WindowRequest { symbol: "S0001".into(), as_of: date(2024, 4, 18) },
+        WindowRequest { symbol: "ZZZZ".into(), as_of: date(2024, 5, 31) },
+        WindowRequest { symbol: "S0001".into(), as_of: date(2024, 5, 31) },
+    ];
+    let results = history.fetch(&requests, SHAPE).await.expect("fetch");
+    let short = results[0].as_ref().expect_err("short");
+    assert_eq!(short.reason(), "insufficient_history");
+    assert!(short.to_string().contains("has 9 trading days"), "{short}");
+    let missing = results[1].as_ref().expect_err("missing");
+    assert_eq!(missing.reason(), "insufficient_history");
+    assert!(results[2].is_ok(), "one bad request does not fail the others");
+    schema.drop_it().await;
+}
+
+#[tokio::test]
+async fn a_missing_table_is_not_retried_but_a_bad_dsn_names_its_key() {
+    // A schema without migrations: the statement is refused, which retrying cannot fix.
+    let config =
+        PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: unique_schema("pg_empty"), ..PostgresConfig::default() };
+    let history = PgHistory::new(config.pool().expect("pool"));
+    let failure = history
+        .fetch(&[WindowRequest { symbol: "S0001".into(), as_of: date(2024, 5, 31) }], SHAPE)
+        .await
+        .expect_err("no table");
+    assert!(!failure.retryable, "{}", failure.message);
+
+    let bad =
+        PostgresConfig { dsn: "host=127.0.0.1 port=notaport password=hunter2".into(), ..PostgresConfig::default() };
+    let e = bad.pool().expect_err("bad dsn").to_string();
+    assert!(e.contains("postgres.dsn") && !e.contains("hunter2"), "{e}");
+    let e = PostgresConfig { schema: "x; DROP TABLE y".into(), ..config }.pool().expect_err("bad schema").to_string();
+    assert!(e.contains("postgres.schema"), "{e}");
+}
+
+/// The whole pipeline with the fetcher reading PostgreSQL (`sluice db migrate`,
+/// `sluice db seed`, `sluice pipeline` on the tansu broker): every event's
+/// prediction equals the reference computed from the same history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn the_pipeline_predicts_from_postgres_history() {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use sluice_kafka::KafkaConfig;
+    use sluice_kafka::client::TopicReader;
+    use sluice_messages::prediction::PredictionRecord;
+    use sluice_stages::generate::generate;
+    use sluice_tests::{
+        Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
+    };
+
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("pg-e2e");
+    let prefix = unique("pg");
+    let schema = unique_schema("pg_e2e");
+    let extra = format!(
+        "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
+    );
+    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
+    sluice(&config, &["topics", "create"]);
+    assert!(sluice(&config, &["db", "migrate"]).contains("applied 1 migration"));
+    // Enough trading days before every generated as_of (March to mid-September 2024).
+    assert!(
+        sluice(&config, &["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"])
+            .contains("seeded 13000 rows")
+    );
+
+    let events = generate("pg", 1000, 0, 50);
+    let expected = reference_predictions(&events, "1");
+    let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
+    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
+    let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
+    let file = dir.join("events.jsonl");
+    let lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
+    std::fs::write(&file, lines.join("\n")).expect("events file");
+    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+
+    let mut seen: HashMap<String, PredictionRecord> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while seen.len() < events.len() && Instant::now() < deadline {
+        if let Some(r) = reader.next(Duration::from_millis(200)).await {
+            let p: PredictionRecord = serde_json::from_slice(&r.expect("read").payload).expect("record");
+            seen.insert(p.event_id.clone(), p);
+        }
+    }
+    assert_eq!(seen.len(), events.len(), "predictions missing\n{}", pipeline.logs());
+    for (id, p) in &seen {
+        let (r, c) = expected[id];
+        assert!((p.predicted_return - r).abs() <= 1e-5 && (p.confidence - c).abs() <= 1e-5, "{p:?} vs ({r}, {c})");
+    }
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain");
+    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
+        .pool()
+        .expect("pool");
+    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+}
