@@ -143,7 +143,7 @@ async fn the_pipeline_predicts_from_postgres_history() {
     let prefix = unique("pg");
     let schema = unique_schema("pg_e2e");
     let extra = format!(
-        "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
+        "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\n\n[writer]\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
     let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
     sluice(&config, &["topics", "create"]);
@@ -179,8 +179,93 @@ async fn the_pipeline_predicts_from_postgres_history() {
     }
     pipeline.signal("TERM");
     assert!(pipeline.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain");
+    // The PostgreSQL sink holds exactly what the output topic carried.
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
         .pool()
         .expect("pool");
-    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+    let client = pool.get().await.expect("client");
+    let rows = client
+        .query("SELECT event_id, predicted_return, confidence, model_version FROM stock_predictions", &[])
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), events.len());
+    for row in rows {
+        let p = &seen[&row.get::<_, String>(0)];
+        assert_eq!((row.get::<_, f32>(1), row.get::<_, f32>(2)), (p.predicted_return, p.confidence));
+        assert_eq!(row.get::<_, String>(3), p.model.version);
+    }
+    client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+}
+
+#[tokio::test]
+async fn a_batch_delivered_twice_leaves_the_same_rows() {
+    use std::sync::Arc;
+
+    use sluice_control::Settings;
+    use sluice_kafka::{Incoming, Stage};
+    use sluice_messages::codec;
+    use sluice_messages::envelope::{Envelope, Payload, StockPrediction};
+    use sluice_postgres::sink::PgPredictions;
+    use sluice_stages::{Writer, WriterStats};
+
+    let schema = Schema::new("pg_twice").await;
+    let settings = Settings {
+        max_batch_size: 64,
+        max_wait_ms: 5,
+        min_confidence: 0.5,
+        model_version: "1".into(),
+        cache_enabled: true,
+        cache_ttl_s: 60,
+        intra_op_threads: 1,
+    };
+    let mut writer =
+        Writer::new(tokio::sync::watch::channel(settings).1, None, "out", Arc::new(WriterStats::default()))
+            .expect("writer")
+            .with_sink(Box::new(PgPredictions::new(schema.pool.clone())));
+    let batch: Vec<Incoming> = (0..10)
+        .map(|i| {
+            let envelope = Envelope {
+                event_id: format!("twice-{i}"),
+                traceparent: None,
+                requested_at_ms: 1,
+                updated_at_ms: 1,
+                attempt: 0,
+                payload: Payload::Prediction(StockPrediction {
+                    symbol: "S0001".into(),
+                    as_of: date(2024, 5, 31),
+                    predicted_return: 0.001 * i as f32,
+                    confidence: 0.1 * i as f32 + 0.01,
+                    model_name: "stock-lstm".into(),
+                    model_version: "1".into(),
+                    batch_size: 10,
+                    cached: false,
+                    inferred_at_ms: 2,
+                }),
+            };
+            Incoming {
+                key: None,
+                payload: codec::encode(&envelope),
+                topic: "t".into(),
+                partition: 0,
+                offset: i,
+                timestamp_ms: None,
+            }
+        })
+        .collect();
+    let client = schema.pool.get().await.expect("client");
+    let rows =
+        client.prepare("SELECT event_id, confidence FROM stock_predictions ORDER BY event_id").await.expect("prepare");
+    let read = || async {
+        let found = client.query(&rows, &[]).await.expect("rows");
+        found.iter().map(|r| (r.get::<_, String>(0), r.get::<_, f32>(1))).collect::<Vec<_>>()
+    };
+    writer.process(&batch).await.expect("first delivery");
+    let first = read().await;
+    // Confidences 0.01 .. 0.91 against min_confidence 0.5: five are saved.
+    assert_eq!(first.len(), 5, "{first:?}");
+    writer.process(&batch).await.expect("re-delivery");
+    writer.process(&batch[3..8]).await.expect("a partial re-delivery");
+    assert_eq!(read().await, first, "re-deliveries add or change nothing");
+    drop(client);
+    schema.drop_it().await;
 }

@@ -1,11 +1,13 @@
 //! Sluice's PostgreSQL side: the schema and its migrations, synthetic seeding
-//! (COPY), and the fetcher's history source (one query per micro-batch).
+//! (COPY), the fetcher's history source (one query per micro-batch) and the
+//! writer's idempotent sink (one statement per batch).
 
 mod config;
 mod error;
 pub mod history;
 pub mod migrate;
 pub mod seed;
+pub mod sink;
 
 pub use config::PostgresConfig;
 pub use error::PostgresError;

@@ -18,4 +18,4 @@ pub use error::StageError;
 pub use fetcher::Fetcher;
 pub use inferrer::{Inferrer, InferrerStats};
 pub use normalizer::Normalizer;
-pub use writer::{Writer, WriterStats};
+pub use writer::{PredictionSink, Writer, WriterStats};

@@ -18,6 +18,20 @@ use tokio::sync::watch;
 use crate::StageError;
 use crate::common::{dead_letter, decode};
 
+/// A durable destination for saved predictions (PostgreSQL). Called once per
+/// batch, before the batch's offsets can be committed; it must be idempotent
+/// by event id, since a crash or rebalance re-delivers what was not committed.
+pub trait PredictionSink: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Writes the records in one transaction; an `Err` fails the whole batch
+    /// (retried by the runtime when retryable).
+    fn write<'a>(
+        &'a self,
+        records: &'a [PredictionRecord],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BatchFailure>> + Send + 'a>>;
+}
+
 /// Counts shared with whoever reports on the writer (the demo's summary).
 #[derive(Debug, Default)]
 pub struct WriterStats {
@@ -26,13 +40,22 @@ pub struct WriterStats {
 }
 
 /// The writer stage.
-#[derive(Debug)]
 pub struct Writer {
     /// `min_confidence` is read from here before each batch (Redis overrides).
     settings: watch::Receiver<Settings>,
     file: Option<(PathBuf, BufWriter<File>)>,
+    sink: Option<Box<dyn PredictionSink>>,
     output: Arc<str>,
     stats: Arc<WriterStats>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("file", &self.file.as_ref().map(|(p, _)| p))
+            .field("sink", &self.sink.as_ref().map(|s| s.name()))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Writer {
@@ -48,7 +71,13 @@ impl Writer {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
         };
-        Ok(Self { settings, file, output: output_topic.into(), stats })
+        Ok(Self { settings, file, sink: None, output: output_topic.into(), stats })
+    }
+
+    /// Also writes every saved prediction to `sink`, in one transaction per batch.
+    pub fn with_sink(mut self, sink: Box<dyn PredictionSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 }
 
@@ -69,6 +98,7 @@ impl Stage for Writer {
         let mut outputs = Vec::with_capacity(batch.len());
         let mut lines = Vec::new();
         let mut below = 0;
+        let mut records = Vec::new();
         let written_at_ms = sluice_messages::now_ms();
         let min_confidence = self.settings.borrow().min_confidence;
         for (i, input) in batch.iter().enumerate() {
@@ -109,6 +139,9 @@ impl Stage for Writer {
                 written_at_ms,
             };
             let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
+            if self.sink.is_some() {
+                records.push(record);
+            }
             if self.file.is_some() {
                 lines.extend_from_slice(&json);
                 lines.push(b'\n');
@@ -139,6 +172,13 @@ impl Stage for Writer {
                 }
                 return Err(BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) });
             }
+        }
+        if let Some(sink) = &self.sink
+            && !records.is_empty()
+        {
+            // Committed before the batch's offsets can be: a re-delivery
+            // re-writes the same event ids, which the sink ignores.
+            sink.write(&records).await?;
         }
         let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
         self.stats.written.fetch_add(written, Ordering::Relaxed);

@@ -140,6 +140,8 @@ pub struct WriterConfig {
     /// A JSON-lines file every saved prediction is appended to.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Also save predictions in PostgreSQL (`[postgres]`).
+    pub postgres: bool,
 }
 
 /// Metrics, health and logs.
@@ -268,7 +270,7 @@ impl SluiceConfig {
         if !(50..=60_000).contains(&self.control.reconcile_ms) {
             return Err(invalid("control.reconcile_ms", "outside 50..=60000"));
         }
-        if self.fetcher.source == SourceKind::Postgres || !self.postgres.dsn.is_empty() {
+        if self.fetcher.source == SourceKind::Postgres || self.writer.postgres || !self.postgres.dsn.is_empty() {
             self.postgres.validate().map_err(|e| match e {
                 sluice_postgres::PostgresError::Config { key, message } => invalid(key, message),
                 other => invalid("postgres", other.to_string()),

@@ -14,6 +14,7 @@ use sluice_control::store::OverrideStore;
 use sluice_kafka::{BatchPolicy, KafkaConfig, RunOptions, StageStatus, run_stage};
 use sluice_model::{ModelMetadata, ModelWorker};
 use sluice_postgres::history::PgHistory;
+use sluice_postgres::sink::PgPredictions;
 use sluice_stages::fetcher::{HistorySource, SyntheticSource, WindowShape};
 use sluice_stages::{Fetcher, Inferrer, InferrerStats, Normalizer, Writer, WriterStats};
 use tokio::sync::watch;
@@ -228,8 +229,11 @@ async fn run(
         }
         StageKind::Writer => {
             let w = &config.writer;
-            let stage =
+            let mut stage =
                 Writer::new(control.settings.clone(), w.file.as_deref(), &topics.predictions, stats.writer.clone())?;
+            if w.postgres {
+                stage = stage.with_sink(Box::new(PgPredictions::new(config.postgres.pool()?)));
+            }
             status.set_warmed_up();
             run_stage(kafka, options(&topics.inferred, w.batch.fixed()), stage, status, shutdown).await?;
         }
