@@ -269,3 +269,71 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
     drop(client);
     schema.drop_it().await;
 }
+
+/// Kill the writer (`kill -9`) in the middle of a stream and start it again:
+/// the sink ends with exactly one row per valid event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
+    use std::time::{Duration, Instant};
+
+    use sluice_stages::generate::{Expected, generate};
+    use sluice_tests::{Broker, StageProcess, heavy_test_lock, sluice, temp_dir, unique, write_config};
+
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("pg-kill");
+    let prefix = unique("pgkill");
+    let schema = unique_schema("pg_kill");
+    // Small writer batches keep the stream going long enough to be cut.
+    let extra = format!(
+        "[writer]\nbatch = {{ max_batch_size = 4, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
+    );
+    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
+    sluice(&config, &["topics", "create"]);
+    sluice(&config, &["db", "migrate"]);
+    let events = generate("kill", 3000, 100, 5000);
+    let valid = events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })).count();
+    let mut stages: Vec<StageProcess> =
+        ["fetcher", "normalizer", "inferrer", "writer"].iter().map(|s| StageProcess::start(&config, s, &dir)).collect();
+    let file = dir.join("events.jsonl");
+    let lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
+    std::fs::write(&file, lines.join("\n")).expect("events file");
+    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+
+    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
+        .pool()
+        .expect("pool");
+    let client = pool.get().await.expect("client");
+    let count = || async {
+        let row = client.query_one("SELECT count(*), count(DISTINCT event_id) FROM stock_predictions", &[]).await;
+        let row = row.expect("count");
+        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
+    };
+    let started = Instant::now();
+    while count().await.0 < 300 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no rows arrived\n{}", stages[3].logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stages[3].signal("KILL");
+    assert!(stages[3].wait(Duration::from_secs(10)).is_some(), "the writer did not die");
+    let at_kill = count().await.0;
+    assert!(at_kill < valid, "the stream was over before the kill ({at_kill} rows): make it longer");
+    stages[3] = StageProcess::start(&config, "writer", &dir);
+
+    let started = Instant::now();
+    while count().await.0 < valid && started.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
+    let (rows, distinct) = count().await;
+    assert_eq!(
+        (rows, distinct),
+        (valid, valid),
+        "rows after the restart ({at_kill} at the kill)\n{}",
+        stages[3].logs()
+    );
+    drop(client);
+    drop(stages);
+    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+}
