@@ -155,24 +155,48 @@ async fn the_pipeline_predicts_from_postgres_history() {
     );
 
     let events = generate("pg", 1000, 0, 50);
-    let expected = reference_predictions(&events, "1");
+    let mut expected = reference_predictions(&events, "1");
+    // A backfill: about 60 trading days, every fifth. Each step must equal the
+    // single-date event for its day.
+    let backfill = r#"{"kind":"stock","event_id":"backfill-1","symbol":"S0007","from":"2024-04-01","as_of":"2024-06-21","stride":5}"#;
+    let sluice_messages::events::RequestEvent::Stock(range) =
+        sluice_messages::events::RequestEvent::from_json(backfill.as_bytes()).expect("a valid backfill")
+    else {
+        unreachable!()
+    };
+    let steps = range.steps();
+    assert_eq!(steps.len(), 12, "60 trading days, stride 5: {steps:?}");
+    let singles: Vec<sluice_stages::generate::GeneratedEvent> = steps
+        .iter()
+        .map(|(id, day)| sluice_stages::generate::GeneratedEvent {
+            event_id: id.clone(),
+            json: Vec::new(),
+            expected: sluice_stages::generate::Expected::Prediction { symbol: "S0007".into(), as_of: *day },
+        })
+        .collect();
+    expected.extend(reference_predictions(&singles, "1"));
+    let total = events.len() + steps.len();
     let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
     let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
     let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
     let file = dir.join("events.jsonl");
-    let lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
+    let mut lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
+    lines.push(backfill.to_string());
     std::fs::write(&file, lines.join("\n")).expect("events file");
     sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
 
     let mut seen: HashMap<String, PredictionRecord> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(180);
-    while seen.len() < events.len() && Instant::now() < deadline {
+    while seen.len() < total && Instant::now() < deadline {
         if let Some(r) = reader.next(Duration::from_millis(200)).await {
             let p: PredictionRecord = serde_json::from_slice(&r.expect("read").payload).expect("record");
             seen.insert(p.event_id.clone(), p);
         }
     }
-    assert_eq!(seen.len(), events.len(), "predictions missing\n{}", pipeline.logs());
+    assert_eq!(seen.len(), total, "predictions missing\n{}", pipeline.logs());
+    for (id, day) in &steps {
+        assert_eq!(seen[id].as_of, *day, "a backfill step carries its window's date");
+    }
     for (id, p) in &seen {
         let (r, c) = expected[id];
         assert!((p.predicted_return - r).abs() <= 1e-5 && (p.confidence - c).abs() <= 1e-5, "{p:?} vs ({r}, {c})");
@@ -185,14 +209,14 @@ async fn the_pipeline_predicts_from_postgres_history() {
         .expect("pool");
     let client = pool.get().await.expect("client");
     let rows = client
-        .query("SELECT event_id, predicted_return, confidence, model_version FROM stock_predictions", &[])
+        .query("SELECT event_id, predicted_return, confidence, model_version, as_of FROM stock_predictions", &[])
         .await
         .expect("rows");
-    assert_eq!(rows.len(), events.len());
+    assert_eq!(rows.len(), total);
     for row in rows {
         let p = &seen[&row.get::<_, String>(0)];
         assert_eq!((row.get::<_, f32>(1), row.get::<_, f32>(2)), (p.predicted_return, p.confidence));
-        assert_eq!(row.get::<_, String>(3), p.model.version);
+        assert_eq!((row.get::<_, String>(3), row.get::<_, chrono::NaiveDate>(4)), (p.model.version.clone(), p.as_of));
     }
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }

@@ -3,7 +3,7 @@
 //! The JSON Schemas in `schemas/` describe the same rules for producers in other
 //! languages; `tests/schemas.rs` keeps the two in step.
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 
 use crate::MessageError;
@@ -37,6 +37,41 @@ pub struct StockRequest {
     /// non-finite by the normalizer rather than rejected as bad JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<Vec<Vec<f64>>>,
+    /// A backfill: predict for every `stride`-th trading day from `from` to
+    /// `as_of` (the users' sliding windows: `window_size` is the model's,
+    /// `prediction_stride` is `stride`). Each step is its own event, with the
+    /// id `{event_id}:{YYYYMMDD}`.
+    #[serde(default, deserialize_with = "strict_date_opt", skip_serializing_if = "Option::is_none")]
+    pub from: Option<NaiveDate>,
+    /// Trading days between steps of a backfill (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<u32>,
+}
+
+/// Most steps one backfill event may ask for.
+pub const MAX_BACKFILL_STEPS: usize = 1000;
+/// Longest id of a backfill event: room for the `:YYYYMMDD` of its steps.
+pub const MAX_BACKFILL_ID_LEN: usize = MAX_EVENT_ID_LEN - 9;
+
+impl StockRequest {
+    /// The (event id, date) of each window this event asks for: one for a
+    /// plain event, one per step for a backfill. Trading days are weekdays.
+    pub fn steps(&self) -> Vec<(String, NaiveDate)> {
+        let Some(from) = self.from else { return vec![(self.event_id.clone(), self.as_of)] };
+        let stride = self.stride.unwrap_or(1).max(1) as usize;
+        let mut days = Vec::new();
+        let mut day = from;
+        while day <= self.as_of {
+            if !matches!(day.weekday(), chrono::Weekday::Sat | chrono::Weekday::Sun) {
+                days.push(day);
+            }
+            match day.succ_opt() {
+                Some(next) => day = next,
+                None => break,
+            }
+        }
+        days.into_iter().step_by(stride).map(|d| (format!("{}:{}", self.event_id, d.format("%Y%m%d")), d)).collect()
+    }
 }
 
 /// A text query to classify (processed by a later stage of the project).
@@ -70,7 +105,7 @@ impl RequestEvent {
     pub fn validate(&self) -> Result<(), MessageError> {
         validate_event_id(self.event_id())?;
         match self {
-            Self::Stock(s) => validate_symbol(&s.symbol),
+            Self::Stock(s) => validate_symbol(&s.symbol).and_then(|()| validate_backfill(s)),
             Self::Query(q) if q.text.trim().is_empty() => {
                 Err(MessageError::InvalidField { field: "text", reason: "empty".into() })
             }
@@ -89,6 +124,42 @@ fn strict_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Naiv
         return Err(serde::de::Error::custom(format!("date {text:?} is not YYYY-MM-DD")));
     }
     NaiveDate::parse_from_str(&text, "%Y-%m-%d").map_err(|e| serde::de::Error::custom(format!("date {text:?}: {e}")))
+}
+
+fn strict_date_opt<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<NaiveDate>, D::Error> {
+    strict_date(deserializer).map(Some)
+}
+
+fn validate_backfill(s: &StockRequest) -> Result<(), MessageError> {
+    let Some(from) = s.from else {
+        return match s.stride {
+            Some(_) => {
+                Err(MessageError::InvalidField { field: "stride", reason: "only with `from` (a backfill)".into() })
+            }
+            None => Ok(()),
+        };
+    };
+    let invalid = |field, reason: String| Err(MessageError::InvalidField { field, reason });
+    if from > s.as_of {
+        return invalid("from", format!("{from} is after as_of {}", s.as_of));
+    }
+    if s.window.is_some() {
+        return invalid("window", "a backfill fetches its windows; it cannot carry one".into());
+    }
+    if s.event_id.len() > MAX_BACKFILL_ID_LEN {
+        return invalid("event_id", format!("a backfill's id is at most {MAX_BACKFILL_ID_LEN} long"));
+    }
+    if let Some(stride) = s.stride
+        && !(1..=250).contains(&stride)
+    {
+        return invalid("stride", format!("{stride} is outside 1..=250"));
+    }
+    // Counted on the calendar first, so that a huge range costs nothing.
+    let calendar_days = (s.as_of - from).num_days() as usize;
+    if calendar_days / s.stride.unwrap_or(1) as usize > 2 * MAX_BACKFILL_STEPS || s.steps().len() > MAX_BACKFILL_STEPS {
+        return invalid("from", format!("more than {MAX_BACKFILL_STEPS} steps"));
+    }
+    Ok(())
 }
 
 fn validate_event_id(id: &str) -> Result<(), MessageError> {
@@ -130,6 +201,36 @@ mod tests {
         assert_eq!(stock.symbol, "AAPL");
         assert_eq!(stock.as_of, NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"));
         assert!(stock.window.is_none());
+    }
+
+    #[test]
+    fn a_backfill_steps_every_stride_trading_days() {
+        let event = RequestEvent::from_json(
+            br#"{"kind":"stock","event_id":"b","symbol":"S0001","from":"2024-05-27","as_of":"2024-06-07","stride":2}"#,
+        )
+        .expect("valid");
+        let RequestEvent::Stock(stock) = event else { panic!("not a stock event") };
+        let steps: Vec<String> = stock.steps().into_iter().map(|(id, _)| id).collect();
+        // Ten weekdays, every second one.
+        assert_eq!(steps, ["b:20240527", "b:20240529", "b:20240531", "b:20240604", "b:20240606"]);
+        assert_eq!(
+            reason(r#"{"kind":"stock","event_id":"b","symbol":"A","from":"2024-06-08","as_of":"2024-06-07"}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(r#"{"kind":"stock","event_id":"b","symbol":"A","from":"2000-01-01","as_of":"2024-06-07"}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(r#"{"kind":"stock","event_id":"b","symbol":"A","as_of":"2024-06-07","stride":2}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            reason(
+                r#"{"kind":"stock","event_id":"b","symbol":"A","from":"2024-06-01","as_of":"2024-06-07","stride":0}"#
+            ),
+            "invalid_field"
+        );
     }
 
     #[test]

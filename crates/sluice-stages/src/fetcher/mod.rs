@@ -77,24 +77,18 @@ impl Fetcher {
         // Values beyond f32's range become infinities here and dead letters in
         // the normalizer, which owns the finiteness rule.
         let values = rows.iter().flatten().map(|v| *v as f32).collect();
-        Ok(window(request, self.shape, values))
+        Ok(window(&request.symbol, request.as_of, self.shape, values))
     }
 }
 
-fn window(request: &StockRequest, shape: WindowShape, values: Vec<f32>) -> StockWindow {
-    StockWindow {
-        symbol: request.symbol.clone(),
-        as_of: request.as_of,
-        rows: shape.days as u32,
-        cols: shape.features as u32,
-        values,
-    }
+fn window(symbol: &str, as_of: NaiveDate, shape: WindowShape, values: Vec<f32>) -> StockWindow {
+    StockWindow { symbol: symbol.to_string(), as_of, rows: shape.days as u32, cols: shape.features as u32, values }
 }
 
-/// What became of one input before the source is asked.
+/// What became of one input (or one step of a backfill) before the source is asked.
 enum Pending {
     Done(Output),
-    Fetch(StockRequest, Envelope),
+    Fetch { source: usize, request: WindowRequest, envelope: Envelope },
 }
 
 impl Stage for Fetcher {
@@ -112,52 +106,58 @@ impl Stage for Fetcher {
                     continue;
                 }
             };
-            let mut envelope = Envelope {
-                event_id: event.event_id().to_string(),
+            let envelope = |event_id: String, payload: Payload| Envelope {
+                event_id,
                 traceparent: None,
                 requested_at_ms: input.timestamp_ms.unwrap_or_else(sluice_messages::now_ms),
                 updated_at_ms: sluice_messages::now_ms(),
                 attempt: 0,
-                payload: Payload::Query(QueryText { text: String::new() }),
+                payload,
             };
-            pending.push(match event {
+            match event {
                 RequestEvent::Query(query) => {
-                    envelope.payload = Payload::Query(QueryText { text: query.text });
-                    Pending::Done(send(i, input, &self.output, &envelope))
+                    let e = envelope(query.event_id, Payload::Query(QueryText { text: query.text }));
+                    pending.push(Pending::Done(send(i, input, &self.output, &e)));
                 }
                 RequestEvent::Stock(request) => match &request.window {
-                    Some(rows) => Pending::Done(match self.inline_window(&request, rows) {
-                        Ok(w) => {
-                            envelope.payload = Payload::Fetched(w);
-                            send(i, input, &self.output, &envelope)
+                    Some(rows) => pending.push(Pending::Done(match self.inline_window(&request, rows) {
+                        Ok(w) => send(i, input, &self.output, &envelope(request.event_id.clone(), Payload::Fetched(w))),
+                        Err(e) => dead_letter(i, &e, Some(request.event_id.clone())),
+                    })),
+                    // A backfill's steps are fetched in the same query as the rest of the batch.
+                    None => {
+                        for (event_id, as_of) in request.steps() {
+                            pending.push(Pending::Fetch {
+                                source: i,
+                                request: WindowRequest { symbol: request.symbol.clone(), as_of },
+                                envelope: envelope(event_id, Payload::Query(QueryText { text: String::new() })),
+                            });
                         }
-                        Err(e) => dead_letter(i, &e, Some(envelope.event_id)),
-                    }),
-                    None => Pending::Fetch(request, envelope),
+                    }
                 },
-            });
+            }
         }
 
         let requests: Vec<WindowRequest> = pending
             .iter()
             .filter_map(|p| match p {
-                Pending::Fetch(r, _) => Some(WindowRequest { symbol: r.symbol.clone(), as_of: r.as_of }),
+                Pending::Fetch { request, .. } => Some(request.clone()),
                 Pending::Done(_) => None,
             })
             .collect();
         let mut fetched =
             if requests.is_empty() { Vec::new() } else { self.source.fetch(&requests, self.shape).await? }.into_iter();
 
-        let mut outputs = Vec::with_capacity(batch.len());
-        for (i, p) in pending.into_iter().enumerate() {
+        let mut outputs = Vec::with_capacity(pending.len());
+        for p in pending {
             outputs.push(match p {
                 Pending::Done(output) => output,
-                Pending::Fetch(request, mut envelope) => match fetched.next() {
+                Pending::Fetch { source, request, mut envelope } => match fetched.next() {
                     Some(Ok(values)) => {
-                        envelope.payload = Payload::Fetched(window(&request, self.shape, values));
-                        send(i, &batch[i], &self.output, &envelope)
+                        envelope.payload = Payload::Fetched(window(&request.symbol, request.as_of, self.shape, values));
+                        send(source, &batch[source], &self.output, &envelope)
                     }
-                    Some(Err(e)) => dead_letter(i, &e, Some(envelope.event_id)),
+                    Some(Err(e)) => dead_letter(source, &e, Some(envelope.event_id)),
                     None => {
                         return Err(BatchFailure {
                             retryable: false,
