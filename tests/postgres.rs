@@ -178,21 +178,37 @@ async fn the_pipeline_predicts_from_postgres_history() {
     let total = events.len() + steps.len();
     let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
     let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
+    let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
+    let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader");
     let file = dir.join("events.jsonl");
     let mut lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
     lines.push(backfill.to_string());
+    // History starts in January 2024: a week in, the window is short.
+    lines.push(r#"{"kind":"stock","event_id":"short-1","symbol":"S0001","as_of":"2024-01-10"}"#.to_string());
     std::fs::write(&file, lines.join("\n")).expect("events file");
     sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
 
     let mut seen: HashMap<String, PredictionRecord> = HashMap::new();
+    let mut letters = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
-    while seen.len() < total && Instant::now() < deadline {
+    while (seen.len() < total || letters.is_empty()) && Instant::now() < deadline {
         if let Some(r) = reader.next(Duration::from_millis(200)).await {
-            let p: PredictionRecord = serde_json::from_slice(&r.expect("read").payload).expect("record");
-            seen.insert(p.event_id.clone(), p);
+            let r = r.expect("read");
+            if r.topic == dead {
+                letters.push(
+                    serde_json::from_slice::<sluice_messages::dead_letter::DeadLetter>(&r.payload).expect("letter"),
+                );
+            } else {
+                let p: PredictionRecord = serde_json::from_slice(&r.payload).expect("record");
+                seen.insert(p.event_id.clone(), p);
+            }
         }
     }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (letters[0].event_id.as_deref(), letters[0].reason.as_str(), letters[0].stage.as_str()),
+        (Some("short-1"), "insufficient_history", "fetcher")
+    );
     assert_eq!(seen.len(), total, "predictions missing\n{}", pipeline.logs());
     for (id, day) in &steps {
         assert_eq!(seen[id].as_of, *day, "a backfill step carries its window's date");

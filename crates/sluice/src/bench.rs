@@ -172,7 +172,7 @@ pub async fn cache(
 
 /// Replaces (or appends) the section between `<!-- bench:NAME -->` markers, so
 /// that each benchmark rewrites only its own part of the file.
-fn write_section(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
+pub fn write_section(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
     let (start, end) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| {
         "# Benchmarks\n\nFigures written by `sluice bench`; each section says how it was measured.\n".into()

@@ -2,6 +2,7 @@
 //! topic creation and event publishing.
 
 mod bench;
+mod bench_pg;
 mod config;
 mod control_cli;
 mod demo;
@@ -135,6 +136,16 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// The users' job: seed N stocks, predict each through the four stages as
+    /// separate processes (tansu broker, PostgreSQL in and out), time it.
+    Postgres {
+        #[arg(long, default_value_t = 5000)]
+        symbols: usize,
+        #[arg(long, default_value_t = 60)]
+        days: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +220,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
             bench::cache(config, events, batch.max(1), redis_url, &out).await
+        }
+        Command::Bench { what: BenchWhat::Postgres { symbols, days, out } } => {
+            bench_pg::postgres(config, symbols, days, &out).await
         }
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
