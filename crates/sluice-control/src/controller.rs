@@ -14,10 +14,10 @@ use metrics::{counter, gauge};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::Settings;
 use crate::keys::NOTIFY_CACHE_CLEAR;
 use crate::overrides::{FIELDS, Refusal};
-use crate::store::{OverrideStore, Scope};
-use crate::{Overrides, Settings};
+use crate::store::{OverrideStore, ScopedOverrides};
 
 /// Says whether a model version can be served.
 pub type VersionCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -42,8 +42,7 @@ impl std::fmt::Debug for Controller {
 
 #[derive(Debug, Default)]
 struct Followed {
-    all: Overrides,
-    model: Overrides,
+    overrides: ScopedOverrides,
     reported: BTreeSet<Refusal>,
     /// The cache-clear counter last seen (None until first read).
     cache_epoch: Option<u64>,
@@ -128,12 +127,8 @@ impl Controller {
 
     async fn reconcile_once(&self, tx: &watch::Sender<Settings>, followed: &mut Followed) {
         // An unreachable Redis is reported by the link; the last good values stay.
-        let Ok((all, model)) = self.store.read(&self.model).await else { return };
-        let check = &*self.version_exists;
-        let (all, mut refused) = Overrides::parse(&self.store.key(&Scope::All), &all, &followed.all, check);
-        let (model, refused_model) =
-            Overrides::parse(&self.store.key(&Scope::Model(self.model.clone())), &model, &followed.model, check);
-        refused.extend(refused_model);
+        let Ok(raw) = self.store.read(&self.model).await else { return };
+        let (overrides, refused) = self.store.parse(&self.model, &raw, &followed.overrides, &*self.version_exists);
         let refused: BTreeSet<Refusal> = refused.into_iter().collect();
         for r in refused.difference(&followed.reported) {
             let field = if FIELDS.contains(&r.field.as_str()) { r.field.clone() } else { "unknown".into() };
@@ -146,9 +141,9 @@ impl Controller {
                 "override refused; the last good value is kept"
             );
         }
-        *followed = Followed { all, model, reported: refused, cache_epoch: followed.cache_epoch };
+        *followed = Followed { overrides, reported: refused, cache_epoch: followed.cache_epoch };
         self.follow_cache_epoch(followed).await;
-        let effective = self.base.with(&followed.all.then(&followed.model));
+        let effective = followed.overrides.effective(&self.base);
         tx.send_if_modified(|current| {
             if *current == effective {
                 return false;

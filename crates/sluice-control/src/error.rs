@@ -7,9 +7,6 @@ pub enum ControlError {
     /// their last good settings and treat the cache as missing.
     #[error("redis: {0}")]
     Redis(String),
-    /// An override value that is refused; the last good value is kept.
-    #[error("override `{field}` = {value:?} in {key}: {reason}")]
-    InvalidOverride { key: String, field: String, value: String, reason: String },
     /// A bad `control.*` setting.
     #[error("configuration key `{key}`: {message}")]
     Config { key: &'static str, message: String },

@@ -4,15 +4,30 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::ControlError;
 use crate::keys::{KeyLayout, NOTIFY_OVERRIDES};
 use crate::link::RedisLink;
+use crate::overrides::Refusal;
+use crate::{ControlError, Overrides, Settings};
 
 /// Which overrides: every model's, or one model's (which win).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     All,
     Model(String),
+}
+
+/// The overrides of both scopes for one model, checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScopedOverrides {
+    pub all: Overrides,
+    pub model: Overrides,
+}
+
+impl ScopedOverrides {
+    /// The settings in force: `base` with every model's overrides, then this model's, on top.
+    pub fn effective(&self, base: &Settings) -> Settings {
+        base.with(&self.all.then(&self.model))
+    }
 }
 
 /// An override store.
@@ -68,6 +83,22 @@ impl OverrideStore {
                 Ok((scopes.get(&all).cloned().unwrap_or_default(), scopes.get(&one).cloned().unwrap_or_default()))
             }
         }
+    }
+
+    /// Checks both scopes' raw fields (as [`OverrideStore::read`] returns them);
+    /// a refused field keeps its value from `previous`.
+    pub fn parse(
+        &self,
+        model: &str,
+        (all, one): &(HashMap<String, String>, HashMap<String, String>),
+        previous: &ScopedOverrides,
+        version_exists: &dyn Fn(&str) -> bool,
+    ) -> (ScopedOverrides, Vec<Refusal>) {
+        let (all, mut refused) = Overrides::parse(&self.key(&Scope::All), all, &previous.all, version_exists);
+        let model_key = self.key(&Scope::Model(model.to_string()));
+        let (model, refused_model) = Overrides::parse(&model_key, one, &previous.model, version_exists);
+        refused.extend(refused_model);
+        (ScopedOverrides { all, model }, refused)
     }
 
     /// Sets one field and notifies the stages.

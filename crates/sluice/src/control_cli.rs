@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use clap::Subcommand;
 use serde_json::json;
+use sluice_control::Overrides;
 use sluice_control::admin;
 use sluice_control::link::RedisLink;
 use sluice_control::overrides::FIELDS;
-use sluice_control::store::{OverrideStore, Scope};
-use sluice_control::{Overrides, Settings};
+use sluice_control::store::{OverrideStore, Scope, ScopedOverrides};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
@@ -74,15 +74,13 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
         OverridesAction::Get { model: asked } => {
             let (store, _) = redis_store(&config)?;
             let model = asked.unwrap_or(model);
-            let (all, one) = store.read(&model).await?;
+            let raw = store.read(&model).await?;
             let versions = |v: &str| config.inferrer.model.has_version(v);
-            let (all_o, r1) = Overrides::parse(&store.key(&Scope::All), &all, &Overrides::default(), &versions);
-            let (one_o, r2) =
-                Overrides::parse(&store.key(&Scope::Model(model.clone())), &one, &Overrides::default(), &versions);
-            let effective: Settings = config.base_settings().with(&all_o.then(&one_o));
-            let refused: Vec<_> = r1
+            let (overrides, refused) = store.parse(&model, &raw, &ScopedOverrides::default(), &versions);
+            let effective = overrides.effective(&config.base_settings());
+            let (all, one) = raw;
+            let refused: Vec<_> = refused
                 .iter()
-                .chain(&r2)
                 .map(|r| json!({"key": r.key, "field": r.field, "value": r.value, "reason": r.reason}))
                 .collect();
             out(&serde_json::to_string_pretty(&json!({
