@@ -97,16 +97,7 @@ pub async fn postgres(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     config.kafka.brokers = brokers.clone();
-    for (name, topic) in [
-        ("REQUESTS", &mut config.topics.requests),
-        ("FETCHED", &mut config.topics.fetched),
-        ("NORMALIZED", &mut config.topics.normalized),
-        ("INFERRED", &mut config.topics.inferred),
-        ("PREDICTIONS", &mut config.topics.predictions),
-        ("DEAD_LETTERS", &mut config.topics.dead_letters),
-    ] {
-        *topic = format!("{run}.{}", name.to_lowercase());
-    }
+    config.topics = config.topics.prefixed(&run);
     create_topics(&config.kafka, &config.topics.specs()).await?;
     let exe = std::env::current_exe()?;
     let mut ports = Vec::new();
@@ -125,15 +116,8 @@ pub async fn postgres(
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for (key, value) in [
-            ("REQUESTS", &config.topics.requests),
-            ("FETCHED", &config.topics.fetched),
-            ("NORMALIZED", &config.topics.normalized),
-            ("INFERRED", &config.topics.inferred),
-            ("PREDICTIONS", &config.topics.predictions),
-            ("DEAD_LETTERS", &config.topics.dead_letters),
-        ] {
-            command.env(format!("SLUICE_TOPICS__{key}"), value);
+        for (key, name) in config.topics.names() {
+            command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
         }
         children.0.push((kind.name().into(), command.spawn()?));
         ports.push((kind, port));

@@ -81,10 +81,40 @@ pub struct TopicsConfig {
 impl TopicsConfig {
     /// Every topic, for creation.
     pub fn specs(&self) -> Vec<TopicSpec> {
-        [&self.requests, &self.fetched, &self.normalized, &self.inferred, &self.predictions, &self.dead_letters]
+        self.names()
             .into_iter()
-            .map(|name| TopicSpec { name: name.clone(), partitions: self.partitions, replication: self.replication })
+            .map(|(_, name)| TopicSpec {
+                name: name.clone(),
+                partitions: self.partitions,
+                replication: self.replication,
+            })
             .collect()
+    }
+
+    /// Every topic name with its key under `[topics]`.
+    pub fn names(&self) -> [(&'static str, &String); 6] {
+        [
+            ("requests", &self.requests),
+            ("fetched", &self.fetched),
+            ("normalized", &self.normalized),
+            ("inferred", &self.inferred),
+            ("predictions", &self.predictions),
+            ("dead_letters", &self.dead_letters),
+        ]
+    }
+
+    /// Every topic named `{prefix}.{key}` (for runs that must not meet others).
+    pub fn prefixed(&self, prefix: &str) -> Self {
+        let name = |key: &str| format!("{prefix}.{key}");
+        Self {
+            requests: name("requests"),
+            fetched: name("fetched"),
+            normalized: name("normalized"),
+            inferred: name("inferred"),
+            predictions: name("predictions"),
+            dead_letters: name("dead_letters"),
+            ..self.clone()
+        }
     }
 }
 
@@ -225,20 +255,13 @@ impl SluiceConfig {
         }
         self.kafka.validate().map_err(|(key, message)| invalid(&key, message))?;
         let t = &self.topics;
-        let names = [
-            ("topics.requests", &t.requests),
-            ("topics.fetched", &t.fetched),
-            ("topics.normalized", &t.normalized),
-            ("topics.inferred", &t.inferred),
-            ("topics.predictions", &t.predictions),
-            ("topics.dead_letters", &t.dead_letters),
-        ];
+        let names = t.names();
         for (i, (key, name)) in names.iter().enumerate() {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                return Err(invalid(key, format!("{name:?} is not a valid topic name")));
+                return Err(invalid(&format!("topics.{key}"), format!("{name:?} is not a valid topic name")));
             }
             if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
-                return Err(invalid(key, format!("{name:?} is also {other}")));
+                return Err(invalid(&format!("topics.{key}"), format!("{name:?} is also topics.{other}")));
             }
         }
         if t.partitions < 1 {
