@@ -14,22 +14,15 @@ use sluice_control::controller::Controller;
 use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
 use sluice_control::store::{OverrideStore, Scope};
-use sluice_tests::{LOCAL_REDIS, RedisServer, unique};
+use sluice_tests::{LOCAL_REDIS, RedisServer, settings, unique};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "stock-lstm";
 
+/// The configured settings; `max_wait_ms` apart from the override tests' 5.
 fn base() -> Settings {
-    Settings {
-        max_batch_size: 64,
-        max_wait_ms: 20,
-        min_confidence: 0.0,
-        model_version: "1".into(),
-        cache_enabled: true,
-        cache_ttl_s: 3600,
-        intra_op_threads: 1,
-    }
+    Settings { max_wait_ms: 20, cache_ttl_s: 3600, ..settings() }
 }
 
 fn layout() -> KeyLayout {

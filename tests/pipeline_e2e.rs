@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_kafka::KafkaConfig;
@@ -16,10 +15,10 @@ use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
 use sluice_tests::{
-    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
+    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, start_stages, temp_dir, unique, write_config,
+    write_events,
 };
 
-const STAGES: [&str; 4] = ["fetcher", "normalizer", "inferrer", "writer"];
 /// Predictions must equal the reference computation to this absolute tolerance.
 const TOLERANCE: f32 = 1e-5;
 
@@ -83,19 +82,6 @@ async fn read_until(
     }
 }
 
-fn write_events(dir: &Path, events: &[GeneratedEvent]) -> std::path::PathBuf {
-    let path = dir.join("events.jsonl");
-    let mut file = std::fs::File::create(&path).expect("events file");
-    for e in events {
-        file.write_all(&e.json).and_then(|()| file.write_all(b"\n")).expect("write event");
-    }
-    path
-}
-
-fn start_stages(config: &Path, logs: &Path) -> Vec<StageProcess> {
-    STAGES.iter().map(|s| StageProcess::start(config, s, logs)).collect()
-}
-
 fn dump_logs(stages: &[StageProcess]) -> String {
     stages.iter().map(|s| format!("---- {} ({})\n{}", s.stage, s.log.display(), tail(&s.logs(), 40))).collect()
 }
@@ -133,7 +119,10 @@ async fn ten_thousand_events_through_four_processes() {
 
     let mut stages = start_stages(&config, &dir);
     let reader = reader(&broker.addr, &prefix);
-    let published = sluice(&config, &["produce", "--file", write_events(&dir, &events).to_str().expect("utf-8")]);
+    let published = sluice(
+        &config,
+        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
+    );
     assert!(published.contains("published 10000 events"), "{published}");
 
     let mut seen = Seen::default();
@@ -221,7 +210,10 @@ async fn killing_the_inferrer_mid_stream_loses_nothing() {
 
     let mut stages = start_stages(&config, &dir);
     let reader = reader(&broker.addr, &prefix);
-    sluice(&config, &["produce", "--file", write_events(&dir, &events).to_str().expect("utf-8")]);
+    sluice(
+        &config,
+        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
+    );
     let predictions_topic = format!("{prefix}.predictions");
     let mut seen = Seen::default();
     read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {

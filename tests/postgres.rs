@@ -135,6 +135,7 @@ async fn the_pipeline_predicts_from_postgres_history() {
     use sluice_stages::generate::generate;
     use sluice_tests::{
         Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
+        write_events,
     };
 
     let _heavy = heavy_test_lock();
@@ -180,12 +181,10 @@ async fn the_pipeline_predicts_from_postgres_history() {
     let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
     let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
     let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader");
-    let file = dir.join("events.jsonl");
-    let mut lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
-    lines.push(backfill.to_string());
     // History starts in January 2024: a week in, the window is short.
-    lines.push(r#"{"kind":"stock","event_id":"short-1","symbol":"S0001","as_of":"2024-01-10"}"#.to_string());
-    std::fs::write(&file, lines.join("\n")).expect("events file");
+    let short = r#"{"kind":"stock","event_id":"short-1","symbol":"S0001","as_of":"2024-01-10"}"#;
+    let lines = events.iter().map(|e| e.json.as_slice()).chain([backfill.as_bytes(), short.as_bytes()]);
+    let file = write_events(&dir, lines);
     sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
 
     let mut seen: HashMap<String, PredictionRecord> = HashMap::new();
@@ -249,15 +248,7 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
     use sluice_stages::{Writer, WriterStats};
 
     let schema = Schema::new("pg_twice").await;
-    let settings = Settings {
-        max_batch_size: 64,
-        max_wait_ms: 5,
-        min_confidence: 0.5,
-        model_version: "1".into(),
-        cache_enabled: true,
-        cache_ttl_s: 60,
-        intra_op_threads: 1,
-    };
+    let settings = Settings { min_confidence: 0.5, ..sluice_tests::settings() };
     let mut writer =
         Writer::new(tokio::sync::watch::channel(settings).1, None, "out", Arc::new(WriterStats::default()))
             .expect("writer")
@@ -318,7 +309,9 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_tests::{Broker, StageProcess, heavy_test_lock, sluice, temp_dir, unique, write_config};
+    use sluice_tests::{
+        Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
+    };
 
     let _heavy = heavy_test_lock();
     let broker = Broker::start();
@@ -334,11 +327,8 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     sluice(&config, &["db", "migrate"]);
     let events = generate("kill", 3000, 100, 5000);
     let valid = events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })).count();
-    let mut stages: Vec<StageProcess> =
-        ["fetcher", "normalizer", "inferrer", "writer"].iter().map(|s| StageProcess::start(&config, s, &dir)).collect();
-    let file = dir.join("events.jsonl");
-    let lines: Vec<String> = events.iter().map(|e| String::from_utf8_lossy(&e.json).into_owned()).collect();
-    std::fs::write(&file, lines.join("\n")).expect("events file");
+    let mut stages = start_stages(&config, &dir);
+    let file = write_events(&dir, events.iter().map(|e| &e.json));
     sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
 
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }

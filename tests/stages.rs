@@ -16,7 +16,7 @@ use sluice_messages::envelope::{Envelope, Payload, QueryText, StockPrediction, S
 use sluice_messages::prediction::PredictionRecord;
 use sluice_model::{Model, ModelWorker};
 use sluice_stages::{Inferrer, InferrerStats, Writer, WriterStats};
-use sluice_tests::{model_config, temp_dir};
+use sluice_tests::{model_config, settings, temp_dir};
 use tokio::sync::watch;
 
 fn envelope(id: &str, payload: Payload) -> Envelope {
@@ -39,18 +39,6 @@ fn window(value: f32) -> Payload {
         cols: 105,
         values: vec![value; 3150],
     })
-}
-
-fn settings() -> Settings {
-    Settings {
-        max_batch_size: 64,
-        max_wait_ms: 5,
-        min_confidence: 0.0,
-        model_version: "1".into(),
-        cache_enabled: true,
-        cache_ttl_s: 60,
-        intra_op_threads: 1,
-    }
 }
 
 async fn inferrer(

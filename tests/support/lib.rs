@@ -342,3 +342,33 @@ pub const LOCAL_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
 pub fn unique_schema(name: &str) -> String {
     unique(&format!("sluice_{name}")).replace('-', "_").to_lowercase()
 }
+
+/// Live settings for tests that drive stages or the controller directly.
+pub fn settings() -> sluice_control::Settings {
+    sluice_control::Settings {
+        max_batch_size: 64,
+        max_wait_ms: 5,
+        min_confidence: 0.0,
+        model_version: "1".into(),
+        cache_enabled: true,
+        cache_ttl_s: 60,
+        intra_op_threads: 1,
+    }
+}
+
+/// Writes one event per line to `dir/events.jsonl`, for `sluice produce --file`.
+pub fn write_events<T: AsRef<[u8]>>(dir: &Path, lines: impl IntoIterator<Item = T>) -> PathBuf {
+    let path = dir.join("events.jsonl");
+    let mut text = Vec::new();
+    for line in lines {
+        text.extend_from_slice(line.as_ref());
+        text.push(b'\n');
+    }
+    std::fs::write(&path, text).expect("events file");
+    path
+}
+
+/// The four stages, each a `sluice run` process of its own.
+pub fn start_stages(config: &Path, log_dir: &Path) -> Vec<StageProcess> {
+    ["fetcher", "normalizer", "inferrer", "writer"].iter().map(|s| StageProcess::start(config, s, log_dir)).collect()
+}
