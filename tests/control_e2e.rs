@@ -16,7 +16,8 @@ use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
 use sluice_tests::{
-    Broker, RedisServer, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
+    Broker, RedisServer, StageProcess, heavy_test_lock, reference_predictions, sluice, tail, temp_dir, unique,
+    write_config,
 };
 
 fn now_ms() -> i64 {
@@ -107,7 +108,7 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
         }
     }
     let logs = process.logs();
-    let tail: String = logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let tail = tail(&logs, 40);
 
     // Nothing lost; every answer equals its version's reference.
     let missing = events.iter().filter(|e| !seen.contains_key(&e.event_id)).count();

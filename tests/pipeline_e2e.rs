@@ -15,8 +15,8 @@ use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
 use sluice_tests::{
-    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, start_stages, temp_dir, unique, write_config,
-    write_events,
+    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, start_stages, tail, temp_dir, unique,
+    write_config, write_events,
 };
 
 /// Predictions must equal the reference computation to this absolute tolerance.
@@ -84,11 +84,6 @@ async fn read_until(
 
 fn dump_logs(stages: &[StageProcess]) -> String {
     stages.iter().map(|s| format!("---- {} ({})\n{}", s.stage, s.log.display(), tail(&s.logs(), 40))).collect()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn reader(brokers: &str, prefix: &str) -> TopicReader {

@@ -372,3 +372,9 @@ pub fn write_events<T: AsRef<[u8]>>(dir: &Path, lines: impl IntoIterator<Item = 
 pub fn start_stages(config: &Path, log_dir: &Path) -> Vec<StageProcess> {
     ["fetcher", "normalizer", "inferrer", "writer"].iter().map(|s| StageProcess::start(config, s, log_dir)).collect()
 }
+
+/// The last `lines` lines of a log, for failure messages.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
