@@ -56,6 +56,9 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
         })
         .collect();
     let stats = all_stats.writer.clone();
+    // Joins its group while the stages warm up, so that it reads from the first event.
+    let reader =
+        TopicReader::new(&kafka, "sluice-demo-observer", &[&config.topics.predictions, &config.topics.dead_letters])?;
 
     let started = Instant::now();
     while !stages.iter().all(|s| s.status.ready()) {
@@ -68,14 +71,11 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     let warmup = started.elapsed();
 
     let generated = generate("demo", events, invalid_every, config.fetcher.synthetic.universe);
-    let reader =
-        TopicReader::new(&kafka, "sluice-demo-observer", &[&config.topics.predictions, &config.topics.dead_letters])?;
     let mut publisher = Publisher::new(&kafka, "sluice-demo-producer")?;
     let mut tally = Tally::default();
     let bar = progress(events as u64, "processed");
     let published_at = Instant::now();
     let deadline = published_at + Duration::from_secs(60 + events as u64 / 50);
-    let mut last_seen = published_at;
     let mut next = generated.iter();
     let mut published = 0u64;
     loop {
@@ -94,7 +94,6 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
         }
         let Some(record) = reader.next(Duration::from_millis(100)).await else { continue };
         let record = record?;
-        last_seen = Instant::now();
         if record.topic == config.topics.predictions {
             let p: PredictionRecord = serde_json::from_slice(&record.payload).context("a prediction record")?;
             if tally.predicted.insert(p.event_id.clone(), p).is_some() {
@@ -109,14 +108,13 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     }
     bar.finish_and_clear();
     publisher.finish().await?;
-    let elapsed = last_seen.duration_since(published_at);
 
     shutdown.cancel();
     join(stages).await?;
-    summary(&tally, events, &all_stats, elapsed, warmup)
+    summary(&tally, events, &all_stats, warmup)
 }
 
-fn summary(tally: &Tally, events: usize, stats: &Stats, elapsed: Duration, warmup: Duration) -> anyhow::Result<()> {
+fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> anyhow::Result<()> {
     let below = stats.writer.below_min_confidence.load(Ordering::Relaxed);
     let model_rows = stats.inferrer.model_rows.load(Ordering::Relaxed);
     let cache_hits = stats.inferrer.cache_hits.load(Ordering::Relaxed);
@@ -158,8 +156,15 @@ fn summary(tally: &Tally, events: usize, stats: &Stats, elapsed: Duration, warmu
         writeln!(out, "    {bucket:<8} {n}")?;
     }
     writeln!(out, "  model rows computed:     {model_rows} (cache hits: {cache_hits})")?;
-    let seconds = elapsed.as_secs_f64().max(1e-3);
-    writeln!(out, "  throughput:              {:.0} events/s ({events} in {seconds:.2} s)", events as f64 / seconds)?;
+    // By the records' own clocks: first request in to last prediction written.
+    let first = tally.predicted.values().map(|p| p.requested_at_ms).min().unwrap_or(0);
+    let last = tally.predicted.values().map(|p| p.written_at_ms).max().unwrap_or(0);
+    let seconds = ((last - first) as f64 / 1e3).max(1e-3);
+    writeln!(
+        out,
+        "  throughput:              {:.0} events/s ({events} in {seconds:.2} s, first request to last write)",
+        events as f64 / seconds
+    )?;
     writeln!(out, "  latency p50 / p99:       {} ms / {} ms (request to written)", percentile(0.5), percentile(0.99))?;
     writeln!(out, "  warm-up:                 {:.2} s (model load, warm-up batch, group joins)", warmup.as_secs_f64())?;
     writeln!(out, "  lost:                    {lost}")?;
