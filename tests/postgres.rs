@@ -28,7 +28,7 @@ impl Schema {
             PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: unique_schema(name), ..PostgresConfig::default() };
         let pool = config.pool().expect("pool");
         let applied = migrate(&pool, &config.schema).await.expect("migrate");
-        assert_eq!(applied, vec!["0001_initial"]);
+        assert_eq!(applied, vec!["0001_initial", "0002_packed_features"]);
         assert!(migrate(&pool, &config.schema).await.expect("again").is_empty(), "migrations apply once");
         Self { config, pool }
     }
@@ -63,7 +63,8 @@ async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
         let window = window.expect("enough history");
         let by_hand: Vec<f32> = client
             .query(
-                "SELECT features FROM features WHERE symbol = $1 AND trade_date <= $2 ORDER BY trade_date DESC LIMIT 30",
+                "SELECT sluice_unpack_features(features) FROM features \
+                 WHERE symbol = $1 AND trade_date <= $2 ORDER BY trade_date DESC LIMIT 30",
                 &[&request.symbol, &request.as_of],
             )
             .await
@@ -75,6 +76,12 @@ async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
         assert_eq!(window, by_hand, "{request:?}");
         assert_eq!(window, synthetic.window(request, SHAPE).expect("synthetic"), "{request:?}");
     }
+
+    // History loaded from SQL with sluice_pack_features has the layout the fetcher reads.
+    let day: Vec<f32> = (0..SHAPE.features).map(|f| (f as f32 - 52.0) * 0.37).collect();
+    let packed: Vec<u8> =
+        client.query_one("SELECT sluice_pack_features($1)", &[&day]).await.expect("pack in SQL").get(0);
+    assert_eq!(packed, sluice_postgres::packed::pack(&day));
     drop(client);
     schema.drop_it().await;
 }
@@ -148,7 +155,7 @@ async fn the_pipeline_predicts_from_postgres_history() {
     );
     let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
     sluice(&config, &["topics", "create"]);
-    assert!(sluice(&config, &["db", "migrate"]).contains("applied 1 migration"));
+    assert!(sluice(&config, &["db", "migrate"]).contains("applied 2 migration"));
     // Enough trading days before every generated as_of (March to mid-September 2024).
     assert!(
         sluice(&config, &["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"])

@@ -64,11 +64,17 @@ impl Publisher {
         Ok(())
     }
 
-    /// Waits for every queued record; returns how many were acknowledged.
-    pub async fn finish(mut self) -> Result<u64, KafkaRuntimeError> {
+    /// Waits for every queued record; returns how many were acknowledged so far.
+    pub async fn settle(&mut self) -> Result<u64, KafkaRuntimeError> {
         while !self.in_flight.is_empty() {
             self.settle_one().await?;
         }
+        Ok(self.delivered)
+    }
+
+    /// Waits for every queued record; returns how many were acknowledged.
+    pub async fn finish(mut self) -> Result<u64, KafkaRuntimeError> {
+        self.settle().await?;
         let _ = self.producer.flush(Duration::from_secs(5));
         Ok(self.delivered)
     }

@@ -11,11 +11,12 @@ use sluice_stages::StageError;
 use sluice_stages::fetcher::{FetchResults, HistorySource, WindowRequest, WindowShape};
 
 use crate::PostgresError;
+use crate::packed::unpack_into;
 
-/// The last `$3` rows up to each request's date, newest first, tagged with the
+/// The last `$3` days up to each request's date, newest first, tagged with the
 /// request's position (1-based).
 const WINDOWS: &str = "\
-SELECT r.req, f.trade_date, f.features
+SELECT r.req, f.features
 FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS r(symbol, as_of, req)
 CROSS JOIN LATERAL (
     SELECT trade_date, features FROM features
@@ -41,39 +42,42 @@ impl PgHistory {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(WINDOWS).await?;
         let rows = client.query(&statement, &[&symbols, &dates, &(shape.days as i64)]).await?;
-        let mut days: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(shape.days); requests.len()];
-        for row in rows {
+        // Each request's days, newest first, borrowed from the rows.
+        let mut days: Vec<Vec<&[u8]>> = vec![Vec::with_capacity(shape.days); requests.len()];
+        for row in &rows {
             let req: i64 = row.get(0);
-            let features: Vec<f32> = row.get(2);
             if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
-                slot.push(features);
+                slot.push(row.get(1));
             }
         }
-        Ok(requests
-            .iter()
-            .zip(days)
-            .map(|(request, mut rows)| {
-                if rows.len() < shape.days {
-                    return Err(StageError::InsufficientHistory {
-                        symbol: request.symbol.clone(),
-                        as_of: request.as_of,
-                        have: rows.len(),
-                        need: shape.days,
-                    });
-                }
-                if let Some(bad) = rows.iter().find(|r| r.len() != shape.features) {
-                    return Err(StageError::WindowShape {
-                        rows: rows.len(),
-                        cols: bad.len(),
-                        want_rows: shape.days,
-                        want_cols: shape.features,
-                    });
-                }
-                rows.reverse(); // oldest day first
-                Ok(rows.concat())
-            })
-            .collect())
+        Ok(requests.iter().zip(days).map(|(request, packed)| window(request, shape, &packed)).collect())
     }
+}
+
+/// One request's window, oldest day first, from its packed days newest first.
+fn window(request: &WindowRequest, shape: WindowShape, packed: &[&[u8]]) -> Result<Vec<f32>, StageError> {
+    if packed.len() < shape.days {
+        return Err(StageError::InsufficientHistory {
+            symbol: request.symbol.clone(),
+            as_of: request.as_of,
+            have: packed.len(),
+            need: shape.days,
+        });
+    }
+    let mut values = Vec::with_capacity(shape.days * shape.features);
+    for day in packed.iter().rev() {
+        let before = values.len();
+        if day.len() != shape.features * 4 || unpack_into(day, &mut values).is_none() {
+            return Err(StageError::WindowShape {
+                rows: packed.len(),
+                cols: day.len() / 4,
+                want_rows: shape.days,
+                want_cols: shape.features,
+            });
+        }
+        debug_assert_eq!(values.len() - before, shape.features);
+    }
+    Ok(values)
 }
 
 impl HistorySource for PgHistory {

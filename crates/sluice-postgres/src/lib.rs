@@ -6,6 +6,7 @@ mod config;
 mod error;
 pub mod history;
 pub mod migrate;
+pub mod packed;
 pub mod seed;
 pub mod sink;
 

@@ -6,7 +6,10 @@ use deadpool_postgres::Pool;
 use crate::PostgresError;
 
 /// (name, SQL) in order of application.
-pub const MIGRATIONS: &[(&str, &str)] = &[("0001_initial", include_str!("../../../schemas/sql/0001_initial.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_initial", include_str!("../../../schemas/sql/0001_initial.sql")),
+    ("0002_packed_features", include_str!("../../../schemas/sql/0002_packed_features.sql")),
+];
 
 /// An arbitrary key for `pg_advisory_xact_lock`, Sluice's own ("SLUICE").
 const LOCK_KEY: i64 = 0x534C_5549_4345;

@@ -29,12 +29,12 @@ pub async fn seed(
     // COPY cannot upsert: load a scratch table, then merge it in.
     tx.batch_execute("CREATE TEMP TABLE features_seed (LIKE features) ON COMMIT DROP").await?;
     let sink = tx.copy_in("COPY features_seed (symbol, trade_date, features) FROM STDIN BINARY").await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::DATE, Type::FLOAT4_ARRAY]);
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::DATE, Type::BYTEA]);
     pin_mut!(writer);
     for s in 0..symbols {
         let symbol = SyntheticSource::symbol(s);
         for day in &dates {
-            let row = synthetic_row(&symbol, *day, features);
+            let row = crate::packed::pack(&synthetic_row(&symbol, *day, features));
             writer.as_mut().write(&[&symbol, day, &row]).await?;
         }
     }

@@ -143,6 +143,10 @@ enum BenchWhat {
         symbols: usize,
         #[arg(long, default_value_t = 60)]
         days: usize,
+        /// Timed runs of the job (each as of another day, so no run is a cache
+        /// hit of another); the median run is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
@@ -221,8 +225,8 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
             bench::cache(config, events, batch.max(1), redis_url, &out).await
         }
-        Command::Bench { what: BenchWhat::Postgres { symbols, days, out } } => {
-            bench_pg::postgres(config, symbols, days, &out).await
+        Command::Bench { what: BenchWhat::Postgres { symbols, days, runs, out } } => {
+            bench_pg::postgres(config, symbols, days, runs, &out).await
         }
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
