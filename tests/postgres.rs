@@ -374,3 +374,76 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     drop(stages);
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }
+
+/// PostgreSQL connections killed (`pg_terminate_backend`) again and again in
+/// the middle of a stream, for both the fetcher's reads and the writer's
+/// writes: the stages retry with backoff and resume by themselves, and every
+/// valid event ends with exactly one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn killed_database_connections_are_retried_and_lose_nothing() {
+    use std::time::{Duration, Instant};
+
+    use sluice_stages::generate::{Expected, generate};
+    use sluice_tests::{Broker, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events};
+
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("pg-terminate");
+    let prefix = unique("pgterm");
+    let schema = unique_schema("pg_terminate");
+    // The stages' connections carry a name of their own, to be found and killed.
+    let app = unique("sluice-pgterm").replace('-', "_");
+    let extra = format!(
+        "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 16, max_wait_ms = 5 }}\n\n\
+         [writer]\nbatch = {{ max_batch_size = 8, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n\
+         [postgres]\ndsn = \"{LOCAL_POSTGRES} application_name={app}\"\nschema = \"{schema}\"\n"
+    );
+    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
+    sluice(&config, &["topics", "create"]);
+    sluice(&config, &["db", "migrate"]);
+    sluice(&config, &["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"]);
+    let events = generate("term", 2000, 0, 50);
+    let valid = events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })).count();
+    let stages = start_stages(&config, &dir);
+    let file = write_events(&dir, events.iter().map(|e| &e.json));
+    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+
+    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
+        .pool()
+        .expect("pool");
+    let client = pool.get().await.expect("client");
+    let count = || async {
+        let row = client.query_one("SELECT count(*), count(DISTINCT event_id) FROM stock_predictions", &[]).await;
+        let row = row.expect("count");
+        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
+    };
+    let logs =
+        || stages.iter().map(|s| format!("--- {}\n{}", s.stage, sluice_tests::tail(&s.logs(), 20))).collect::<String>();
+    let mut killed = 0;
+    let started = Instant::now();
+    for at in [150, 600, 1200] {
+        while count().await.0 < at.min(valid) {
+            assert!(started.elapsed() < Duration::from_secs(180), "stuck at {:?}\n{}", count().await, logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        killed += n;
+    }
+    assert!(killed >= 3, "the stages' connections were found and killed ({killed})");
+    while count().await.0 < valid && started.elapsed() < Duration::from_secs(240) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
+    assert_eq!(count().await, (valid, valid), "rows after {killed} killed connections\n{}", logs());
+    drop(client);
+    drop(stages);
+    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+}

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use jsonschema::Validator;
 use serde_json::{Value, json};
 use sluice_messages::dead_letter::{DeadLetter, SourceCoordinates};
+use sluice_messages::envelope::LabelScore;
 use sluice_messages::events::{QueryRequest, RequestEvent, StockRequest};
-use sluice_messages::prediction::{ModelRef, PredictionRecord};
+use sluice_messages::prediction::{IntentRecord, ModelRef, PredictionRecord};
 
 /// The schemas, by name: `schemas/<name>.schema.json`, examples `<name>.<anything>.json`.
 const SCHEMAS: [&str; 3] = ["request", "prediction", "dead_letter"];
@@ -132,6 +133,11 @@ fn valid_examples_match_their_schema_and_the_rust_types() {
                 });
                 serde_json::to_value(&event).expect("a RequestEvent serialises")
             }
+            "prediction" if example.value["kind"] == "query" => {
+                let record: IntentRecord = serde_json::from_slice(&example.bytes)
+                    .unwrap_or_else(|e| panic!("{shown} passes the schema but is not an IntentRecord: {e}"));
+                serde_json::to_value(&record).expect("an IntentRecord serialises")
+            }
             "prediction" => {
                 let record: PredictionRecord = serde_json::from_slice(&example.bytes)
                     .unwrap_or_else(|e| panic!("{shown} passes the schema but is not a PredictionRecord: {e}"));
@@ -212,6 +218,23 @@ fn records_written_by_rust_match_their_schemas() {
         let json = serde_json::to_value(&record).expect("a PredictionRecord serialises");
         assert_valid("prediction", &json, &format!("serialised {record:?}"));
     }
+    let score = |label: &str, score: f32| LabelScore { label: label.into(), score };
+    let intent = IntentRecord {
+        event_id: "q-1".into(),
+        kind: "query".into(),
+        text: "what is my balance".into(),
+        label: "check_balance".into(),
+        confidence: 0.97,
+        top: vec![score("check_balance", 0.97), score("transfer_money", 0.02), score("open_account", 0.01)],
+        model: ModelRef { name: "query-intent".into(), version: "1".into() },
+        batch_size: 8,
+        cached: false,
+        requested_at_ms: 1_717_171_200_000,
+        inferred_at_ms: 1_717_171_200_030,
+        written_at_ms: sluice_messages::now_ms(),
+    };
+    let json = serde_json::to_value(&intent).expect("an IntentRecord serialises");
+    assert_valid("prediction", &json, &format!("serialised {intent:?}"));
     // Payload lengths 0..=3 mod 3 cover every base64 padding case.
     for (event_id, key, payload) in [
         (Some("req-1"), Some("AAPL"), &b"{\"kind\":\"stock\"}"[..]),

@@ -14,7 +14,7 @@ use sluice_kafka::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, QueryText, StockPrediction, StockWindow};
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::{Model, ModelWorker};
+use sluice_model::{Batch, Model, ModelWorker};
 use sluice_stages::{Inferrer, InferrerStats, Writer, WriterStats};
 use sluice_tests::{model_config, settings, temp_dir};
 use tokio::sync::watch;
@@ -150,7 +150,7 @@ async fn cache_entries_are_per_version_and_a_switch_swaps_only_a_warmed_up_model
     let (mut inferrer, stats) = inferrer(rx, Some(cache)).await;
     let reference = |version: &str, value: f32| {
         let model = Model::load(&model_config(version)).expect("model");
-        let out = model.forward(&vec![value; 3150], 1).expect("forward");
+        let out = model.forward(&Batch::Windows(vec![value; 3150]), 1).expect("forward");
         (out[0], out[1])
     };
     let expected = [("1", reference("1", 0.3)), ("2", reference("2", 0.3))];

@@ -26,6 +26,16 @@ pub fn model_dir() -> PathBuf {
     std::env::var_os("SLUICE_MODEL_DIR").map_or_else(|| cache_dir().join("models/stock-lstm"), PathBuf::from)
 }
 
+/// The query model's directory (exported by `make setup`).
+pub fn query_model_dir() -> PathBuf {
+    std::env::var_os("SLUICE_QUERY_MODEL_DIR").map_or_else(|| cache_dir().join("models/query-intent"), PathBuf::from)
+}
+
+/// The query model's `version`, on the CPU with one thread.
+pub fn query_model_config(version: &str) -> sluice_model::ModelConfig {
+    sluice_model::ModelConfig { dir: query_model_dir(), ..model_config(version) }
+}
+
 /// The fixture model's `version`, on the CPU with one thread.
 pub fn model_config(version: &str) -> sluice_model::ModelConfig {
     sluice_model::ModelConfig {
@@ -34,6 +44,7 @@ pub fn model_config(version: &str) -> sluice_model::ModelConfig {
         device: sluice_model::DeviceChoice::Cpu,
         intra_op_threads: 1,
         warmup_batch_size: 4,
+        memory_budget_bytes: 0,
     }
 }
 
@@ -123,6 +134,7 @@ group_prefix = "{prefix}"
 requests = "{prefix}.requests"
 fetched = "{prefix}.fetched"
 normalized = "{prefix}.normalized"
+tokenized = "{prefix}.tokenized"
 inferred = "{prefix}.inferred"
 predictions = "{prefix}.predictions"
 dead_letters = "{prefix}.dead-letters"
@@ -131,12 +143,16 @@ partitions = {partitions}
 [inferrer.model]
 dir = "{model}"
 
+[inferrer.query.model]
+dir = "{query_model}"
+
 [observe]
 listen = "127.0.0.1:0"
 
 {extra}
 "#,
-        model = model_dir().display()
+        model = model_dir().display(),
+        query_model = query_model_dir().display()
     );
     std::fs::write(&path, text).expect("write config");
     path
@@ -310,7 +326,7 @@ pub fn reference_predictions(
             Expected::Prediction { symbol, as_of } => {
                 Some((e.event_id.as_str(), WindowRequest { symbol: symbol.clone(), as_of: *as_of }))
             }
-            Expected::DeadLetter { .. } => None,
+            Expected::DeadLetter { .. } | Expected::Intent { .. } => None,
         })
         .collect();
     let mut out = HashMap::new();
@@ -327,7 +343,7 @@ pub fn reference_predictions(
             };
             input.extend(normalizer.normalize(&window).expect("normalise").values);
         }
-        let y = model.forward(&input, chunk.len()).expect("forward");
+        let y = model.forward(&sluice_model::Batch::Windows(input), chunk.len()).expect("forward");
         for ((id, _), row) in chunk.iter().zip(y.chunks(metadata.outputs.len())) {
             out.insert(id.to_string(), (row[r], row[c]));
         }
@@ -347,6 +363,7 @@ pub fn unique_schema(name: &str) -> String {
 pub fn settings() -> sluice_control::Settings {
     sluice_control::Settings {
         max_batch_size: 64,
+        max_batch_tokens: 8192,
         max_wait_ms: 5,
         min_confidence: 0.0,
         model_version: "1".into(),

@@ -40,18 +40,32 @@ pub struct CacheKey(pub u128);
 impl CacheKey {
     /// Hashes the model's identity and the exact bytes of the normalised input.
     pub fn of(model: &str, version: &str, input: &[f32]) -> Self {
+        Self::of_words(model, version, input.iter().map(|v| v.to_le_bytes()))
+    }
+
+    /// The key of a query model's input: its token ids, that is the text as
+    /// the tokenizer normalised and truncated it (what the model sees).
+    pub fn of_tokens(model: &str, version: &str, ids: &[u32]) -> Self {
+        Self::of_words(model, version, ids.iter().map(|v| v.to_le_bytes()))
+    }
+
+    fn of_words(model: &str, version: &str, words: impl Iterator<Item = [u8; 4]>) -> Self {
         let mut hasher = Xxh3::new();
         hasher.update(model.as_bytes());
         hasher.update(&[0]);
         hasher.update(version.as_bytes());
         hasher.update(&[0]);
         let mut chunk = [0u8; 4 * 256];
-        for values in input.chunks(256) {
-            for (bytes, v) in chunk.chunks_exact_mut(4).zip(values) {
-                bytes.copy_from_slice(&v.to_le_bytes());
+        let mut filled = 0;
+        for word in words {
+            chunk[filled..filled + 4].copy_from_slice(&word);
+            filled += 4;
+            if filled == chunk.len() {
+                hasher.update(&chunk);
+                filled = 0;
             }
-            hasher.update(&chunk[..values.len() * 4]);
         }
+        hasher.update(&chunk[..filled]);
         Self(hasher.digest128())
     }
 }

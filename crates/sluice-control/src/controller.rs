@@ -71,7 +71,7 @@ impl Controller {
     pub async fn start(self, shutdown: CancellationToken) -> watch::Receiver<Settings> {
         let mut followed = Followed::default();
         let (tx, rx) = watch::channel(self.base.clone());
-        publish_gauges(&self.base);
+        publish_gauges(&self.model, &self.base);
         self.reconcile_once(&tx, &mut followed).await;
         tokio::spawn(self.run(tx, followed, shutdown));
         rx
@@ -152,7 +152,7 @@ impl Controller {
                 counter!("sluice_overrides_applied_total", "field" => field).increment(1);
                 tracing::info!(field, value, "override applied");
             }
-            publish_gauges(&effective);
+            publish_gauges(&self.model, &effective);
             *current = effective.clone();
             true
         });
@@ -180,11 +180,16 @@ impl Controller {
     }
 }
 
-fn publish_gauges(s: &Settings) {
-    gauge!("sluice_setting", "field" => "max_batch_size").set(s.max_batch_size as f64);
-    gauge!("sluice_setting", "field" => "max_wait_ms").set(s.max_wait_ms as f64);
-    gauge!("sluice_setting", "field" => "min_confidence").set(f64::from(s.min_confidence));
-    gauge!("sluice_setting", "field" => "cache_enabled").set(if s.cache_enabled { 1.0 } else { 0.0 });
-    gauge!("sluice_setting", "field" => "cache_ttl_s").set(s.cache_ttl_s as f64);
-    gauge!("sluice_setting", "field" => "intra_op_threads").set(s.intra_op_threads as f64);
+fn publish_gauges(model: &str, s: &Settings) {
+    let model = model.to_string();
+    let set = |field: &'static str, value: f64| {
+        gauge!("sluice_setting", "model" => model.clone(), "field" => field).set(value)
+    };
+    set("max_batch_size", s.max_batch_size as f64);
+    set("max_batch_tokens", s.max_batch_tokens as f64);
+    set("max_wait_ms", s.max_wait_ms as f64);
+    set("min_confidence", f64::from(s.min_confidence));
+    set("cache_enabled", if s.cache_enabled { 1.0 } else { 0.0 });
+    set("cache_ttl_s", s.cache_ttl_s as f64);
+    set("intra_op_threads", s.intra_op_threads as f64);
 }

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 /// Every field an override may set.
-pub const FIELDS: [&str; 7] = [
+pub const FIELDS: [&str; 8] = [
     "max_batch_size",
+    "max_batch_tokens",
     "max_wait_ms",
     "min_confidence",
     "model_version",
@@ -21,6 +22,8 @@ pub const FIELDS: [&str; 7] = [
 pub struct Settings {
     /// The inferrer's batch cap (the next batch cut uses it).
     pub max_batch_size: usize,
+    /// The query inferrer's cap on a model call's padded tokens (rows x longest).
+    pub max_batch_tokens: usize,
     /// The inferrer's deadline from the oldest waiting event (ms).
     pub max_wait_ms: u64,
     /// The writer drops predictions under this confidence.
@@ -39,6 +42,7 @@ pub struct Settings {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Overrides {
     pub max_batch_size: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
     pub max_wait_ms: Option<u64>,
     pub min_confidence: Option<f32>,
     pub model_version: Option<String>,
@@ -75,6 +79,7 @@ impl Overrides {
     pub fn check(&mut self, field: &str, value: &str, version_exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
         match field {
             "max_batch_size" => self.max_batch_size = Some(parse_int(value, 1usize, 65_536)?),
+            "max_batch_tokens" => self.max_batch_tokens = Some(parse_int(value, 1usize, 16_777_216)?),
             "max_wait_ms" => self.max_wait_ms = Some(parse_int(value, 0u64, 60_000)?),
             "min_confidence" => {
                 let c: f32 = value.trim().parse().map_err(|_| "not a number".to_string())?;
@@ -129,6 +134,7 @@ impl Overrides {
     fn keep(&mut self, field: &str, previous: &Self) {
         match field {
             "max_batch_size" => self.max_batch_size = previous.max_batch_size,
+            "max_batch_tokens" => self.max_batch_tokens = previous.max_batch_tokens,
             "max_wait_ms" => self.max_wait_ms = previous.max_wait_ms,
             "min_confidence" => self.min_confidence = previous.min_confidence,
             "model_version" => self.model_version.clone_from(&previous.model_version),
@@ -143,6 +149,7 @@ impl Overrides {
     pub fn then(&self, more: &Self) -> Self {
         Self {
             max_batch_size: more.max_batch_size.or(self.max_batch_size),
+            max_batch_tokens: more.max_batch_tokens.or(self.max_batch_tokens),
             max_wait_ms: more.max_wait_ms.or(self.max_wait_ms),
             min_confidence: more.min_confidence.or(self.min_confidence),
             model_version: more.model_version.clone().or_else(|| self.model_version.clone()),
@@ -158,6 +165,7 @@ impl Settings {
     pub fn with(&self, o: &Overrides) -> Self {
         Self {
             max_batch_size: o.max_batch_size.unwrap_or(self.max_batch_size),
+            max_batch_tokens: o.max_batch_tokens.unwrap_or(self.max_batch_tokens),
             max_wait_ms: o.max_wait_ms.unwrap_or(self.max_wait_ms),
             min_confidence: o.min_confidence.unwrap_or(self.min_confidence),
             model_version: o.model_version.clone().unwrap_or_else(|| self.model_version.clone()),
@@ -247,6 +255,7 @@ mod tests {
         let model = Overrides { max_batch_size: Some(128), ..Overrides::default() };
         let base = Settings {
             max_batch_size: 64,
+            max_batch_tokens: 8192,
             max_wait_ms: 20,
             min_confidence: 0.0,
             model_version: "1".into(),

@@ -130,6 +130,11 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", (self.session_timeout_ms / 4).max(100).to_string())
+            // A member joining or leaving moves only the partitions that change
+            // owner; the others keep flowing (incremental assignment). Work in
+            // flight for a moved partition is not committed by its old owner
+            // (a stale offset, counted) and is redone by the new one.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             // The default (1000 ms) stalls a batching consumer about 0.5 s every few
             // thousand messages once its prefetch queue fills (docs/decisions.md).
             .set("fetch.queue.backoff.ms", "10")

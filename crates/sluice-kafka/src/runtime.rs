@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -96,6 +98,15 @@ pub async fn run_stage<S: Stage>(
         });
         processed.and(acknowledged)
     };
+    // The drain timeout bounds everything after the cancellation: the last
+    // batches, the final commit, the producer flush and the consumer close.
+    let cancelled_at = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            Instant::now()
+        })
+    };
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(options.drain_timeout).await;
@@ -112,17 +123,46 @@ pub async fn run_stage<S: Stage>(
         Err(KafkaRuntimeError::Stage { stage: name, message: format!("consumer task panicked: {e}") })
     });
     let result = result.and(consumed);
+    let cancelled_at = cancelled_at.await.unwrap_or_else(|_| Instant::now());
+    // At least a moment for the commit even when the drain used all its time:
+    // it only writes offsets that were acknowledged.
+    let left = || options.drain_timeout.saturating_sub(cancelled_at.elapsed()).max(Duration::from_millis(500));
 
     // Commit what was acknowledged. Only acknowledged offsets were stored, so
-    // this is safe even after a failure or a drain timeout.
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => {
+    // this is safe even after a failure or a drain timeout. librdkafka's calls
+    // block (for as long as the broker takes to answer): off the async runtime,
+    // and abandoned when the drain timeout is up.
+    let committing = consumer.clone();
+    match tokio::time::timeout(
+        left(),
+        tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync)),
+    )
+    .await
+    {
+        Ok(Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)))) => {
+            info!(stage = name, "offsets committed")
+        }
+        Ok(Ok(Err(e))) => {
             warn!(stage = name, error = %e, "final commit failed; the next owner re-processes from the last commit")
         }
+        Ok(Err(e)) => warn!(stage = name, error = %e, "final commit task failed"),
+        Err(_) => warn!(
+            stage = name,
+            "final commit did not finish within the drain timeout; the next owner re-processes from the last commit"
+        ),
     }
-    if let Err(e) = producer.flush(Duration::from_secs(5)) {
-        warn!(stage = name, error = %e, "producer flush on shutdown");
+    let flushing = producer.clone();
+    let flush_for = left();
+    match tokio::time::timeout(flush_for, tokio::task::spawn_blocking(move || flushing.flush(flush_for))).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(stage = name, error = %e, "producer flush on shutdown"),
+        Ok(Err(e)) => warn!(stage = name, error = %e, "producer flush task failed"),
+        Err(_) => warn!(stage = name, "producer flush did not finish within the drain timeout"),
+    }
+    // Closing the consumer leaves the group, which also waits on the broker.
+    drop(producer);
+    if tokio::time::timeout(left(), tokio::task::spawn_blocking(move || drop(consumer))).await.is_err() {
+        warn!(stage = name, "the consumer did not close within the drain timeout");
     }
     telemetry::stopped(name, status.acknowledged.load(Ordering::Relaxed));
     result
@@ -148,7 +188,13 @@ impl ConsumerContext for RebalanceLogger {
         if !matches!(rebalance, Rebalance::Error(_)) {
             self.status.set_assigned(assigned);
         }
-        telemetry::rebalance(self.stage, kind, &partitions, assigned);
+        // Cooperative: a rebalance moves only the listed partitions; eager: all are revoked first.
+        let protocol = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => "cooperative",
+            RebalanceProtocol::Eager => "eager",
+            RebalanceProtocol::None => "none",
+        };
+        telemetry::rebalance(self.stage, kind, protocol, &partitions, assigned);
     }
 }
 

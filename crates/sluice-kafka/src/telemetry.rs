@@ -43,12 +43,18 @@ pub(crate) fn consume_error(stage: &'static str, error: &str) {
     warn!(stage, error, "consume error");
 }
 
-pub(crate) fn rebalance(stage: &'static str, kind: &'static str, partitions: &str, assigned_now: i64) {
+pub(crate) fn rebalance(
+    stage: &'static str,
+    kind: &'static str,
+    protocol: &'static str,
+    partitions: &str,
+    assigned_now: i64,
+) {
     counter!("sluice_kafka_rebalances_total", "stage" => stage, "kind" => kind).increment(1);
     gauge!("sluice_kafka_assigned_partitions", "stage" => stage).set(assigned_now as f64);
-    info!(stage, kind, partitions, assigned_now, "rebalance");
+    info!(stage, kind, protocol, partitions, assigned_now, "rebalance");
 }
 
 pub(crate) fn stopped(stage: &'static str, acknowledged: u64) {
-    info!(stage, acknowledged, "stage stopped; offsets committed");
+    info!(stage, acknowledged, "stage stopped");
 }

@@ -52,6 +52,8 @@ fn approx_payload_len(envelope: &Envelope) -> usize {
         Payload::Fetched(w) | Payload::Normalized(w) => w.values.len() * 4,
         Payload::Query(q) => q.text.len(),
         Payload::Prediction(_) => 64,
+        Payload::Tokens(t) => t.text.len() + t.ids.len() * 4,
+        Payload::Intent(i) => i.text.len() + 64 * (1 + i.top.len()),
     }
 }
 

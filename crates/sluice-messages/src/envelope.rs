@@ -34,6 +34,10 @@ pub enum Payload {
     Query(QueryText),
     /// The model's answer, from the inferrer.
     Prediction(StockPrediction),
+    /// A query's token ids, from the normalizer.
+    Tokens(QueryTokens),
+    /// The query model's answer, from the inferrer.
+    Intent(QueryIntent),
 }
 
 impl Payload {
@@ -44,6 +48,8 @@ impl Payload {
             Self::Normalized(_) => "normalized",
             Self::Query(_) => "query",
             Self::Prediction(_) => "prediction",
+            Self::Tokens(_) => "tokens",
+            Self::Intent(_) => "intent",
         }
     }
 }
@@ -77,6 +83,41 @@ pub struct StockPrediction {
     /// it came from the prediction cache).
     pub batch_size: u32,
     /// Whether the answer came from the prediction cache.
+    pub cached: bool,
+    pub inferred_at_ms: i64,
+}
+
+/// A query as the model reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryTokens {
+    /// The text as received (the sink saves it).
+    pub text: String,
+    /// Token ids, special tokens included, truncated to the model's max length.
+    pub ids: Vec<u32>,
+}
+
+/// One label and its probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelScore {
+    pub label: String,
+    pub score: f32,
+}
+
+/// The query model's answer for one query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryIntent {
+    pub text: String,
+    /// The most probable label, and its probability (softmax of the logits).
+    pub label: String,
+    pub confidence: f32,
+    /// The best three labels, most probable first.
+    pub top: Vec<LabelScore>,
+    pub model_name: String,
+    pub model_version: String,
+    /// Rows in the model call that answered it (0 when answered from the cache).
+    pub batch_size: u32,
+    /// Tokens per row in that call (padded length; 0 when cached).
+    pub padded_length: u32,
     pub cached: bool,
     pub inferred_at_ms: i64,
 }

@@ -8,6 +8,9 @@ pub enum MessageError {
     /// The bytes are not JSON at all.
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
+    /// Bytes that are not UTF-8 (JSON must be): nothing in them can be trusted.
+    #[error("invalid UTF-8 at byte {0}")]
+    InvalidUtf8(usize),
     /// JSON, but not one of our events: missing field, wrong type, unknown kind.
     #[error("not a valid event: {0}")]
     InvalidEvent(String),
@@ -27,6 +30,7 @@ impl MessageError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidUtf8(_) => "invalid_utf8",
             Self::InvalidEvent(_) => "invalid_event",
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownEnvelopeVersion(_) => "unknown_envelope_version",

@@ -74,7 +74,7 @@ impl StockRequest {
     }
 }
 
-/// A text query to classify (processed by a later stage of the project).
+/// A text query to classify: the query model's intent for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
@@ -85,6 +85,7 @@ pub struct QueryRequest {
 impl RequestEvent {
     /// Parses and validates one request. Every error says what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self, MessageError> {
+        std::str::from_utf8(bytes).map_err(|e| MessageError::InvalidUtf8(e.valid_up_to()))?;
         let event: Self = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => MessageError::InvalidEvent(e.to_string()),
             _ => MessageError::MalformedJson(e.to_string()),
@@ -261,5 +262,8 @@ mod tests {
         );
         assert_eq!(reason(r#"{"kind":"stock","event_id":"","symbol":"A","as_of":"2024-01-01"}"#), "invalid_field");
         assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"  "}"#), "invalid_field");
+        let latin1 = b"{\"kind\":\"query\",\"event_id\":\"q\",\"text\":\"caf\xe9\"}";
+        let e = RequestEvent::from_json(latin1).expect_err("not UTF-8");
+        assert_eq!((e.reason(), e.to_string().as_str()), ("invalid_utf8", "invalid UTF-8 at byte 42"));
     }
 }

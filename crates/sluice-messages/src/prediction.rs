@@ -4,11 +4,13 @@
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
+use crate::envelope::LabelScore;
+
 /// One stock prediction as consumers of Sluice see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionRecord {
     pub event_id: String,
-    /// Always `stock` for now; query intents get their own kind.
+    /// Always `stock` ([`IntentRecord`] has `query`).
     pub kind: String,
     pub symbol: String,
     pub as_of: NaiveDate,
@@ -31,4 +33,23 @@ pub struct PredictionRecord {
 pub struct ModelRef {
     pub name: String,
     pub version: String,
+}
+
+/// One query's intent as consumers of Sluice see it (same topic, `kind: query`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    pub event_id: String,
+    /// Always `query`.
+    pub kind: String,
+    pub text: String,
+    pub label: String,
+    pub confidence: f32,
+    /// The best three labels with their probabilities, most probable first.
+    pub top: Vec<LabelScore>,
+    pub model: ModelRef,
+    pub batch_size: u32,
+    pub cached: bool,
+    pub requested_at_ms: i64,
+    pub inferred_at_ms: i64,
+    pub written_at_ms: i64,
 }

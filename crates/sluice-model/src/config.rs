@@ -19,6 +19,10 @@ pub struct ModelConfig {
     /// Batch size of the warm-up run made before the stage reports ready
     /// (the inferrer sets it to its `max_batch_size`).
     pub warmup_batch_size: usize,
+    /// A model call whose input tensors are larger than this many bytes is
+    /// treated as out of memory before it is made: split, and the row cap
+    /// lowered (0: no budget; libtorch's own out-of-memory errors do the same).
+    pub memory_budget_bytes: u64,
 }
 
 impl Default for ModelConfig {
@@ -29,6 +33,7 @@ impl Default for ModelConfig {
             device: DeviceChoice::Auto,
             intra_op_threads: 0,
             warmup_batch_size: 64,
+            memory_budget_bytes: 0,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum ModelError {
     /// Input of the wrong size for the model: a bug in the caller.
     #[error("input of {got} values is not {rows} x {row_len}")]
     InputShape { got: usize, rows: usize, row_len: usize },
+    /// The tokenizer refused a text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// libtorch failed to load or run the model.
     #[error("libtorch: {0}")]
     Torch(String),

@@ -4,6 +4,8 @@
 //! - [`metadata`]: what ships next to `model.pt` (shape, normalisation
 //!   statistics, the meaning of each output).
 //! - [`Model`]: load, pick the device, warm up, run one batch (synchronous).
+//! - [`Batch`]: a batch's input: stock windows, or padded token ids and masks.
+//! - [`QueryTokenizer`]: a query model's `tokenizer.json`.
 //! - [`ModelWorker`]: the thread that owns a [`Model`], and its async handle.
 
 mod config;
@@ -11,10 +13,12 @@ mod device;
 mod error;
 pub mod metadata;
 mod model;
+mod tokenizer;
 mod worker;
 
 pub use config::{DeviceChoice, ModelConfig};
 pub use error::ModelError;
 pub use metadata::ModelMetadata;
-pub use model::Model;
+pub use model::{Batch, Model};
+pub use tokenizer::QueryTokenizer;
 pub use worker::{Inference, ModelWorker};

@@ -13,17 +13,62 @@ use crate::ModelError;
 pub struct ModelMetadata {
     pub name: String,
     pub version: String,
-    /// The event kind it serves (`stock`).
+    /// The event kind it serves: `stock` or `query`.
     pub kind: String,
-    /// One sample's shape, without the batch dimension: `[days, features]`.
+    /// One sample's shape, without the batch dimension: `[days, features]`
+    /// (stock) or `[max_length]` (query).
     pub input_shape: Vec<usize>,
-    /// Per-feature z-score statistics, applied by the normalizer.
+    /// Per-feature z-score statistics, applied by the normalizer (stock).
+    #[serde(default)]
     pub normalization: Option<Normalization>,
-    /// One entry per output column, in order.
+    /// The tokenizer the normalizer applies (query).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// The classes, in the order of the logits (query).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// One entry per output column, in order (a query model has one, `logits`,
+    /// one column per label).
     pub outputs: Vec<OutputSpec>,
-    /// Reference inputs and outputs exported with the model, for checking a runtime.
+    /// Reference inputs and outputs exported with the model, for checking a runtime (stock).
     #[serde(default)]
     pub reference: Option<Reference>,
+    /// Reference phrases with their token ids and logits (query).
+    #[serde(default)]
+    pub reference_phrases: Option<PhraseReference>,
+}
+
+/// The event kinds a model can serve.
+pub const KINDS: [&str; 2] = ["stock", "query"];
+
+/// `tokenizer.json` (Hugging Face format) beside the model, and how to apply it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    pub file: String,
+    /// Sequences are truncated to this many tokens (special tokens included).
+    pub max_length: usize,
+    /// The id that pads a batch's shorter sequences (masked out).
+    pub pad_id: u32,
+}
+
+/// A JSON file of [`ReferencePhrase`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhraseReference {
+    pub file: String,
+    pub count: usize,
+}
+
+/// One held-out phrase as the exporter saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReferencePhrase {
+    pub text: String,
+    /// The true intent.
+    pub label: String,
+    /// Token ids (truncated, unpadded).
+    pub input_ids: Vec<u32>,
+    pub logits: Vec<f32>,
+    /// The label the model picked.
+    pub top1: String,
 }
 
 /// Per-feature mean and standard deviation.
@@ -61,11 +106,29 @@ impl ModelMetadata {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.input_shape.len() != 2 || self.input_shape.contains(&0) {
-            return Err(format!("input_shape must be [days, features], got {:?}", self.input_shape));
-        }
         if self.outputs.is_empty() {
             return Err("outputs must name at least one output".into());
+        }
+        match self.kind.as_str() {
+            "stock" if self.input_shape.len() != 2 || self.input_shape.contains(&0) => {
+                return Err(format!("input_shape must be [days, features], got {:?}", self.input_shape));
+            }
+            "stock" => {}
+            "query" => {
+                let Some(tokenizer) = &self.tokenizer else {
+                    return Err("a query model needs a tokenizer".into());
+                };
+                if self.input_shape != [tokenizer.max_length] || tokenizer.max_length < 2 {
+                    return Err(format!(
+                        "input_shape must be [tokenizer.max_length] with max_length >= 2, got {:?} and {}",
+                        self.input_shape, tokenizer.max_length
+                    ));
+                }
+                if self.labels.is_empty() || self.outputs.len() != 1 {
+                    return Err("a query model needs labels and exactly one output (the logits)".into());
+                }
+            }
+            other => return Err(format!("kind {other:?} is not one of {KINDS:?}")),
         }
         if let Some(n) = &self.normalization {
             let features = self.features();
@@ -92,14 +155,34 @@ impl ModelMetadata {
         self.input_shape[0]
     }
 
-    /// Features per day.
+    /// Features per day (stock; 0 for a query model).
     pub fn features(&self) -> usize {
-        self.input_shape[1]
+        self.input_shape.get(1).copied().unwrap_or(0)
     }
 
-    /// Values in one sample (`days * features`).
+    /// Values in one sample: `days * features` (stock), `max_length` (query).
     pub fn sample_len(&self) -> usize {
-        self.days() * self.features()
+        self.input_shape.iter().product()
+    }
+
+    /// Columns of the model's output: one per output, or one per label.
+    pub fn output_width(&self) -> usize {
+        if self.labels.is_empty() { self.outputs.len() } else { self.labels.len() }
+    }
+
+    /// Reads the reference phrases, if the model ships them.
+    pub fn load_phrases(&self, dir: &Path) -> Result<Vec<ReferencePhrase>, ModelError> {
+        let Some(reference) = &self.reference_phrases else { return Ok(Vec::new()) };
+        let path = dir.join(&reference.file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Read { path: path.clone(), message: e.to_string() })?;
+        let phrases: Vec<ReferencePhrase> = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Metadata { path: path.clone(), message: e.to_string() })?;
+        if phrases.len() != reference.count {
+            let message = format!("{} phrases, metadata says {}", phrases.len(), reference.count);
+            return Err(ModelError::Metadata { path, message });
+        }
+        Ok(phrases)
     }
 
     /// Index of the output named `name`.

@@ -53,39 +53,135 @@ impl Model {
         }
     }
 
-    /// Runs the model once on `rows` samples laid end to end in `input`, and
-    /// returns `rows x outputs` values, row-major. Gradients are off (tch 0.24
-    /// exposes no InferenceMode guard; no_grad is the nearest it offers).
-    pub fn forward(&self, input: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
-        let row_len = self.metadata.sample_len();
-        if rows == 0 || input.len() != rows * row_len {
-            return Err(ModelError::InputShape { got: input.len(), rows, row_len });
-        }
-        let shape = [rows as i64, self.metadata.days() as i64, self.metadata.features() as i64];
-        let x = Tensor::f_from_slice(input)?.f_view(shape)?.f_to_device(self.device)?;
-        let y = tch::no_grad(|| self.module.forward_ts(&[x]))?;
-        let outputs = self.metadata.outputs.len();
-        if y.size() != [rows as i64, outputs as i64] {
-            return Err(ModelError::OutputShape { got: y.size(), rows, outputs });
+    /// Runs the model once on a batch of `rows` samples and returns `rows x
+    /// output_width` values, row-major. Gradients are off (tch 0.24 exposes no
+    /// InferenceMode guard; no_grad is the nearest it offers).
+    pub fn forward(&self, batch: &Batch, rows: usize) -> Result<Vec<f32>, ModelError> {
+        let inputs = match batch {
+            Batch::Windows(input) => {
+                let row_len = self.metadata.sample_len();
+                if rows == 0 || self.metadata.kind != "stock" || input.len() != rows * row_len {
+                    return Err(ModelError::InputShape { got: input.len(), rows, row_len });
+                }
+                let shape = [rows as i64, self.metadata.days() as i64, self.metadata.features() as i64];
+                vec![Tensor::f_from_slice(input)?.f_view(shape)?.f_to_device(self.device)?]
+            }
+            Batch::Tokens { ids, mask, len } => {
+                let max_length = self.metadata.tokenizer.as_ref().map_or(0, |t| t.max_length);
+                if rows == 0 || *len == 0 || *len > max_length || ids.len() != rows * len || mask.len() != ids.len() {
+                    return Err(ModelError::InputShape { got: ids.len(), rows, row_len: *len });
+                }
+                let shape = [rows as i64, *len as i64];
+                vec![
+                    Tensor::f_from_slice(ids)?.f_view(shape)?.f_to_device(self.device)?,
+                    Tensor::f_from_slice(mask)?.f_view(shape)?.f_to_device(self.device)?,
+                ]
+            }
+        };
+        let y = tch::no_grad(|| self.module.forward_ts(&inputs))?;
+        let width = self.metadata.output_width();
+        if y.size() != [rows as i64, width as i64] {
+            return Err(ModelError::OutputShape { got: y.size(), rows, outputs: width });
         }
         let y = y.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
-        let mut out = vec![0f32; rows * outputs];
-        y.f_copy_data(&mut out, rows * outputs)?;
+        let mut out = vec![0f32; rows * width];
+        y.f_copy_data(&mut out, rows * width)?;
         Ok(out)
     }
 
-    /// Runs a full batch of zeros (and a batch of one) so that the first real
-    /// batch does not pay for lazy initialisation and graph optimisation.
+    /// Runs a full batch (and a batch of one) so that the first real batch
+    /// does not pay for lazy initialisation and graph optimisation.
     pub fn warm_up(&self, batch_size: usize) -> Result<(), ModelError> {
-        let row_len = self.metadata.sample_len();
         for rows in [batch_size.max(1), 1] {
-            self.forward(&vec![0.0; rows * row_len], rows)?;
+            let batch = match &self.metadata.tokenizer {
+                // Short sequences of padding ids: warm, without the cost of max_length.
+                Some(t) => {
+                    let len = t.max_length.min(16);
+                    Batch::Tokens { ids: vec![i64::from(t.pad_id); rows * len], mask: vec![1; rows * len], len }
+                }
+                None => Batch::Windows(vec![0.0; rows * self.metadata.sample_len()]),
+            };
+            self.forward(&batch, rows)?;
         }
         Ok(())
+    }
+}
+
+/// One batch's input. Its buffers go to the model thread and come back with the
+/// answer, so that the caller reuses them from batch to batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Batch {
+    /// Windows (`days x features` each) laid end to end.
+    Windows(Vec<f32>),
+    /// Token ids and attention mask, each `rows x len`, row-major, padded.
+    Tokens { ids: Vec<i64>, mask: Vec<i64>, len: usize },
+}
+
+impl Batch {
+    /// Pads `sequences` to `len` (at least the longest) with `pad_id`, mask 0 on
+    /// padding, into `ids` and `mask` (cleared first: their memory is reused).
+    pub fn tokens(sequences: &[&[u32]], len: usize, pad_id: u32, mut ids: Vec<i64>, mut mask: Vec<i64>) -> Self {
+        let len = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(len);
+        ids.clear();
+        mask.clear();
+        ids.reserve(sequences.len() * len);
+        mask.reserve(sequences.len() * len);
+        for sequence in sequences {
+            ids.extend(sequence.iter().map(|&id| i64::from(id)));
+            ids.extend(std::iter::repeat_n(i64::from(pad_id), len - sequence.len()));
+            mask.extend(std::iter::repeat_n(1, sequence.len()));
+            mask.extend(std::iter::repeat_n(0, len - sequence.len()));
+        }
+        Self::Tokens { ids, mask, len }
+    }
+
+    /// The bytes of its input tensors.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Windows(values) => values.len() * 4,
+            Self::Tokens { ids, mask, .. } => (ids.len() + mask.len()) * 8,
+        }
+    }
+
+    /// The windows buffer back (empty if this is a token batch).
+    pub fn into_windows(self) -> Vec<f32> {
+        match self {
+            Self::Windows(values) => values,
+            Self::Tokens { .. } => Vec::new(),
+        }
+    }
+
+    /// The id and mask buffers back (empty if this is a window batch).
+    pub fn into_tokens(self) -> (Vec<i64>, Vec<i64>) {
+        match self {
+            Self::Tokens { ids, mask, .. } => (ids, mask),
+            Self::Windows(_) => (Vec::new(), Vec::new()),
+        }
     }
 }
 
 fn set_threads(threads: usize) {
     tch::set_num_threads(threads.max(1) as i32);
     tracing::info!(threads, "libtorch CPU intra-op threads");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batch;
+
+    #[test]
+    fn pads_to_the_longest_or_further_with_a_mask() {
+        let a: &[u32] = &[101, 7, 102];
+        let b: &[u32] = &[101, 102];
+        let Batch::Tokens { ids, mask, len } = Batch::tokens(&[a, b], 0, 0, vec![9; 40], Vec::new()) else {
+            panic!("tokens")
+        };
+        assert_eq!(len, 3);
+        assert_eq!(ids, vec![101, 7, 102, 101, 102, 0]);
+        assert_eq!(mask, vec![1, 1, 1, 1, 1, 0]);
+        let Batch::Tokens { ids, len, .. } = Batch::tokens(&[b], 4, 5, Vec::new(), Vec::new()) else {
+            panic!("tokens")
+        };
+        assert_eq!((ids, len), (vec![101, 102, 5, 5], 4));
+    }
 }

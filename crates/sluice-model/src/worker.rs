@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Model, ModelConfig, ModelError, ModelMetadata};
+use crate::{Batch, Model, ModelConfig, ModelError, ModelMetadata};
 
 /// One model run's result.
 #[derive(Debug, Clone)]
@@ -19,13 +19,13 @@ pub struct Inference {
     pub outputs: Vec<f32>,
     /// Time spent in the model call.
     pub elapsed: Duration,
-    /// The input buffer, handed back so that the caller can reuse it.
-    pub input: Vec<f32>,
+    /// The input buffers, handed back so that the caller can reuse them.
+    pub input: Batch,
 }
 
 enum Job {
     Infer {
-        input: Vec<f32>,
+        input: Batch,
         rows: usize,
         reply: oneshot::Sender<Result<Inference, ModelError>>,
     },
@@ -74,7 +74,7 @@ impl ModelWorker {
     }
 
     /// Runs one batch of `rows` samples on the model thread.
-    pub async fn infer(&self, input: Vec<f32>, rows: usize) -> Result<Inference, ModelError> {
+    pub async fn infer(&self, input: Batch, rows: usize) -> Result<Inference, ModelError> {
         let (reply, answer) = oneshot::channel();
         self.send(Job::Infer { input, rows, reply }).await?;
         answer.await.map_err(|_| ModelError::WorkerGone)?

@@ -1,4 +1,5 @@
-//! The writer's PostgreSQL sink: one idempotent statement per batch.
+//! The writer's PostgreSQL sink: one idempotent statement per table and
+//! batch, in one transaction.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -6,7 +7,7 @@ use std::pin::Pin;
 use chrono::NaiveDate;
 use deadpool_postgres::Pool;
 use sluice_kafka::BatchFailure;
-use sluice_messages::prediction::PredictionRecord;
+use sluice_messages::prediction::{IntentRecord, PredictionRecord};
 use sluice_stages::PredictionSink;
 
 use crate::PostgresError;
@@ -19,7 +20,16 @@ INSERT INTO stock_predictions
 SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::real[], $5::real[], $6::text[], $7::text[], $8::bool[])
 ON CONFLICT (event_id) DO NOTHING";
 
-/// Saves predictions to `stock_predictions`.
+/// The same for query intents; the top labels travel as JSON text.
+const INSERT_INTENTS: &str = "\
+INSERT INTO query_intents
+    (event_id, query_text, label, confidence, top_labels, model_name, model_version, cached)
+SELECT id, query_text, label, confidence, top::jsonb, name, version, cached
+FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::text[], $6::text[], $7::text[], $8::bool[])
+    AS r(id, query_text, label, confidence, top, name, version, cached)
+ON CONFLICT (event_id) DO NOTHING";
+
+/// Saves predictions to `stock_predictions` and intents to `query_intents`.
 #[derive(Debug, Clone)]
 pub struct PgPredictions {
     pool: Pool,
@@ -30,22 +40,43 @@ impl PgPredictions {
         Self { pool }
     }
 
-    /// Inserts the rows; returns how many were new.
-    pub async fn insert(&self, records: &[PredictionRecord]) -> Result<u64, PostgresError> {
-        let column = |f: fn(&PredictionRecord) -> String| records.iter().map(f).collect::<Vec<String>>();
-        let ids = column(|r| r.event_id.clone());
-        let symbols = column(|r| r.symbol.clone());
-        let names = column(|r| r.model.name.clone());
-        let versions = column(|r| r.model.version.clone());
-        let dates: Vec<NaiveDate> = records.iter().map(|r| r.as_of).collect();
-        let returns: Vec<f32> = records.iter().map(|r| r.predicted_return).collect();
-        let confidences: Vec<f32> = records.iter().map(|r| r.confidence).collect();
-        let cached: Vec<bool> = records.iter().map(|r| r.cached).collect();
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(INSERT).await?;
-        Ok(client
-            .execute(&statement, &[&ids, &symbols, &dates, &returns, &confidences, &names, &versions, &cached])
-            .await?)
+    /// Inserts the rows in one transaction; returns how many were new.
+    pub async fn insert(&self, stocks: &[PredictionRecord], intents: &[IntentRecord]) -> Result<u64, PostgresError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut new = 0;
+        if !stocks.is_empty() {
+            let column = |f: fn(&PredictionRecord) -> String| stocks.iter().map(f).collect::<Vec<String>>();
+            let ids = column(|r| r.event_id.clone());
+            let symbols = column(|r| r.symbol.clone());
+            let names = column(|r| r.model.name.clone());
+            let versions = column(|r| r.model.version.clone());
+            let dates: Vec<NaiveDate> = stocks.iter().map(|r| r.as_of).collect();
+            let returns: Vec<f32> = stocks.iter().map(|r| r.predicted_return).collect();
+            let confidences: Vec<f32> = stocks.iter().map(|r| r.confidence).collect();
+            let cached: Vec<bool> = stocks.iter().map(|r| r.cached).collect();
+            let statement = tx.prepare_cached(INSERT).await?;
+            new += tx
+                .execute(&statement, &[&ids, &symbols, &dates, &returns, &confidences, &names, &versions, &cached])
+                .await?;
+        }
+        if !intents.is_empty() {
+            let column = |f: fn(&IntentRecord) -> String| intents.iter().map(f).collect::<Vec<String>>();
+            let ids = column(|r| r.event_id.clone());
+            let texts = column(|r| r.text.clone());
+            let labels = column(|r| r.label.clone());
+            let tops = column(|r| serde_json::to_string(&r.top).expect("label scores always serialise"));
+            let names = column(|r| r.model.name.clone());
+            let versions = column(|r| r.model.version.clone());
+            let confidences: Vec<f32> = intents.iter().map(|r| r.confidence).collect();
+            let cached: Vec<bool> = intents.iter().map(|r| r.cached).collect();
+            let statement = tx.prepare_cached(INSERT_INTENTS).await?;
+            new += tx
+                .execute(&statement, &[&ids, &texts, &labels, &confidences, &tops, &names, &versions, &cached])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(new)
     }
 }
 
@@ -56,10 +87,11 @@ impl PredictionSink for PgPredictions {
 
     fn write<'a>(
         &'a self,
-        records: &'a [PredictionRecord],
+        stocks: &'a [PredictionRecord],
+        intents: &'a [IntentRecord],
     ) -> Pin<Box<dyn Future<Output = Result<(), BatchFailure>> + Send + 'a>> {
         Box::pin(async move {
-            self.insert(records)
+            self.insert(stocks, intents)
                 .await
                 .map(|_| ())
                 .map_err(|e| BatchFailure { retryable: e.retryable(), message: format!("saving predictions: {e}") })

@@ -24,6 +24,15 @@ pub enum StageError {
     /// NaN or infinity in the model's answer.
     #[error("the model returned a non-finite {output} ({value})")]
     NonFinitePrediction { output: &'static str, value: f32 },
+    /// A query with nothing but white space.
+    #[error("the query text is empty")]
+    EmptyText,
+    /// A query longer than `normalizer.max_query_bytes`.
+    #[error("the query text is {bytes} bytes; at most {max} are accepted")]
+    TextTooLong { bytes: usize, max: usize },
+    /// A token sequence the query model cannot take.
+    #[error("{got} tokens; the query model takes 1 to {max}")]
+    TokenCount { got: usize, max: usize },
     /// An event kind this deployment does not process yet.
     #[error("{kind} events are not served by this deployment: {why}")]
     UnsupportedKind { kind: &'static str, why: &'static str },
@@ -49,6 +58,9 @@ impl StageError {
             Self::NonFiniteInput { .. } => "non_finite_input",
             Self::NonFinitePrediction { .. } => "non_finite_prediction",
             Self::UnsupportedKind { .. } => "unsupported_kind",
+            Self::EmptyText => "empty_text",
+            Self::TokenCount { .. } => "invalid_token_count",
+            Self::TextTooLong { .. } => "text_too_long",
             Self::UnexpectedPayload { .. } => "unexpected_payload",
             Self::Model(_) => "model_error",
             Self::Sink { .. } => "sink_error",

@@ -1,7 +1,7 @@
 //! Synthetic request events for the demo, `sluice produce --synthetic` and the
 //! tests: valid stock events for the synthetic source's symbols, with a chosen
-//! share of invalid ones of every kind, each labelled with what the pipeline
-//! must make of it.
+//! share of invalid ones of every kind, and banking text queries, each
+//! labelled with what the pipeline must make of it.
 
 use chrono::{Datelike, Days, NaiveDate, Weekday};
 
@@ -14,6 +14,8 @@ pub enum Expected {
     Prediction { symbol: String, as_of: NaiveDate },
     /// A dead letter with this reason.
     DeadLetter { reason: &'static str },
+    /// One intent for this query text.
+    Intent { text: String },
 }
 
 /// One generated event: its id, its JSON, and the expected outcome.
@@ -93,8 +95,41 @@ fn invalid_event(id: &str, symbol: &str, date: NaiveDate, n: usize) -> (String, 
                 dead("non_finite_input"),
             )
         }
-        _ => (format!(r#"{{"kind":"query","event_id":"{id}","text":"what is my balance"}}"#), dead("unsupported_kind")),
+        _ => {
+            // Over the normalizer's default max_query_bytes (4096).
+            let text = "please tell me my balance ".repeat(200);
+            (format!(r#"{{"kind":"query","event_id":"{id}","text":"{text}"}}"#), dead("text_too_long"))
+        }
     }
+}
+
+/// Banking questions in several wordings, for query events.
+const QUERIES: [&str; 12] = [
+    "what is my current account balance",
+    "send 200 euros to my landlord",
+    "I would like to apply for a personal loan",
+    "I lost my debit card yesterday",
+    "please freeze my credit card right now",
+    "how do I change the PIN of my card",
+    "I want to open a savings account",
+    "close my checking account please",
+    "there is a charge on my statement I do not recognise",
+    "what are your mortgage rates at the moment",
+    "what is the dollar to euro exchange rate today",
+    "I moved, please update my home address",
+];
+
+/// `count` query events named `{prefix}-q{i}`, cycling through a dozen banking
+/// questions: from the thirteenth on, every text is a repeat (a cache hit).
+pub fn generate_queries(prefix: &str, count: usize) -> Vec<GeneratedEvent> {
+    (0..count)
+        .map(|i| {
+            let event_id = format!("{prefix}-q{i:07}");
+            let text = QUERIES[i % QUERIES.len()].to_string();
+            let json = format!(r#"{{"kind":"query","event_id":"{event_id}","text":"{text}"}}"#);
+            GeneratedEvent { event_id, json: json.into_bytes(), expected: Expected::Intent { text } }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -111,13 +146,16 @@ mod tests {
             .iter()
             .map(|e| match e.expected {
                 Expected::DeadLetter { reason } => reason,
-                Expected::Prediction { .. } => unreachable!(),
+                _ => unreachable!(),
             })
             .collect();
         assert_eq!(reasons.len(), 8, "{reasons:?}");
         for e in events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })) {
             let parsed = RequestEvent::from_json(&e.json).expect("valid events parse");
             assert_eq!(parsed.event_id(), e.event_id);
+        }
+        for e in generate_queries("q", 30) {
+            assert!(matches!(RequestEvent::from_json(&e.json).expect("queries parse"), RequestEvent::Query(_)));
         }
         // Events that the fetcher's parser refuses are refused for the stated reason.
         for e in &invalid {

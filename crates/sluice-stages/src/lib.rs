@@ -16,6 +16,6 @@ pub mod writer;
 
 pub use error::StageError;
 pub use fetcher::Fetcher;
-pub use inferrer::{Inferrer, InferrerStats};
+pub use inferrer::{Inferrer, InferrerStats, QueryInferrer};
 pub use normalizer::Normalizer;
 pub use writer::{PredictionSink, Writer, WriterStats};

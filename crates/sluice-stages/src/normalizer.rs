@@ -1,10 +1,15 @@
 //! The normalizer: per-feature z-scores with the statistics shipped in the
-//! model's metadata. Non-finite values, before or after, are dead letters.
+//! stock model's metadata (non-finite values, before or after, are dead
+//! letters), and the query model's tokenizer for text queries (empty or
+//! oversized texts are dead letters). Each kind goes to its own topic, where
+//! its own inferrer reads it.
 
 use std::sync::Arc;
 
 use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::envelope::QueryTokens;
 use sluice_messages::envelope::{Payload, StockWindow};
+use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
 use crate::StageError;
@@ -18,6 +23,16 @@ pub struct Normalizer {
     inv_std: Vec<f32>,
     days: usize,
     output: Arc<str>,
+    queries: Option<Queries>,
+}
+
+/// How text queries are tokenized, and where they go.
+#[derive(Debug)]
+pub struct Queries {
+    pub tokenizer: QueryTokenizer,
+    /// Longer texts are dead letters (`text_too_long`).
+    pub max_bytes: usize,
+    pub output: Arc<str>,
 }
 
 impl Normalizer {
@@ -28,7 +43,26 @@ impl Normalizer {
             inv_std: stats.std.iter().map(|s| 1.0 / s).collect(),
             days,
             output: output_topic.into(),
+            queries: None,
         }
+    }
+
+    /// Also tokenizes text queries, onto their own topic.
+    pub fn with_queries(mut self, tokenizer: QueryTokenizer, max_bytes: usize, output_topic: &str) -> Self {
+        self.queries = Some(Queries { tokenizer, max_bytes, output: output_topic.into() });
+        self
+    }
+
+    /// A query's tokens, refusing empty and oversized texts.
+    pub fn tokenize(queries: &Queries, text: &str) -> Result<QueryTokens, StageError> {
+        if text.trim().is_empty() {
+            return Err(StageError::EmptyText);
+        }
+        if text.len() > queries.max_bytes {
+            return Err(StageError::TextTooLong { bytes: text.len(), max: queries.max_bytes });
+        }
+        let ids = queries.tokenizer.encode(text)?;
+        Ok(QueryTokens { text: text.to_string(), ids })
     }
 
     /// z-scores a window, refusing wrong shapes and non-finite values.
@@ -75,16 +109,23 @@ impl Stage for Normalizer {
                     Ok(envelope) => envelope,
                     Err(dead) => return dead,
                 };
-                let result = match &envelope.payload {
-                    Payload::Fetched(window) => self.normalize(window),
-                    Payload::Query(_) => Err(StageError::UnsupportedKind {
+                let result = match (&envelope.payload, &self.queries) {
+                    (Payload::Fetched(window), _) => {
+                        self.normalize(window).map(|w| (&self.output, Payload::Normalized(w)))
+                    }
+                    (Payload::Query(query), Some(queries)) => {
+                        Self::tokenize(queries, &query.text).map(|t| (&queries.output, Payload::Tokens(t)))
+                    }
+                    (Payload::Query(_), None) => Err(StageError::UnsupportedKind {
                         kind: "query",
-                        why: "no intent model is configured (query processing is not built yet)",
+                        why: "no query model is configured (normalizer.queries is off)",
                     }),
-                    other => Err(StageError::UnexpectedPayload { expected: "fetched", got: other.kind() }),
+                    (other, _) => {
+                        Err(StageError::UnexpectedPayload { expected: "fetched or query", got: other.kind() })
+                    }
                 };
                 match result {
-                    Ok(normalized) => forward(i, input, &self.output, &envelope, Payload::Normalized(normalized)),
+                    Ok((topic, payload)) => forward(i, input, topic, &envelope, payload),
                     Err(e) => dead_letter(i, &e, Some(envelope.event_id)),
                 }
             })

@@ -1,6 +1,6 @@
-//! The writer: drops predictions under `min_confidence` (counted, not saved)
-//! and writes the rest, in batches, to the `predictions` topic (JSON) and to a
-//! JSON-lines file.
+//! The writer: drops stock predictions and query intents under
+//! `min_confidence` (counted, not saved) and writes the rest, in batches, to the
+//! `predictions` topic (JSON, `kind` says which), a JSON-lines file and the sink.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -12,7 +12,7 @@ use metrics::counter;
 use sluice_control::Settings;
 use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::envelope::Payload;
-use sluice_messages::prediction::{ModelRef, PredictionRecord};
+use sluice_messages::prediction::{IntentRecord, ModelRef, PredictionRecord};
 use tokio::sync::watch;
 
 use crate::StageError;
@@ -24,12 +24,20 @@ use crate::common::{dead_letter, decode};
 pub trait PredictionSink: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
-    /// Writes the records in one transaction; an `Err` fails the whole batch
-    /// (retried by the runtime when retryable).
+    /// Writes a batch's stock predictions and query intents in one
+    /// transaction; an `Err` fails the whole batch (retried by the runtime
+    /// when retryable).
     fn write<'a>(
         &'a self,
-        records: &'a [PredictionRecord],
+        stocks: &'a [PredictionRecord],
+        intents: &'a [IntentRecord],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BatchFailure>> + Send + 'a>>;
+}
+
+/// One saved answer and its JSON.
+enum Record {
+    Stock(PredictionRecord, Vec<u8>),
+    Intent(IntentRecord, Vec<u8>),
 }
 
 /// Counts shared with whoever reports on the writer (the demo's summary).
@@ -98,7 +106,7 @@ impl Stage for Writer {
         let mut outputs = Vec::with_capacity(batch.len());
         let mut lines = Vec::new();
         let mut below = 0;
-        let mut records = Vec::new();
+        let (mut stocks, mut intents) = (Vec::new(), Vec::new());
         let written_at_ms = sluice_messages::now_ms();
         let min_confidence = self.settings.borrow().min_confidence;
         for (i, input) in batch.iter().enumerate() {
@@ -109,39 +117,81 @@ impl Stage for Writer {
                     continue;
                 }
             };
-            let Payload::Prediction(p) = &envelope.payload else {
-                let e = StageError::UnexpectedPayload { expected: "prediction", got: envelope.payload.kind() };
-                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
-                continue;
+            let model = |name: &str, version: &str| ModelRef { name: name.to_string(), version: version.to_string() };
+            let (confidence, json) = match &envelope.payload {
+                Payload::Prediction(p) if p.confidence.is_finite() && p.predicted_return.is_finite() => {
+                    let record = PredictionRecord {
+                        event_id: envelope.event_id.clone(),
+                        kind: "stock".into(),
+                        symbol: p.symbol.clone(),
+                        as_of: p.as_of,
+                        predicted_return: p.predicted_return,
+                        confidence: p.confidence,
+                        model: model(&p.model_name, &p.model_version),
+                        batch_size: p.batch_size,
+                        cached: p.cached,
+                        requested_at_ms: envelope.requested_at_ms,
+                        inferred_at_ms: p.inferred_at_ms,
+                        written_at_ms,
+                    };
+                    let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
+                    (p.confidence, Record::Stock(record, json))
+                }
+                Payload::Intent(q) if q.confidence.is_finite() && q.top.iter().all(|t| t.score.is_finite()) => {
+                    let record = IntentRecord {
+                        event_id: envelope.event_id.clone(),
+                        kind: "query".into(),
+                        text: q.text.clone(),
+                        label: q.label.clone(),
+                        confidence: q.confidence,
+                        top: q.top.clone(),
+                        model: model(&q.model_name, &q.model_version),
+                        batch_size: q.batch_size,
+                        cached: q.cached,
+                        requested_at_ms: envelope.requested_at_ms,
+                        inferred_at_ms: q.inferred_at_ms,
+                        written_at_ms,
+                    };
+                    let json = serde_json::to_vec(&record).expect("an IntentRecord always serialises");
+                    (q.confidence, Record::Intent(record, json))
+                }
+                Payload::Prediction(p) => {
+                    let e = StageError::NonFinitePrediction {
+                        output: "confidence or predicted_return",
+                        value: p.confidence,
+                    };
+                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                    continue;
+                }
+                Payload::Intent(q) => {
+                    let e = StageError::NonFinitePrediction { output: "confidence or scores", value: q.confidence };
+                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                    continue;
+                }
+                other => {
+                    let e = StageError::UnexpectedPayload { expected: "prediction or intent", got: other.kind() };
+                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                    continue;
+                }
             };
-            if !(p.confidence.is_finite() && p.predicted_return.is_finite()) {
-                let e =
-                    StageError::NonFinitePrediction { output: "confidence or predicted_return", value: p.confidence };
-                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
-                continue;
-            }
-            if p.confidence < min_confidence {
+            if confidence < min_confidence {
                 below += 1;
                 continue;
             }
-            let record = PredictionRecord {
-                event_id: envelope.event_id.clone(),
-                kind: "stock".into(),
-                symbol: p.symbol.clone(),
-                as_of: p.as_of,
-                predicted_return: p.predicted_return,
-                confidence: p.confidence,
-                model: ModelRef { name: p.model_name.clone(), version: p.model_version.clone() },
-                batch_size: p.batch_size,
-                cached: p.cached,
-                requested_at_ms: envelope.requested_at_ms,
-                inferred_at_ms: p.inferred_at_ms,
-                written_at_ms,
+            let json = match json {
+                Record::Stock(record, json) => {
+                    if self.sink.is_some() {
+                        stocks.push(record);
+                    }
+                    json
+                }
+                Record::Intent(record, json) => {
+                    if self.sink.is_some() {
+                        intents.push(record);
+                    }
+                    json
+                }
             };
-            let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
-            if self.sink.is_some() {
-                records.push(record);
-            }
             if self.file.is_some() {
                 lines.extend_from_slice(&json);
                 lines.push(b'\n');
@@ -174,11 +224,11 @@ impl Stage for Writer {
             }
         }
         if let Some(sink) = &self.sink
-            && !records.is_empty()
+            && !(stocks.is_empty() && intents.is_empty())
         {
             // Committed before the batch's offsets can be: a re-delivery
             // re-writes the same event ids, which the sink ignores.
-            sink.write(&records).await?;
+            sink.write(&stocks, &intents).await?;
         }
         let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
         self.stats.written.fetch_add(written, Ordering::Relaxed);

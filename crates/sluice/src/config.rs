@@ -64,8 +64,10 @@ pub struct TopicsConfig {
     pub requests: String,
     /// Envelopes from the fetcher.
     pub fetched: String,
-    /// Envelopes from the normalizer.
+    /// Envelopes from the normalizer: stock windows.
     pub normalized: String,
+    /// Envelopes from the normalizer: query token ids (the query inferrer's input).
+    pub tokenized: String,
     /// Envelopes from the inferrer (predictions not yet written).
     pub inferred: String,
     /// The JSON output topic.
@@ -92,11 +94,12 @@ impl TopicsConfig {
     }
 
     /// Every topic name with its key under `[topics]`.
-    pub fn names(&self) -> [(&'static str, &String); 6] {
+    pub fn names(&self) -> [(&'static str, &String); 7] {
         [
             ("requests", &self.requests),
             ("fetched", &self.fetched),
             ("normalized", &self.normalized),
+            ("tokenized", &self.tokenized),
             ("inferred", &self.inferred),
             ("predictions", &self.predictions),
             ("dead_letters", &self.dead_letters),
@@ -110,6 +113,7 @@ impl TopicsConfig {
             requests: name("requests"),
             fetched: name("fetched"),
             normalized: name("normalized"),
+            tokenized: name("tokenized"),
             inferred: name("inferred"),
             predictions: name("predictions"),
             dead_letters: name("dead_letters"),
@@ -150,14 +154,43 @@ pub struct FetcherConfig {
 #[serde(deny_unknown_fields)]
 pub struct NormalizerConfig {
     pub batch: BatchPolicy,
+    /// Tokenize query events with the query model's tokenizer
+    /// (`inferrer.query.model`); off: they are `unsupported_kind` dead letters.
+    pub tokenize_queries: bool,
+    /// Longer query texts (in UTF-8 bytes) are `text_too_long` dead letters.
+    pub max_query_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferrerConfig {
+    /// The kinds `sluice run inferrer` serves: each has its own consumer and
+    /// batcher, so both can share a process, or each have a deployment.
+    pub serve: Vec<ServedKind>,
     /// `max_batch_size` is the model batch; `max_wait_ms` bounds how long the
     /// oldest waiting event waits for a fuller batch.
     pub batch: BatchPolicy,
+    /// The stock model.
+    pub model: ModelConfig,
+    /// The query model, its batches and its token budget.
+    pub query: QueryInferrerConfig,
+}
+
+/// An event kind an inferrer can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServedKind {
+    Stock,
+    Query,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryInferrerConfig {
+    /// `max_batch_size` caps the rows of one model call.
+    pub batch: BatchPolicy,
+    /// Caps one model call's padded tokens (rows x its longest sequence).
+    pub max_batch_tokens: usize,
     pub model: ModelConfig,
 }
 
@@ -221,11 +254,16 @@ impl SluiceConfig {
             anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))
         })?;
         if config.inferrer.model.dir.as_os_str().is_empty() {
-            config.inferrer.model.dir = default_model_dir();
+            config.inferrer.model.dir = default_model_dir("SLUICE_MODEL_DIR", "stock-lstm");
+        }
+        if config.inferrer.query.model.dir.as_os_str().is_empty() {
+            config.inferrer.query.model.dir = default_model_dir("SLUICE_QUERY_MODEL_DIR", "query-intent");
         }
         // Warm up with at least a full batch: the first real one must not pay.
         let warmup = &mut config.inferrer.model.warmup_batch_size;
         *warmup = (*warmup).max(config.inferrer.batch.max_batch_size);
+        let warmup = &mut config.inferrer.query.model.warmup_batch_size;
+        *warmup = (*warmup).max(config.inferrer.query.batch.max_batch_size);
         config.validate()?;
         Ok(config)
     }
@@ -241,6 +279,7 @@ impl SluiceConfig {
             ("fetcher.batch", &self.fetcher.batch),
             ("normalizer.batch", &self.normalizer.batch),
             ("inferrer.batch", &self.inferrer.batch),
+            ("inferrer.query.batch", &self.inferrer.query.batch),
             ("writer.batch", &self.writer.batch),
         ] {
             if !(1..=65_536).contains(&policy.max_batch_size) {
@@ -312,6 +351,15 @@ impl SluiceConfig {
         if self.cache.lru.max_bytes < 1024 {
             return Err(invalid("cache.lru.max_bytes", "must be at least 1024"));
         }
+        if !(1..=16_777_216).contains(&self.inferrer.query.max_batch_tokens) {
+            return Err(invalid("inferrer.query.max_batch_tokens", "outside 1..=16777216"));
+        }
+        if !(1..=1_048_576).contains(&self.normalizer.max_query_bytes) {
+            return Err(invalid("normalizer.max_query_bytes", "outside 1..=1048576"));
+        }
+        if self.inferrer.serve.is_empty() {
+            return Err(invalid("inferrer.serve", "must name at least one kind (stock, query)"));
+        }
         if self.fetcher.synthetic.universe == 0 || self.fetcher.synthetic.universe > 10_000 {
             return Err(invalid("fetcher.synthetic.universe", "must be within 1..=10000 (symbols S0000..S9999)"));
         }
@@ -324,12 +372,25 @@ impl SluiceConfig {
     pub fn base_settings(&self) -> Settings {
         Settings {
             max_batch_size: self.inferrer.batch.max_batch_size,
+            max_batch_tokens: self.inferrer.query.max_batch_tokens,
             max_wait_ms: self.inferrer.batch.max_wait_ms,
             min_confidence: self.writer.min_confidence,
             model_version: self.inferrer.model.version.clone(),
             cache_enabled: self.cache.enabled,
             cache_ttl_s: self.cache.ttl_s,
             intra_op_threads: self.inferrer.model.threads(),
+        }
+    }
+
+    /// The query model's settings, as configured (before any override).
+    pub fn query_base_settings(&self) -> Settings {
+        let query = &self.inferrer.query;
+        Settings {
+            max_batch_size: query.batch.max_batch_size,
+            max_wait_ms: query.batch.max_wait_ms,
+            model_version: query.model.version.clone(),
+            intra_op_threads: query.model.threads(),
+            ..self.base_settings()
         }
     }
 }
@@ -343,14 +404,16 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Where `make setup` exports the fixture model.
-fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SLUICE_MODEL_DIR") {
+/// `$variable`, else `$SLUICE_CACHE/models/{name}`, else `~/.cache/sluice/models/{name}`
+/// (where `make setup` exports the models).
+fn default_model_dir(variable: &str, name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(variable) {
         return dir.into();
     }
     let cache = std::env::var_os("SLUICE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice"));
-    cache.join("models/stock-lstm")
+    cache.join("models").join(name)
 }
 
 #[cfg(test)]

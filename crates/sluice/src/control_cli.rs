@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use clap::Subcommand;
 use serde_json::json;
-use sluice_control::Overrides;
 use sluice_control::admin;
 use sluice_control::link::RedisLink;
 use sluice_control::overrides::FIELDS;
 use sluice_control::store::{OverrideStore, Scope, ScopedOverrides};
+use sluice_control::{Overrides, Settings};
+use sluice_model::ModelConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
@@ -68,16 +69,27 @@ fn scope(model: Option<String>) -> Scope {
     model.map_or(Scope::All, Scope::Model)
 }
 
+/// The model named `name` (the stock model unless it is the query model's
+/// name) and its settings as configured.
+fn model_of<'a>(config: &'a SluiceConfig, name: &str) -> (&'a ModelConfig, Settings) {
+    if name == model_name(&config.inferrer.query.model) {
+        (&config.inferrer.query.model, config.query_base_settings())
+    } else {
+        (&config.inferrer.model, config.base_settings())
+    }
+}
+
 pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow::Result<()> {
-    let model = model_name(&config);
+    let model = model_name(&config.inferrer.model);
     match action {
         OverridesAction::Get { model: asked } => {
             let (store, _) = redis_store(&config)?;
             let model = asked.unwrap_or(model);
             let raw = store.read(&model).await?;
-            let versions = |v: &str| config.inferrer.model.has_version(v);
+            let (served, base) = model_of(&config, &model);
+            let versions = |v: &str| served.has_version(v);
             let (overrides, refused) = store.parse(&model, &raw, &ScopedOverrides::default(), &versions);
-            let effective = overrides.effective(&config.base_settings());
+            let effective = overrides.effective(&base);
             let (all, one) = raw;
             let refused: Vec<_> = refused
                 .iter()
@@ -93,10 +105,16 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
         }
         OverridesAction::Set { field, value, model } => {
             let (store, _) = redis_store(&config)?;
+            // A version for one model is checked against that model; for all
+            // models, against any.
+            let served: Vec<&ModelConfig> = match &model {
+                Some(name) => vec![model_of(&config, name).0],
+                None => vec![&config.inferrer.model, &config.inferrer.query.model],
+            };
             let scope = scope(model);
             let key = store.key(&scope);
             Overrides::default()
-                .check(&field, &value, &|v| config.inferrer.model.has_version(v))
+                .check(&field, &value, &|v| served.iter().any(|m| m.has_version(v)))
                 .map_err(|reason| anyhow::anyhow!("override `{field}` = {value:?} refused: {reason}"))?;
             store.set(&scope, &field, &value).await?;
             out(&format!("{key} {field} = {value}"))
@@ -112,7 +130,7 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
             redis_store(&config)?;
             let shutdown = CancellationToken::new();
             cancel_on_signals(shutdown.clone());
-            let control = start_control(&config, shutdown.clone()).await?;
+            let control = start_control(&config, false, shutdown.clone()).await?;
             let mut settings = control.settings;
             loop {
                 out(&serde_json::to_string(&*settings.borrow_and_update())?)?;

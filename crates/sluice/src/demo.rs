@@ -11,11 +11,11 @@ use anyhow::Context;
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_kafka::embedded::EmbeddedCluster;
 use sluice_messages::dead_letter::DeadLetter;
-use sluice_messages::prediction::PredictionRecord;
-use sluice_stages::generate::generate;
+use sluice_messages::prediction::{IntentRecord, PredictionRecord};
+use sluice_stages::generate::{generate, generate_queries};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SluiceConfig;
+use crate::config::{ServedKind, SluiceConfig};
 use crate::launch::{StageKind, Stats, cancel_on_signals, join, spawn_stage, start_control};
 use crate::produce::progress;
 
@@ -26,6 +26,7 @@ const IN_FLIGHT: u64 = 512;
 #[derive(Debug, Default)]
 struct Tally {
     predicted: HashMap<String, PredictionRecord>,
+    intents: HashMap<String, IntentRecord>,
     duplicate_predictions: u64,
     dead_letters: BTreeMap<String, u64>,
     dead_sources: HashSet<(String, i32, i64)>,
@@ -33,7 +34,7 @@ struct Tally {
 
 impl Tally {
     fn accounted(&self, below: u64) -> u64 {
-        self.predicted.len() as u64 + self.dead_sources.len() as u64 + below
+        self.predicted.len() as u64 + self.intents.len() as u64 + self.dead_sources.len() as u64 + below
     }
 }
 
@@ -48,8 +49,9 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     let all_stats = Arc::new(Stats::default());
-    let control = start_control(&config, shutdown.clone()).await?;
-    let stages: Vec<_> = StageKind::ALL
+    let kinds = StageKind::expand(&StageKind::ALL, &config);
+    let control = start_control(&config, kinds.contains(&StageKind::QueryInferrer), shutdown.clone()).await?;
+    let stages: Vec<_> = kinds
         .into_iter()
         .map(|kind| {
             spawn_stage(kind, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), all_stats.clone())
@@ -70,7 +72,18 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     }
     let warmup = started.elapsed();
 
-    let generated = generate("demo", events, invalid_every, config.fetcher.synthetic.universe);
+    // One event in ten is a text query, spread through the stream.
+    let queries = if config.inferrer.serve.contains(&ServedKind::Query) { events / 10 } else { 0 };
+    let stocks = generate("demo", events - queries, invalid_every, config.fetcher.synthetic.universe);
+    let mut queries = generate_queries("demo", queries).into_iter();
+    let mut generated = Vec::with_capacity(events);
+    for (i, stock) in stocks.into_iter().enumerate() {
+        generated.push(stock);
+        if i % 9 == 8 {
+            generated.extend(queries.next());
+        }
+    }
+    generated.extend(queries);
     let mut publisher = Publisher::new(&kafka, "sluice-demo-producer")?;
     let mut tally = Tally::default();
     let bar = progress(events as u64, "processed");
@@ -95,8 +108,15 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
         let Some(record) = reader.next(Duration::from_millis(100)).await else { continue };
         let record = record?;
         if record.topic == config.topics.predictions {
-            let p: PredictionRecord = serde_json::from_slice(&record.payload).context("a prediction record")?;
-            if tally.predicted.insert(p.event_id.clone(), p).is_some() {
+            let kind: serde_json::Value = serde_json::from_slice(&record.payload).context("a prediction record")?;
+            let duplicate = if kind["kind"] == "query" {
+                let q: IntentRecord = serde_json::from_slice(&record.payload).context("an intent record")?;
+                tally.intents.insert(q.event_id.clone(), q).is_some()
+            } else {
+                let p: PredictionRecord = serde_json::from_slice(&record.payload).context("a prediction record")?;
+                tally.predicted.insert(p.event_id.clone(), p).is_some()
+            };
+            if duplicate {
                 tally.duplicate_predictions += 1;
             }
         } else {
@@ -142,9 +162,17 @@ fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> any
     }
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "\nSluice demo: embedded broker, four stages, model {}", model_name(tally))?;
+    writeln!(out, "\nSluice demo: embedded broker, four stages, models {}", model_name(tally))?;
     writeln!(out, "  events in:               {events}")?;
     writeln!(out, "  predictions out:         {}", tally.predicted.len())?;
+    let intents_cached = tally.intents.values().filter(|q| q.cached).count();
+    writeln!(out, "  query intents out:       {} ({intents_cached} from the cache)", tally.intents.len())?;
+    let mut examples: Vec<&IntentRecord> = tally.intents.values().filter(|q| !q.cached).collect();
+    examples.sort_by(|a, b| a.text.cmp(&b.text));
+    examples.dedup_by(|a, b| a.text == b.text);
+    for q in examples.iter().take(4) {
+        writeln!(out, "    {:<52} -> {} ({:.2})", format!("{:?}", q.text), q.label, q.confidence)?;
+    }
     writeln!(out, "  duplicate predictions:   {}", tally.duplicate_predictions)?;
     writeln!(out, "  below min_confidence:    {below} (counted, not saved)")?;
     writeln!(out, "  dead letters:            {}", tally.dead_sources.len())?;
@@ -157,8 +185,11 @@ fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> any
     }
     writeln!(out, "  model rows computed:     {model_rows} (cache hits: {cache_hits})")?;
     // By the records' own clocks: first request in to last prediction written.
-    let first = tally.predicted.values().map(|p| p.requested_at_ms).min().unwrap_or(0);
-    let last = tally.predicted.values().map(|p| p.written_at_ms).max().unwrap_or(0);
+    let requested =
+        tally.predicted.values().map(|p| p.requested_at_ms).chain(tally.intents.values().map(|q| q.requested_at_ms));
+    let written =
+        tally.predicted.values().map(|p| p.written_at_ms).chain(tally.intents.values().map(|q| q.written_at_ms));
+    let (first, last) = (requested.min().unwrap_or(0), written.max().unwrap_or(0));
     let seconds = ((last - first) as f64 / 1e3).max(1e-3);
     writeln!(
         out,
@@ -173,5 +204,8 @@ fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> any
 }
 
 fn model_name(tally: &Tally) -> String {
-    tally.predicted.values().next().map_or_else(|| "?".into(), |p| format!("{} v{}", p.model.name, p.model.version))
+    let models =
+        tally.predicted.values().map(|p| &p.model).take(1).chain(tally.intents.values().map(|q| &q.model).take(1));
+    let names: Vec<String> = models.map(|m| format!("{} v{}", m.name, m.version)).collect();
+    if names.is_empty() { "?".into() } else { names.join(", ") }
 }

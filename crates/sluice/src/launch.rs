@@ -12,24 +12,29 @@ use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
 use sluice_control::store::OverrideStore;
 use sluice_kafka::{BatchPolicy, KafkaConfig, RunOptions, StageStatus, run_stage};
-use sluice_model::{ModelMetadata, ModelWorker};
+use sluice_model::{ModelMetadata, ModelWorker, QueryTokenizer};
 use sluice_postgres::history::PgHistory;
 use sluice_postgres::sink::PgPredictions;
 use sluice_stages::fetcher::{HistorySource, SyntheticSource, WindowShape};
-use sluice_stages::{Fetcher, Inferrer, InferrerStats, Normalizer, Writer, WriterStats};
+use sluice_stages::{Fetcher, Inferrer, InferrerStats, Normalizer, QueryInferrer, Writer, WriterStats};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{SluiceConfig, SourceKind};
+use crate::config::{ServedKind, SluiceConfig, SourceKind};
 
-/// The four stages.
+/// The four stages. The inferrer runs one consumer per kind it serves
+/// (`inferrer.serve`): `Inferrer` for stock windows and `QueryInferrer` for
+/// query tokens, each with its own consumer group and batcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StageKind {
     Fetcher,
     Normalizer,
     Inferrer,
     Writer,
+    /// Started by `inferrer` when it serves queries; not a command-line name.
+    #[value(skip)]
+    QueryInferrer,
 }
 
 impl StageKind {
@@ -41,7 +46,24 @@ impl StageKind {
             Self::Normalizer => "normalizer",
             Self::Inferrer => "inferrer",
             Self::Writer => "writer",
+            Self::QueryInferrer => "query-inferrer",
         }
+    }
+
+    /// The stage runtimes `kinds` stand for: `inferrer` becomes one per served kind.
+    pub fn expand(kinds: &[Self], config: &SluiceConfig) -> Vec<Self> {
+        let serves = |kind| config.inferrer.serve.contains(&kind);
+        kinds
+            .iter()
+            .flat_map(|kind| match kind {
+                Self::Inferrer => [
+                    serves(ServedKind::Stock).then_some(Self::Inferrer),
+                    serves(ServedKind::Query).then_some(Self::QueryInferrer),
+                ],
+                other => [Some(*other), None],
+            })
+            .flatten()
+            .collect()
     }
 }
 
@@ -49,7 +71,10 @@ impl StageKind {
 /// shared by its stages.
 #[derive(Debug, Clone)]
 pub struct Control {
+    /// The stock model's settings (and the writer's `min_confidence`).
     pub settings: watch::Receiver<Settings>,
+    /// The query model's, in a process that serves queries.
+    pub query_settings: Option<watch::Receiver<Settings>>,
     pub cache: Arc<PredictionCache>,
 }
 
@@ -64,32 +89,33 @@ pub fn override_store(config: &SluiceConfig) -> anyhow::Result<(OverrideStore, O
     Ok((OverrideStore::Redis { link: link.clone(), keys }, Some(link)))
 }
 
-/// The name overrides and cache keys use for the configured model.
-pub fn model_name(config: &SluiceConfig) -> String {
-    let model = &config.inferrer.model;
+/// The name overrides and cache keys use for a model: its metadata's name.
+pub fn model_name(model: &sluice_model::ModelConfig) -> String {
     ModelMetadata::load(&model.version_dir(&model.version))
         .map(|m| m.name)
         .unwrap_or_else(|_| model.dir.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()))
 }
 
-/// Starts following overrides (reading them once first).
-pub async fn start_control(config: &SluiceConfig, shutdown: CancellationToken) -> anyhow::Result<Control> {
+/// Starts following overrides (reading them once first): the stock model's
+/// scope, and the query model's too when `query` is set.
+pub async fn start_control(config: &SluiceConfig, query: bool, shutdown: CancellationToken) -> anyhow::Result<Control> {
     let (store, link) = override_store(config)?;
     let cache = Arc::new(PredictionCache::new(config.cache.lru.clone(), link.map(|l| (l, store.keys().clone()))));
-    let model = config.inferrer.model.clone();
-    let versions: VersionCheck = Arc::new(move |v| model.has_version(v));
-    let clear = cache.clone();
-    let name = model_name(config);
-    let controller = Controller::new(
-        store.clone(),
-        &name,
-        config.base_settings(),
-        versions,
-        Duration::from_millis(config.control.reconcile_ms),
-    )
-    .on_cache_clear(Arc::new(move || clear.clear_local()));
-    let settings = controller.start(shutdown).await;
-    Ok(Control { settings, cache })
+    let follow = |model: &sluice_model::ModelConfig, base: Settings| {
+        let model = model.clone();
+        let name = model_name(&model);
+        let versions: VersionCheck = Arc::new(move |v| model.has_version(v));
+        let clear = cache.clone();
+        Controller::new(store.clone(), &name, base, versions, Duration::from_millis(config.control.reconcile_ms))
+            .on_cache_clear(Arc::new(move || clear.clear_local()))
+    };
+    let settings = follow(&config.inferrer.model, config.base_settings()).start(shutdown.clone()).await;
+    let query_settings = if query {
+        Some(follow(&config.inferrer.query.model, config.query_base_settings()).start(shutdown).await)
+    } else {
+        None
+    };
+    Ok(Control { settings, query_settings, cache })
 }
 
 /// The inferrer's batch policy, following the live settings.
@@ -110,6 +136,7 @@ fn inferrer_policy(mut settings: watch::Receiver<Settings>) -> watch::Receiver<B
 pub struct Stats {
     pub writer: Arc<WriterStats>,
     pub inferrer: Arc<InferrerStats>,
+    pub query_inferrer: Arc<InferrerStats>,
 }
 
 /// A stage running in this process.
@@ -186,35 +213,22 @@ async fn run(
             let metadata = metadata()?;
             let stats =
                 metadata.normalization.as_ref().context("the model's metadata has no normalization statistics")?;
-            let stage = Normalizer::new(stats, metadata.days(), &topics.normalized);
+            let mut stage = Normalizer::new(stats, metadata.days(), &topics.normalized);
+            if config.normalizer.tokenize_queries {
+                let query = &config.inferrer.query.model;
+                let dir = query.version_dir(&query.version);
+                let tokenizer = ModelMetadata::load(&dir)
+                    .and_then(|m| QueryTokenizer::load(&dir, &m))
+                    .with_context(|| format!("configuration keys `inferrer.query.model.dir` and `.version` ({}); or set `normalizer.tokenize_queries = false`", dir.display()))?;
+                stage = stage.with_queries(tokenizer, config.normalizer.max_query_bytes, &topics.tokenized);
+            }
             status.set_warmed_up();
             run_stage(kafka, options(&topics.fetched, config.normalizer.batch.fixed()), stage, status, shutdown)
                 .await?;
         }
         StageKind::Inferrer => {
-            // Start with the version the overrides ask for, if it is installed.
             let settings = control.settings.borrow().clone();
-            let start = sluice_model::ModelConfig {
-                version: settings.model_version.clone(),
-                intra_op_threads: settings.intra_op_threads,
-                ..model.clone()
-            };
-            let worker = match ModelWorker::start(start).await {
-                Ok(worker) => worker,
-                // An overridden version that cannot load must not crash-loop the
-                // stage: serve the configured one and say so.
-                Err(e) if settings.model_version != model.version => {
-                    tracing::error!(version = settings.model_version, error = %e, serving = model.version, "the overridden model version failed to load; serving the configured one");
-                    ModelWorker::start(model.clone()).await.with_context(|| {
-                        format!("loading model version {} from {}", model.version, model.dir.display())
-                    })?
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("loading model version {} from {}", model.version, model.dir.display())
-                    });
-                }
-            };
+            let worker = start_worker(model, &settings).await?;
             let stage = Inferrer::new(
                 worker,
                 model.clone(),
@@ -226,6 +240,23 @@ async fn run(
             status.set_warmed_up();
             let policy = inferrer_policy(control.settings.clone());
             run_stage(kafka, options(&topics.normalized, policy), stage, status, shutdown).await?;
+        }
+        StageKind::QueryInferrer => {
+            let query = &config.inferrer.query.model;
+            let settings = control.query_settings.clone().context("the query model's settings are not followed")?;
+            let current = settings.borrow().clone();
+            let worker = start_worker(query, &current).await?;
+            let stage = QueryInferrer::new(
+                worker,
+                query.clone(),
+                settings.clone(),
+                Some(control.cache.clone()),
+                &topics.inferred,
+                stats.query_inferrer.clone(),
+            )?;
+            status.set_warmed_up();
+            let policy = inferrer_policy(settings);
+            run_stage(kafka, options(&topics.tokenized, policy), stage, status, shutdown).await?;
         }
         StageKind::Writer => {
             let w = &config.writer;
@@ -239,6 +270,29 @@ async fn run(
         }
     }
     Ok(())
+}
+
+/// Starts `model` at the version the overrides ask for, if it is installed. An
+/// overridden version that cannot load must not crash-loop the stage: the
+/// configured one serves, and the error says so.
+async fn start_worker(model: &sluice_model::ModelConfig, settings: &Settings) -> anyhow::Result<ModelWorker> {
+    let wanted = sluice_model::ModelConfig {
+        version: settings.model_version.clone(),
+        intra_op_threads: settings.intra_op_threads,
+        ..model.clone()
+    };
+    let failed = match ModelWorker::start(wanted).await {
+        Ok(worker) => return Ok(worker),
+        Err(e) if settings.model_version != model.version => e,
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("loading model version {} from {}", model.version, model.dir.display()));
+        }
+    };
+    tracing::error!(version = settings.model_version, error = %failed, serving = model.version, "the overridden model version failed to load; serving the configured one");
+    ModelWorker::start(model.clone())
+        .await
+        .with_context(|| format!("loading model version {} from {}", model.version, model.dir.display()))
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT (Ctrl-C).

@@ -3,9 +3,11 @@
 
 mod bench;
 mod bench_pg;
+mod bench_query;
 mod config;
 mod control_cli;
 mod demo;
+mod dlq;
 mod launch;
 mod observe;
 mod produce;
@@ -52,7 +54,8 @@ enum Command {
         /// Events to publish.
         #[arg(long, default_value_t = 2000)]
         events: usize,
-        /// Make every N-th event invalid (0: none), to show dead letters.
+        /// Make every N-th stock event invalid (0: none), to show dead letters.
+        /// (One event in ten is a text query.)
         #[arg(long, default_value_t = 100)]
         invalid_every: usize,
     },
@@ -90,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         action: control_cli::CacheAction,
     },
+    /// Dead letters: republish selected ones to the topic they came from.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// PostgreSQL: create the tables, load synthetic history.
     Db {
         #[command(subcommand)]
@@ -122,6 +130,36 @@ enum DbAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Republish the original bytes of the dead letters that match to the
+    /// topic each came from (after a fix), keyed as before. Sinks are
+    /// idempotent by event id: a replayed event never makes a second row.
+    Replay {
+        /// Only these reasons (repeatable; default: every reason).
+        #[arg(long = "reason")]
+        reasons: Vec<String>,
+        /// Only dead letters of this stage.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only dead letters written at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only dead letters written before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Stop after this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Count what matches; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop reading once nothing new arrives for this long (ms).
+        #[arg(long, default_value_t = 3000)]
+        idle_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchWhat {
     /// Per-event cost of a cache hit against a model run, in process.
     Cache {
@@ -133,6 +171,12 @@ enum BenchWhat {
         #[arg(long)]
         redis_url: Option<String>,
         /// The Markdown file to update.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
+    /// The query model's queries per second by batch size and token budget,
+    /// padding to the longest against padding to the maximum (in process).
+    Query {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
@@ -205,6 +249,18 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
+        Command::Dlq { action: DlqAction::Replay { reasons, stage, since, until, limit, dry_run, idle_ms } } => {
+            let selection = dlq::Selection {
+                reasons,
+                stage,
+                since,
+                until,
+                limit,
+                dry_run,
+                idle: std::time::Duration::from_millis(idle_ms),
+            };
+            dlq::replay(&config, &selection).await.map(|_| ())
+        }
         Command::Db { action } => {
             let pool = config.postgres.pool()?;
             match action {
@@ -225,6 +281,7 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
             bench::cache(config, events, batch.max(1), redis_url, &out).await
         }
+        Command::Bench { what: BenchWhat::Query { out } } => bench_query::query(config, &out).await,
         Command::Bench { what: BenchWhat::Postgres { symbols, days, runs, out } } => {
             bench_pg::postgres(config, symbols, days, runs, &out).await
         }
@@ -264,18 +321,28 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
     let listen = config.observe.listen;
     let config = Arc::new(config);
     let stats = Arc::new(Stats::default());
-    let control = start_control(&config, shutdown.clone()).await?;
+    let kinds = StageKind::expand(kinds, &config);
+    let control = start_control(&config, kinds.contains(&StageKind::QueryInferrer), shutdown.clone()).await?;
     let stages: Vec<_> = kinds
         .iter()
         .map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), stats.clone()))
         .collect();
+    let mut settings = vec![(launch::model_name(&config.inferrer.model), control.settings.clone())];
+    let mut models = Vec::new();
+    if kinds.contains(&StageKind::Inferrer) {
+        models.push((launch::model_name(&config.inferrer.model), stats.inferrer.clone()));
+    }
+    if let Some(query) = &control.query_settings {
+        settings.push((launch::model_name(&config.inferrer.query.model), query.clone()));
+        models.push((launch::model_name(&config.inferrer.query.model), stats.query_inferrer.clone()));
+    }
     let health = observe::Health {
         metrics,
         stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(),
         info,
-        settings: control.settings.clone(),
-        cache: kinds.contains(&StageKind::Inferrer).then(|| control.cache.clone()),
-        inferrer: kinds.contains(&StageKind::Inferrer).then(|| stats.inferrer.clone()),
+        settings,
+        cache: (!models.is_empty()).then(|| control.cache.clone()),
+        models,
     };
     if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
         shutdown.cancel();

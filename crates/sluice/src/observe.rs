@@ -47,12 +47,14 @@ pub struct Health {
     pub stages: Vec<(&'static str, Arc<StageStatus>)>,
     /// Static facts for `/status` (effective configuration, with secrets left out).
     pub info: serde_json::Value,
-    /// The settings in force (configuration and Redis overrides).
-    pub settings: tokio::sync::watch::Receiver<sluice_control::Settings>,
-    /// The prediction cache, in a process that runs the inferrer.
+    /// The settings in force (configuration and Redis overrides), by model
+    /// name: the stock model's (also the writer's), then the query model's if
+    /// it is served here.
+    pub settings: Vec<(String, tokio::sync::watch::Receiver<sluice_control::Settings>)>,
+    /// The prediction cache, in a process that runs an inferrer.
     pub cache: Option<Arc<sluice_control::cache::PredictionCache>>,
-    /// The inferrer's counters (serving model version), if it runs here.
-    pub inferrer: Option<Arc<sluice_stages::InferrerStats>>,
+    /// Each served model's counters (serving version), by model name.
+    pub models: Vec<(String, Arc<sluice_stages::InferrerStats>)>,
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/status` until `shutdown`.
@@ -108,20 +110,26 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let settings = health.settings.borrow().clone();
+    let settings: serde_json::Map<String, serde_json::Value> =
+        health.settings.iter().map(|(name, s)| (name.clone(), json!(*s.borrow()))).collect();
     let cache = health.cache.as_ref().map(|c| c.stats());
-    let model = health.inferrer.as_ref().map(|s| {
-        json!({
-            "serving_version": s.serving_version(),
-            "model_rows": s.model_rows.load(std::sync::atomic::Ordering::Relaxed),
-            "cache_hits": s.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
-            "switches": s.switches.load(std::sync::atomic::Ordering::Relaxed),
+    let models: serde_json::Map<String, serde_json::Value> = health
+        .models
+        .iter()
+        .map(|(name, s)| {
+            let stats = json!({
+                "serving_version": s.serving_version(),
+                "model_rows": s.model_rows.load(std::sync::atomic::Ordering::Relaxed),
+                "cache_hits": s.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
+                "switches": s.switches.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            (name.clone(), stats)
         })
-    });
+        .collect();
     Json(json!({
         "stages": stage_states(&health),
         "settings": settings,
-        "model": model,
+        "models": models,
         "cache": cache,
         "config": health.info,
     }))

@@ -1,7 +1,6 @@
 //! `sluice produce`: publish request events from a JSON-lines file or from the
 //! synthetic generator, with a progress bar.
 
-use std::io::BufRead;
 use std::path::Path;
 use std::time::Duration;
 
@@ -38,21 +37,23 @@ pub async fn publish_generated(kafka: &KafkaConfig, topic: &str, events: &[Gener
 }
 
 /// Publishes each non-empty line of a file as one event, keyed by its
-/// `event_id` when the line is JSON that has one. Lines are sent as they are:
-/// validating them is the fetcher's job (bad ones become dead letters).
+/// `event_id` when the line is JSON that has one. Lines are sent as they are,
+/// bytes and all (even ones that are not UTF-8): validating them is the
+/// fetcher's job (bad ones become dead letters).
 pub async fn publish_file(kafka: &KafkaConfig, topic: &str, path: &Path) -> anyhow::Result<u64> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let lines = std::io::BufReader::new(file)
-        .lines()
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<&[u8]> = bytes
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.trim_ascii().is_empty())
+        .collect();
     let mut publisher = Publisher::new(kafka, "sluice-produce")?;
     let bar = progress(lines.len() as u64, "publishing");
-    for line in lines.iter().filter(|l| !l.trim().is_empty()) {
-        let key = serde_json::from_str::<serde_json::Value>(line)
+    for line in lines {
+        let key = serde_json::from_slice::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v.get("event_id").and_then(|id| id.as_str()).map(str::to_string));
-        publisher.send(topic, key.as_deref().map(str::as_bytes), line.as_bytes()).await?;
+        publisher.send(topic, key.as_deref().map(str::as_bytes), line).await?;
         bar.inc(1);
     }
     let delivered = publisher.finish().await?;

@@ -1,0 +1,131 @@
+//! The cache's part of answering a batch, the same for every model: rows with
+//! equal inputs are grouped (computed once), groups the cache holds are
+//! answered from it, and fresh model outputs are cached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_control::cache::{CacheKey, PredictionCache, Tier};
+use sluice_model::ModelError;
+
+use super::InferrerStats;
+use super::served::RowAnswer;
+
+/// One row's answer.
+#[derive(Debug, Clone)]
+pub(crate) struct Answer {
+    /// The model's output row.
+    pub(crate) values: Vec<f32>,
+    pub(crate) cached: bool,
+    /// Rows and padded length of the model call that computed it (0 when cached).
+    pub(crate) call_rows: u32,
+    pub(crate) padded_length: u32,
+}
+
+/// Rows of a batch with the same input: computed once.
+pub(crate) struct Group {
+    pub(crate) key: Option<CacheKey>,
+    pub(crate) rows: Vec<usize>,
+}
+
+/// One model's view of a batch: what is answered, and what is left to compute.
+pub(crate) struct Answers {
+    /// Per row: its answer, or the model error it failed with alone.
+    pub(crate) rows: Vec<Option<Result<Answer, ModelError>>>,
+    /// Groups the model must compute, in the order their outputs are given to [`Self::fill`].
+    pub(crate) to_compute: Vec<Group>,
+    hits_by_tier: [u64; 2],
+}
+
+impl Answers {
+    /// Groups `rows` rows by `key` when there is a cache (otherwise one group
+    /// per row) and answers the groups the cache holds. A cached value of
+    /// another width than `width` (corrupt, or another model's) is a miss.
+    pub(crate) async fn look_up(
+        cache: Option<&PredictionCache>,
+        model: &str,
+        version: &str,
+        rows: usize,
+        key: impl Fn(usize) -> CacheKey,
+        width: usize,
+        ttl: Duration,
+    ) -> Self {
+        let mut answers = Self { rows: vec![None; rows], to_compute: Vec::new(), hits_by_tier: [0; 2] };
+        let Some(cache) = cache else {
+            answers.to_compute = (0..rows).map(|row| Group { key: None, rows: vec![row] }).collect();
+            return answers;
+        };
+        let mut groups: Vec<Group> = Vec::with_capacity(rows);
+        let mut by_key: HashMap<CacheKey, usize> = HashMap::with_capacity(rows);
+        for row in 0..rows {
+            let k = key(row);
+            let g = *by_key.entry(k).or_insert_with(|| {
+                groups.push(Group { key: Some(k), rows: Vec::new() });
+                groups.len() - 1
+            });
+            groups[g].rows.push(row);
+        }
+        let keys: Vec<CacheKey> = groups.iter().filter_map(|g| g.key).collect();
+        let found = cache.get_many(model, version, &keys, ttl).await;
+        for (group, found) in groups.into_iter().zip(found) {
+            match found {
+                Some((values, tier)) if values.len() == width => {
+                    answers.hits_by_tier[usize::from(tier == Tier::Redis)] += group.rows.len() as u64;
+                    for row in group.rows {
+                        let answer = Answer { values: values.clone(), cached: true, call_rows: 0, padded_length: 0 };
+                        answers.rows[row] = Some(Ok(answer));
+                    }
+                }
+                _ => answers.to_compute.push(group),
+            }
+        }
+        answers
+    }
+
+    /// Takes the model's answers for [`Self::to_compute`] (one per group, in
+    /// order), caches the finite ones, and records the counts.
+    pub(crate) async fn fill(
+        &mut self,
+        cache: Option<&PredictionCache>,
+        model: &str,
+        version: &str,
+        computed: Vec<Result<RowAnswer, ModelError>>,
+        ttl: Duration,
+        stats: &Arc<InferrerStats>,
+    ) {
+        let mut fresh = Vec::new();
+        let mut model_rows = 0;
+        for (group, result) in self.to_compute.iter().zip(computed) {
+            let answer = result.map(|a| {
+                model_rows += 1;
+                if let Some(key) = group.key
+                    && a.values.iter().all(|v| v.is_finite())
+                {
+                    fresh.push((key, a.values.clone()));
+                }
+                Answer { values: a.values, cached: false, call_rows: a.call_rows, padded_length: a.padded_length }
+            });
+            for row in &group.rows {
+                self.rows[*row] = Some(answer.clone());
+            }
+        }
+        stats.model_rows.fetch_add(model_rows, Ordering::Relaxed);
+        let hits: u64 = self.hits_by_tier.iter().sum();
+        stats.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        if let Some(cache) = cache {
+            if !fresh.is_empty() {
+                cache.put_many(model, version, fresh, ttl).await;
+            }
+            let misses = self.to_compute.iter().map(|g| g.rows.len() as u64).sum();
+            let counts = [
+                ("hits_lru", self.hits_by_tier[0]),
+                ("hits_redis", self.hits_by_tier[1]),
+                ("misses", misses),
+                ("model_rows", model_rows),
+            ];
+            cache.record_shared_stats(&counts).await;
+        }
+    }
+}

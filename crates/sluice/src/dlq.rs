@@ -1,0 +1,106 @@
+//! `sluice dlq replay`: republishes selected dead letters' original bytes to the
+//! topic they came from, after a fix, so that the stage that refused them
+//! processes them again. The sinks are idempotent by event id, so replaying a
+//! dead letter twice, or one that a later delivery already answered, adds no row.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_messages::dead_letter::DeadLetter;
+
+use crate::config::SluiceConfig;
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Any of these reasons (all reasons when empty).
+    pub reasons: Vec<String>,
+    /// Only dead letters of this stage.
+    pub stage: Option<String>,
+    /// Dead since (inclusive) and until (exclusive), by `dead_at_ms`.
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Stop after this many.
+    pub limit: Option<usize>,
+    /// Count what would be replayed, publish nothing.
+    pub dry_run: bool,
+    /// The topic is read until nothing new arrives for this long (after the
+    /// first record; before it, a session timeout more).
+    pub idle: Duration,
+}
+
+impl Selection {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        (self.reasons.is_empty() || self.reasons.contains(&letter.reason))
+            && self.stage.as_ref().is_none_or(|s| *s == letter.stage)
+            && self.since.is_none_or(|t| letter.dead_at_ms >= t.timestamp_millis())
+            && self.until.is_none_or(|t| letter.dead_at_ms < t.timestamp_millis())
+    }
+}
+
+/// What a replay did, for its report (and the tests).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Replayed {
+    pub read: u64,
+    pub matched: u64,
+    pub republished: u64,
+    /// Matched but not replayable: the payload was cut to fit the dead letter.
+    pub truncated: u64,
+    /// Republished (or, in a dry run, would be) by topic.
+    pub by_topic: BTreeMap<String, u64>,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Result<Replayed> {
+    let topic = &config.topics.dead_letters;
+    // A group of its own each time: from the beginning, committing nothing.
+    let group =
+        format!("{}-dlq-replay-{}-{}", config.kafka.group_prefix, std::process::id(), Utc::now().timestamp_millis());
+    let reader = TopicReader::new(&config.kafka, &group, &[topic])?;
+    let mut publisher =
+        if selection.dry_run { None } else { Some(Publisher::new(&config.kafka, "sluice-dlq-replay")?) };
+    let mut done = Replayed::default();
+    // Joining the group takes a while (tansu makes a first join wait half the
+    // session timeout): the idle time counts from the first record.
+    let first_wait = selection.idle + Duration::from_millis(u64::from(config.kafka.session_timeout_ms));
+    while let Some(record) = reader.next(if done.read == 0 { first_wait } else { selection.idle }).await {
+        let record = record?;
+        done.read += 1;
+        let letter: DeadLetter = match serde_json::from_slice(&record.payload) {
+            Ok(letter) => letter,
+            Err(e) => {
+                tracing::warn!(partition = record.partition, offset = record.offset, error = %e, "not a dead letter; skipped");
+                continue;
+            }
+        };
+        if !selection.matches(&letter) {
+            continue;
+        }
+        done.matched += 1;
+        if letter.payload_truncated {
+            done.truncated += 1;
+            continue;
+        }
+        let payload = letter
+            .payload()
+            .with_context(|| format!("dead letter at {}:{}: payload_base64", record.partition, record.offset))?;
+        if let Some(publisher) = &mut publisher {
+            publisher.send(&letter.source.topic, letter.key.as_deref().map(str::as_bytes), &payload).await?;
+            done.republished += 1;
+        }
+        *done.by_topic.entry(letter.source.topic.clone()).or_default() += 1;
+        *done.by_reason.entry(letter.reason.clone()).or_default() += 1;
+        if selection.limit.is_some_and(|limit| done.by_topic.values().sum::<u64>() as usize >= limit) {
+            break;
+        }
+    }
+    if let Some(publisher) = publisher {
+        publisher.finish().await?;
+    }
+    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&done)?)?;
+    Ok(done)
+}

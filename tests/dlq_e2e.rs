@@ -1,0 +1,95 @@
+//! `sluice dlq replay` after a fix, through the real broker (tansu): query
+//! events dead-lettered by a normalizer that did not tokenize them come back
+//! as intents once it does, and only the dead letters selected are replayed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sluice_kafka::KafkaConfig;
+use sluice_kafka::client::TopicReader;
+use sluice_messages::dead_letter::DeadLetter;
+use sluice_messages::prediction::IntentRecord;
+use sluice_stages::generate::{generate, generate_queries};
+use sluice_tests::{
+    Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
+};
+
+/// Reads until `done` or 120 s: intents by event id, and dead letters.
+async fn read(
+    reader: &TopicReader,
+    seen: &mut (HashMap<String, IntentRecord>, Vec<DeadLetter>),
+    done: impl Fn(&(HashMap<String, IntentRecord>, Vec<DeadLetter>)) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done(seen) && Instant::now() < deadline {
+        let Some(r) = reader.next(Duration::from_millis(200)).await else { continue };
+        let r = r.expect("read");
+        let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+        if value.get("reason").is_some() {
+            seen.1.push(serde_json::from_value(value).expect("dead letter"));
+        } else if value["kind"] == "query" {
+            let q: IntentRecord = serde_json::from_value(value).expect("intent");
+            seen.0.insert(q.event_id.clone(), q);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn replayed_dead_letters_are_processed_again_after_a_fix() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let (dir, fixed_dir) = (temp_dir("dlq"), temp_dir("dlq-fixed"));
+    let prefix = unique("dlq");
+    let broken = write_config(&dir, &broker.addr, &prefix, 2, "[normalizer]\ntokenize_queries = false\n");
+    let fixed = write_config(&fixed_dir, &broker.addr, &prefix, 2, "");
+    sluice(&broken, &["topics", "create"]);
+    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
+    let reader = TopicReader::new(
+        &kafka,
+        &unique("observer"),
+        &[&format!("{prefix}.predictions"), &format!("{prefix}.dead-letters")],
+    )
+    .expect("reader");
+    let mut stages = start_stages(&broken, &dir);
+
+    let queries = generate_queries("dlq", 10);
+    let stocks = generate("dlq", 20, 0, 5000);
+    let file = write_events(&dir, queries.iter().chain(&stocks).map(|e| e.json.as_slice()));
+    sluice(&broken, &["produce", "--file", file.to_str().expect("utf-8")]);
+    let mut seen = (HashMap::new(), Vec::new());
+    read(&reader, &mut seen, |s| s.1.len() >= 10).await;
+    assert_eq!(seen.1.len(), 10, "{:?}", seen.1);
+    assert!(seen.1.iter().all(|d| d.reason == "unsupported_kind" && d.stage == "normalizer"), "{:?}", seen.1);
+    assert!(seen.0.is_empty());
+
+    // A dry run and a selection that matches nothing publish nothing.
+    let dry = sluice(&broken, &["dlq", "replay", "--reason", "unsupported_kind", "--dry-run", "--idle-ms", "1500"]);
+    let dry: serde_json::Value = serde_json::from_str(&dry).expect("report");
+    assert_eq!((dry["matched"].as_u64(), dry["republished"].as_u64()), (Some(10), Some(0)), "{dry}");
+    let none = sluice(&broken, &["dlq", "replay", "--reason", "malformed_json", "--idle-ms", "1500"]);
+    let none: serde_json::Value = serde_json::from_str(&none).expect("report");
+    assert_eq!((none["read"].as_u64(), none["matched"].as_u64()), (Some(10), Some(0)), "{none}");
+
+    // The fix: a normalizer that tokenizes queries. Then replay.
+    let normalizer = stages.iter().position(|s| s.stage == "normalizer").expect("normalizer");
+    stages[normalizer].signal("TERM");
+    assert!(stages[normalizer].wait(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    stages[normalizer] = StageProcess::start(&fixed, "normalizer", &fixed_dir);
+    let replayed = sluice(&fixed, &["dlq", "replay", "--reason", "unsupported_kind", "--idle-ms", "1500"]);
+    let replayed: serde_json::Value = serde_json::from_str(&replayed).expect("report");
+    assert_eq!(replayed["republished"].as_u64(), Some(10), "{replayed}");
+    assert_eq!(replayed["by_topic"][format!("{prefix}.fetched")].as_u64(), Some(10), "{replayed}");
+
+    read(&reader, &mut seen, |s| s.0.len() >= 10).await;
+    let logs: String = stages.iter().map(|s| format!("--- {}\n{}", s.stage, s.logs())).collect();
+    assert_eq!(seen.0.len(), 10, "every replayed query gets its intent\n{logs}");
+    for q in &queries {
+        assert!(seen.0.contains_key(&q.event_id), "{} missing", q.event_id);
+    }
+    assert_eq!(seen.1.len(), 10, "no new dead letters: {:?}", &seen.1[10..]);
+    for stage in &mut stages {
+        stage.signal("TERM");
+        assert!(stage.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{} did not drain", stage.stage);
+    }
+}

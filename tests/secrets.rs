@@ -1,0 +1,84 @@
+//! Secrets never leave the process: the PostgreSQL password, the Redis
+//! password and a Kafka SASL password from the configuration appear in no log
+//! line, no `/status` or `/metrics` answer, no `sluice config` output and no
+//! error message, while the pipeline runs and while Redis is unreachable.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sluice_tests::{Broker, StageProcess, heavy_test_lock, sluice, sluice_bin, temp_dir, unique, write_config};
+
+const SECRETS: [&str; 3] = ["PgSecret-7f3a", "RedisSecret-91bc", "KafkaSecret-4d2e"];
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} shows the secret {secret}:\n{text}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_logs_status_or_errors() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("secrets");
+    let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let extra = format!(
+        "[kafka.properties]\n\"sasl.username\" = \"sluice\"\n\"sasl.password\" = \"{}\"\n\n\
+         [writer]\npostgres = true\n\n\
+         [postgres]\ndsn = \"host=127.0.0.1 user=postgres password={} dbname=test\"\nschema = \"{}\"\n\n\
+         [control]\nredis_url = \"redis://:{}@127.0.0.1:1\"\n",
+        SECRETS[2],
+        SECRETS[0],
+        sluice_tests::unique_schema("secrets"),
+        SECRETS[1]
+    );
+    let config = write_config(&dir, &broker.addr, &unique("secrets"), 1, &extra);
+    let config_text = std::fs::read_to_string(&config).expect("config");
+    assert!(SECRETS.iter().all(|s| config_text.contains(s)), "the test must really configure the secrets");
+    let with_port = config_text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&config, with_port).expect("write");
+
+    // `sluice config` prints the effective configuration.
+    assert_no_secret("sluice config", &sluice(&config, &["config"]));
+    sluice(&config, &["topics", "create"]);
+
+    // A running pipeline, with Redis unreachable (an outage is logged).
+    let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
+    let started = Instant::now();
+    let mut status = None;
+    while status.is_none() && started.elapsed() < Duration::from_secs(60) {
+        status = get(port, "/status").filter(|s| s.contains("\"stages\""));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = status.expect("/status answers");
+    assert!(status.contains("<redacted>") && status.contains("***"), "redaction markers in /status:\n{status}");
+    assert_no_secret("/status", &status);
+    assert_no_secret("/metrics", &get(port, "/metrics").expect("/metrics"));
+    pipeline.wait_for_log("redis is unreachable", 1, Duration::from_secs(30));
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).is_some(), "the pipeline did not stop");
+    assert_no_secret("the pipeline's log", &pipeline.logs());
+
+    // Errors: a database that refuses the connection, Redis that is not there.
+    let refused = config_text.replace("host=127.0.0.1 user=postgres", "host=127.0.0.1 port=1 user=postgres");
+    let bad = dir.join("refused.toml");
+    std::fs::write(&bad, refused).expect("write");
+    for args in [&["db", "migrate"][..], &["overrides", "get"][..], &["cache", "stats"][..]] {
+        let output = Command::new(sluice_bin()).arg("--config").arg(&bad).args(args).output().expect("run");
+        assert!(!output.status.success(), "{args:?} should fail");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!text.trim().is_empty());
+        assert_no_secret(&format!("sluice {args:?}"), &text);
+    }
+}
