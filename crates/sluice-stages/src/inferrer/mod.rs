@@ -118,6 +118,23 @@ fn output_indices(worker: &ModelWorker) -> Result<(usize, usize), ModelError> {
     Ok((index("predicted_return")?, index("confidence")?))
 }
 
+/// Decodes a batch: (input index, envelope) of the rows `check` accepts, and
+/// a dead letter for each of the others.
+fn accept(batch: &[Incoming], check: impl Fn(&Payload) -> Option<StageError>) -> (Vec<(usize, Envelope)>, Vec<Output>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut dead = Vec::new();
+    for (i, incoming) in batch.iter().enumerate() {
+        match decode(i, incoming) {
+            Ok(envelope) => match check(&envelope.payload) {
+                None => rows.push((i, envelope)),
+                Some(e) => dead.push(dead_letter(i, &e, Some(envelope.event_id))),
+            },
+            Err(letter) => dead.push(letter),
+        }
+    }
+    (rows, dead)
+}
+
 impl Stage for Inferrer {
     fn name(&self) -> &'static str {
         "inferrer"
@@ -131,33 +148,17 @@ impl Stage for Inferrer {
         let (return_index, confidence_index) =
             output_indices(worker).map_err(|e| BatchFailure { retryable: false, message: e.to_string() })?;
         let sample_len = metadata.sample_len();
-        let mut outputs = Vec::with_capacity(batch.len());
 
-        // (input index, envelope) of each well-formed row.
-        let mut rows: Vec<(usize, Envelope)> = Vec::with_capacity(batch.len());
-        for (i, incoming) in batch.iter().enumerate() {
-            let envelope = match decode(i, incoming) {
-                Ok(envelope) => envelope,
-                Err(dead) => {
-                    outputs.push(dead);
-                    continue;
-                }
-            };
-            let problem = match &envelope.payload {
-                Payload::Normalized(w) if w.values.len() == sample_len && w.rows as usize == metadata.days() => None,
-                Payload::Normalized(w) => Some(StageError::WindowShape {
-                    rows: w.rows as usize,
-                    cols: w.cols as usize,
-                    want_rows: metadata.days(),
-                    want_cols: metadata.features(),
-                }),
-                other => Some(StageError::UnexpectedPayload { expected: "normalized", got: other.kind() }),
-            };
-            match problem {
-                None => rows.push((i, envelope)),
-                Some(e) => outputs.push(dead_letter(i, &e, Some(envelope.event_id))),
-            }
-        }
+        let (rows, mut outputs) = accept(batch, |payload| match payload {
+            Payload::Normalized(w) if w.values.len() == sample_len && w.rows as usize == metadata.days() => None,
+            Payload::Normalized(w) => Some(StageError::WindowShape {
+                rows: w.rows as usize,
+                cols: w.cols as usize,
+                want_rows: metadata.days(),
+                want_cols: metadata.features(),
+            }),
+            other => Some(StageError::UnexpectedPayload { expected: "normalized", got: other.kind() }),
+        });
         if rows.is_empty() {
             return Ok(outputs);
         }

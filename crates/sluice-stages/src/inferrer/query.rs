@@ -11,15 +11,15 @@ use std::time::Duration;
 use sluice_control::Settings;
 use sluice_control::cache::{CacheKey, PredictionCache};
 use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
-use sluice_messages::envelope::{Envelope, LabelScore, Payload, QueryIntent};
+use sluice_messages::envelope::{LabelScore, Payload, QueryIntent};
 use sluice_model::{Batch, ModelConfig, ModelError, ModelWorker};
 use tokio::sync::watch;
 
-use super::InferrerStats;
 use super::answers::Answers;
 use super::served::{RowAnswer, ServedModel};
+use super::{InferrerStats, accept};
 use crate::StageError;
-use crate::common::{dead_letter, decode, forward};
+use crate::common::{dead_letter, forward};
 
 /// Labels reported with each answer, best first.
 const TOP: usize = 3;
@@ -125,27 +125,11 @@ impl Stage for QueryInferrer {
         let metadata = worker.metadata().clone();
         let version = worker.version().to_string();
         let (max_length, pad_id) = metadata.tokenizer.as_ref().map_or((0, 0), |t| (t.max_length, t.pad_id));
-        let mut outputs = Vec::with_capacity(batch.len());
-
-        let mut rows: Vec<(usize, Envelope)> = Vec::with_capacity(batch.len());
-        for (i, incoming) in batch.iter().enumerate() {
-            let envelope = match decode(i, incoming) {
-                Ok(envelope) => envelope,
-                Err(dead) => {
-                    outputs.push(dead);
-                    continue;
-                }
-            };
-            let problem = match &envelope.payload {
-                Payload::Tokens(t) if (1..=max_length).contains(&t.ids.len()) => None,
-                Payload::Tokens(t) => Some(StageError::TokenCount { got: t.ids.len(), max: max_length }),
-                other => Some(StageError::UnexpectedPayload { expected: "tokens", got: other.kind() }),
-            };
-            match problem {
-                None => rows.push((i, envelope)),
-                Some(e) => outputs.push(dead_letter(i, &e, Some(envelope.event_id))),
-            }
-        }
+        let (rows, mut outputs) = accept(batch, |payload| match payload {
+            Payload::Tokens(t) if (1..=max_length).contains(&t.ids.len()) => None,
+            Payload::Tokens(t) => Some(StageError::TokenCount { got: t.ids.len(), max: max_length }),
+            other => Some(StageError::UnexpectedPayload { expected: "tokens", got: other.kind() }),
+        });
         if rows.is_empty() {
             return Ok(outputs);
         }
