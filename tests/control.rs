@@ -179,3 +179,55 @@ async fn a_redis_outage_keeps_the_last_good_settings_and_the_cache_misses() {
     assert_eq!(other.get_many(MODEL, "1", &[a], ttl).await[0], Some((vec![0.1, 0.9], Tier::Redis)));
     shutdown.cancel();
 }
+
+/// Redis over TLS (`rediss://`): overrides round-trip through a TLS-only
+/// `redis-server` (Debian's is built with TLS), and the same port refuses a
+/// plain `redis://` connection, so TLS really carried them. `#insecure` skips
+/// the certificate check: the server's certificate here is self-signed.
+#[tokio::test]
+async fn overrides_travel_over_tls_with_rediss_urls() {
+    use std::process::{Command, Stdio};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-cert-file", "/etc/ssl/certs/ssl-cert-snakeoil.pem"])
+        .args(["--tls-key-file", "/etc/ssl/private/ssl-cert-snakeoil.key"])
+        .args(["--tls-auth-clients", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server with TLS");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "redis-server (TLS) did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let keys = KeyLayout::new("sluice", &unique("tls"));
+    let over_tls = OverrideStore::Redis {
+        link: Arc::new(RedisLink::new(&format!("rediss://localhost:{port}/#insecure")).expect("link")),
+        keys: keys.clone(),
+    };
+    over_tls.set(&Scope::All, "max_batch_size", "12").await.expect("set over TLS");
+    let (all, _) = over_tls.read("stock-lstm").await.expect("read over TLS");
+    assert_eq!(all.get("max_batch_size").map(String::as_str), Some("12"));
+
+    let plain = OverrideStore::Redis {
+        link: Arc::new(RedisLink::new(&format!("redis://127.0.0.1:{port}")).expect("link")),
+        keys,
+    };
+    assert!(plain.read("stock-lstm").await.is_err(), "the TLS port must refuse plain connections");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -447,3 +447,36 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     drop(stages);
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }
+
+/// TLS to PostgreSQL: off by default, encrypted (unverified, as libpq's
+/// `require`) with `sslmode=require`, and verified against `tls_ca_file`,
+/// where a certificate that does not name the host is refused.
+#[tokio::test]
+async fn tls_is_used_when_asked_and_verified_against_a_ca_file() {
+    let ssl_of = |dsn: String, ca: Option<std::path::PathBuf>| async move {
+        let config = PostgresConfig { dsn, tls_ca_file: ca, ..PostgresConfig::default() };
+        let pool = config.pool().map_err(|e| e.to_string())?;
+        let client = pool.get().await.map_err(|e| format!("{e:?}"))?;
+        let row = client
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<bool, String>(row.get(0))
+    };
+    // The server's own certificate (self-signed here) is the trust anchor.
+    let plain = PostgresConfig { dsn: LOCAL_POSTGRES.into(), ..PostgresConfig::default() }.pool().expect("pool");
+    let client = plain.get().await.expect("client");
+    let on: String = client.query_one("SHOW ssl", &[]).await.expect("show").get(0);
+    assert_eq!(on, "on", "this test needs PostgreSQL with TLS on (Debian's default)");
+    let cert: String = client.query_one("SHOW ssl_cert_file", &[]).await.expect("show").get(0);
+
+    assert_eq!(ssl_of(LOCAL_POSTGRES.into(), None).await, Ok(false), "no TLS unless asked");
+    assert_eq!(ssl_of(format!("{LOCAL_POSTGRES} sslmode=require"), None).await, Ok(true));
+    let localhost = LOCAL_POSTGRES.replace("host=127.0.0.1", "host=localhost");
+    assert_eq!(ssl_of(localhost, Some(cert.clone().into())).await, Ok(true), "verified against {cert}");
+    let wrong_name =
+        ssl_of(LOCAL_POSTGRES.into(), Some(cert.into())).await.expect_err("127.0.0.1 is not in the certificate");
+    assert!(wrong_name.to_lowercase().contains("certificate"), "{wrong_name}");
+    let missing = ssl_of(LOCAL_POSTGRES.into(), Some("/nonexistent/ca.pem".into())).await.expect_err("no such file");
+    assert!(missing.contains("postgres.tls_ca_file"), "{missing}");
+}

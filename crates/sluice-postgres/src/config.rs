@@ -1,8 +1,10 @@
 use std::fmt;
+use std::path::PathBuf;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
 
 use crate::PostgresError;
 
@@ -19,11 +21,21 @@ pub struct PostgresConfig {
     pub statement_timeout_ms: u64,
     /// The schema Sluice's tables live in (tests use one of their own).
     pub schema: String,
+    /// A PEM file of trusted certificates: connect over TLS and verify the
+    /// server's certificate and host name against it. Without it, TLS is used
+    /// only when the DSN says `sslmode=require`, and then unverified.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self { dsn: String::new(), pool_size: 4, statement_timeout_ms: 5000, schema: "public".into() }
+        Self {
+            dsn: String::new(),
+            pool_size: 4,
+            statement_timeout_ms: 5000,
+            schema: "public".into(),
+            tls_ca_file: None,
+        }
     }
 }
 
@@ -34,6 +46,7 @@ impl fmt::Debug for PostgresConfig {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("schema", &self.schema)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -68,7 +81,15 @@ impl PostgresConfig {
             message: "not a valid connection string".into(),
         })?;
         pg.options(format!("-c search_path={} -c statement_timeout={}", self.schema, self.statement_timeout_ms));
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = if self.tls_ca_file.is_some() || pg.get_ssl_mode() == SslMode::Require {
+            if self.tls_ca_file.is_some() {
+                pg.ssl_mode(SslMode::Require);
+            }
+            Manager::from_config(pg, crate::tls::connector(self.tls_ca_file.as_deref())?, config)
+        } else {
+            Manager::from_config(pg, NoTls, config)
+        };
         Pool::builder(manager)
             .max_size(self.pool_size)
             .build()

@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod packed;
 pub mod seed;
 pub mod sink;
+mod tls;
 
 pub use config::PostgresConfig;
 pub use error::PostgresError;
