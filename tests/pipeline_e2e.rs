@@ -2,8 +2,8 @@
 //! separate `sluice run` processes. Every valid event must come out as exactly
 //! one prediction equal to the model's own computation, every invalid one as a
 //! dead letter with its reason, and nothing else may appear. Other tests
-//! kill the inferrer mid-stream, and make inferrers join and leave the group
-//! mid-stream, and check that no event is lost.
+//! kill the inferrer mid-stream, make inferrers join and leave the group
+//! mid-stream, and freeze the broker mid-stream, and check that no event is lost.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -16,8 +16,8 @@ use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
 use sluice_tests::{
-    Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, start_stages, tail, temp_dir, unique,
-    write_config, write_events,
+    Broker, StageProcess, heavy_test_lock, peak_rss_bytes, reference_predictions, sluice, start_stages, tail, temp_dir,
+    unique, write_config, write_events,
 };
 
 /// Predictions must equal the reference computation to this absolute tolerance.
@@ -360,4 +360,82 @@ async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
         );
         assert!(stage.logs().contains("SIGTERM: draining"), "{}", tail(&stage.logs(), 30));
     }
+}
+
+/// The broker hangs mid-stream (SIGSTOP) for longer than the session timeout,
+/// while more events are being published, and then comes back (SIGCONT). Every
+/// stage rides it out with retries and backoff, none exits, memory stays
+/// bounded, and every event comes out once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn a_broker_outage_mid_stream_is_ridden_out_and_loses_nothing() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("outage");
+    let prefix = unique("outage");
+    let config = write_config(
+        &dir,
+        &broker.addr,
+        &prefix,
+        4,
+        "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+    );
+    sluice(&config, &["topics", "create"]);
+    let events = generate("outage", 4000, 0, SyntheticConfig::default().universe);
+    let (first, second) = events.split_at(2500);
+    let mut stages = start_stages(&config, &dir);
+    let reader = reader(&broker.addr, &prefix);
+    sluice(&config, &["produce", "--file", write_events(&dir, first.iter().map(|e| &e.json)).to_str().expect("utf-8")]);
+    let predictions_topic = format!("{prefix}.predictions");
+    let mut seen = Seen::default();
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {
+        s.predictions.len() >= 300
+    })
+    .await;
+    let before = seen.predictions.len();
+    assert!(before < first.len(), "the stream was over before the outage: make it longer");
+
+    // Ten seconds without a broker (the session timeout is six), with a
+    // producer publishing into the outage.
+    broker.pause();
+    let second_file = write_events(&dir, second.iter().map(|e| &e.json));
+    let producing = {
+        let config = config.clone();
+        std::thread::spawn(move || sluice(&config, &["produce", "--file", second_file.to_str().expect("utf-8")]))
+    };
+    std::thread::sleep(Duration::from_secs(10));
+    for stage in &mut stages {
+        assert!(stage.running(), "{} exited during the outage\n{}", stage.stage, tail(&stage.logs(), 30));
+    }
+    broker.resume();
+    let published = producing.join().expect("producer thread");
+    assert!(published.contains("published 1500 events"), "{published}");
+
+    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
+        s.predictions.len() >= events.len()
+    })
+    .await;
+    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
+    let duplicates = seen.prediction_count() - seen.predictions.len();
+    assert_eq!(missing, 0, "{missing} events lost across the broker outage\n{}", dump_logs(&stages));
+    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
+    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    let mut peaks = String::new();
+    for stage in &mut stages {
+        assert!(stage.running(), "{} exited after the outage\n{}", stage.stage, tail(&stage.logs(), 30));
+        let peak = peak_rss_bytes(stage.pid());
+        // Queues are bounded by configuration (the consumer's prefetch, the
+        // batcher's queue, the producer's buffer), not by the backlog.
+        assert!(peak < 1 << 30, "{} peaked at {peak} bytes resident", stage.stage);
+        peaks.push_str(&format!(" {}={} MiB", stage.stage, peak >> 20));
+    }
+    std::io::stderr()
+        .write_all(
+            format!(
+                "outage test: {before} predictions before a 10 s broker outage, {duplicates} duplicates; peak RSS{peaks}\n"
+            )
+            .as_bytes(),
+        )
+        .expect("stderr");
 }

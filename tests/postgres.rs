@@ -8,7 +8,10 @@ use sluice_postgres::history::PgHistory;
 use sluice_postgres::migrate::migrate;
 use sluice_postgres::seed::seed;
 use sluice_stages::fetcher::{HistorySource, SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_tests::{LOCAL_POSTGRES, unique_schema};
+use sluice_tests::{
+    Broker, LOCAL_POSTGRES, StageProcess, free_port, heavy_test_lock, http_get, sluice, temp_dir, unique,
+    unique_schema, write_config,
+};
 
 const SHAPE: WindowShape = WindowShape { days: 30, features: 105 };
 
@@ -287,6 +290,7 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
                 partition: 0,
                 offset: i,
                 timestamp_ms: None,
+                traceparent: None,
             }
         })
         .collect();
@@ -479,4 +483,54 @@ async fn tls_is_used_when_asked_and_verified_against_a_ca_file() {
     assert!(wrong_name.to_lowercase().contains("certificate"), "{wrong_name}");
     let missing = ssl_of(LOCAL_POSTGRES.into(), Some("/nonexistent/ca.pem".into())).await.expect_err("no such file");
     assert!(missing.contains("postgres.tls_ca_file"), "{missing}");
+}
+
+/// `/readyz` of a writer that saves to PostgreSQL: ready once it has joined
+/// its group and PostgreSQL answers; not ready, with the reason in the body,
+/// while PostgreSQL cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn a_writer_is_ready_only_while_postgres_answers() {
+    let _heavy = heavy_test_lock();
+    let schema = Schema::new("pg_ready").await;
+    let broker = Broker::start();
+    let dir = temp_dir("pg-ready");
+    let prefix = unique("pgready");
+    let writer = |dsn: &str| {
+        let port = free_port();
+        let extra = format!(
+            "[writer]\npostgres = true\n\n[postgres]\ndsn = \"{dsn}\"\nschema = \"{}\"\n",
+            schema.config.schema
+        );
+        let config = write_config(&dir, &broker.addr, &prefix, 1, &extra);
+        let text = std::fs::read_to_string(&config).expect("config");
+        let path = dir.join(format!("writer-{port}.toml"));
+        std::fs::write(&path, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")))
+            .expect("config");
+        (StageProcess::start(&path, "writer", &dir), port, path)
+    };
+    let (good, good_port, config) = writer(LOCAL_POSTGRES);
+    sluice(&config, &["topics", "create"]);
+    let (bad, bad_port, _) = writer("host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=1");
+
+    // Each until its stage has joined the group, whatever PostgreSQL says.
+    let joined = |port: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some((code, body)) = http_get(port, "/readyz")
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+                && v["stages"]["writer"]["ready"] == true
+            {
+                return (code, v);
+            }
+            assert!(std::time::Instant::now() < deadline, "the writer on {port} never joined its group");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let (code, body) = joined(good_port);
+    assert_eq!(code, 200, "{body}\n{}", good.logs());
+    assert_eq!(body["dependencies"]["postgres"], true, "{body}");
+    let (code, body) = joined(bad_port);
+    assert_eq!(code, 503, "ready without PostgreSQL: {body}\n{}", bad.logs());
+    assert_eq!((&body["ready"], &body["dependencies"]["postgres"]), (&false.into(), &false.into()), "{body}");
 }

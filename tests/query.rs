@@ -102,6 +102,7 @@ fn envelope(id: &str, tokenizer: &QueryTokenizer, text: &str) -> Incoming {
         partition: 0,
         offset: 0,
         timestamp_ms: None,
+        traceparent: None,
     }
 }
 

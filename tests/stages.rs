@@ -24,7 +24,7 @@ fn envelope(id: &str, payload: Payload) -> Envelope {
 }
 
 fn incoming(offset: i64, payload: Vec<u8>) -> Incoming {
-    Incoming { key: None, payload, topic: "in".into(), partition: 0, offset, timestamp_ms: None }
+    Incoming { key: None, payload, topic: "in".into(), partition: 0, offset, timestamp_ms: None, traceparent: None }
 }
 
 fn date() -> NaiveDate {

@@ -45,6 +45,8 @@ pub fn model_config(version: &str) -> sluice_model::ModelConfig {
         intra_op_threads: 1,
         warmup_batch_size: 4,
         memory_budget_bytes: 0,
+        autotune_p99_ms: 0,
+        ..sluice_model::ModelConfig::default()
     }
 }
 
@@ -80,7 +82,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
@@ -93,6 +95,13 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Self {
+        Self::start_advertising(None)
+    }
+
+    /// A broker that tells clients, in its metadata, to reach it at
+    /// `advertised` (`host:port`) instead of where it listens: a proxy in front
+    /// of it then carries every connection, not only the first.
+    pub fn start_advertising(advertised: Option<&str>) -> Self {
         let tansu = std::env::var_os("SLUICE_TANSU").map_or_else(|| cache_dir().join("bin/tansu"), PathBuf::from);
         assert!(tansu.exists(), "{} is missing: run `make setup`", tansu.display());
         let port = free_port();
@@ -100,7 +109,7 @@ impl Broker {
         let log = File::create(temp_dir("tansu").join("tansu.log")).expect("log file");
         let child = Command::new(&tansu)
             .args(["broker", "--listener-url", &format!("tcp://{addr}")])
-            .args(["--advertised-listener-url", &format!("tcp://{addr}")])
+            .args(["--advertised-listener-url", &format!("tcp://{}", advertised.unwrap_or(&addr))])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -113,6 +122,34 @@ impl Broker {
         }
         Self { child, addr }
     }
+
+    /// Freezes the broker (SIGSTOP): connections stay open but nothing is
+    /// answered, as with a broker that hangs or a network cut, and unlike a
+    /// restart its in-memory data survives.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// A process's peak resident memory so far in bytes (`VmHWM` in
+/// `/proc/PID/status`), or 0 when it cannot be read.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 impl Drop for Broker {
@@ -220,9 +257,8 @@ impl StageProcess {
     }
 
     /// Sends `signal` (`TERM`, `KILL`, ...) to the process.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
-        assert!(status.success(), "kill -{signal} {}", self.pid());
+    pub fn signal(&self, name: &str) {
+        signal(self.pid(), name);
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -394,4 +430,17 @@ pub fn start_stages(config: &Path, log_dir: &Path) -> Vec<StageProcess> {
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `GET path` on a stage's `observe.listen` port: (status code, body), or
+/// `None` while nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }

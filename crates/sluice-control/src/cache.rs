@@ -299,6 +299,11 @@ impl PredictionCache {
     }
 
     /// Empties the in-process tier (on `sluice cache clear`).
+    /// Whether Redis answers (`None`: no Redis tier).
+    pub fn redis_up(&self) -> Option<bool> {
+        self.remote.as_ref().map(|(link, _)| link.is_up())
+    }
+
     pub fn clear_local(&self) {
         let mut local = self.local();
         local.map.clear();

@@ -4,7 +4,9 @@
 //! passed since its **oldest** item arrived, whichever comes first. Timing from
 //! the oldest item (not from the last cut) bounds every item's wait by
 //! `max_wait`; timing from the last cut lets an item that arrives just before a
-//! cut wait almost twice as long. The policy can change at run time; a new one
+//! cut wait almost twice as long. A batch cut at its deadline also takes what
+//! has already arrived (up to the size limit), so `max_wait = 0` means "cut at
+//! once with whatever is there". The policy can change at run time; a new one
 //! applies from the next cut.
 
 use std::time::Duration;
@@ -123,10 +125,24 @@ pub async fn run_batcher<T>(
                 batcher.set_policy(new, Instant::now())
             }
         };
-        if let Some(batch) = cut
-            && output.send(batch).await.is_err()
-        {
-            return;
+        if let Some(mut batch) = cut {
+            top_up(&mut batch, &mut input, batcher.policy.max_batch_size.max(1));
+            if output.send(batch).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Adds to a batch cut at its deadline what has already arrived, up to the
+/// size limit. Those items waited less than the oldest, so every wait stays
+/// within `max_wait`; and a short `max_wait` (even 0) still gives a busy stage
+/// full batches instead of one-item ones, while an idle one cuts at once.
+fn top_up<T>(batch: &mut Batch<T>, input: &mut mpsc::Receiver<T>, max_batch_size: usize) {
+    while batch.items.len() < max_batch_size {
+        match input.try_recv() {
+            Ok(item) => batch.items.push(item),
+            Err(_) => break,
         }
     }
 }
@@ -231,6 +247,26 @@ mod tests {
         let batches = collect(out_rx).await;
         let sizes: Vec<usize> = batches.iter().map(|(b, _)| b.len()).collect();
         assert_eq!(sizes, vec![4, 4, 2], "cut at size, the rest flushed on shutdown, none empty");
+        let order: Vec<u32> = batches.into_iter().flat_map(|(b, _)| b).collect();
+        assert_eq!(order, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_cut_takes_what_has_already_arrived() {
+        let (in_tx, in_rx) = mpsc::channel(16);
+        let (out_tx, out_rx) = mpsc::channel(16);
+        for i in 0..10 {
+            in_tx.send(i).await.expect("send");
+        }
+        // No wait at all: each cut is due with its first item, and takes the
+        // queued ones with it instead of leaving them for one-item batches.
+        let policy = BatchPolicy { max_batch_size: 4, max_wait_ms: 0 };
+        let driver = tokio::spawn(run_batcher(in_rx, out_tx, policy.fixed()));
+        drop(in_tx);
+        driver.await.expect("driver");
+        let batches = collect(out_rx).await;
+        let sizes: Vec<usize> = batches.iter().map(|(b, _)| b.len()).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
         let order: Vec<u32> = batches.into_iter().flat_map(|(b, _)| b).collect();
         assert_eq!(order, (0..10).collect::<Vec<_>>());
     }

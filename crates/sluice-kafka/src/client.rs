@@ -43,7 +43,7 @@ impl Publisher {
         if self.in_flight.len() >= WINDOW {
             self.settle_one().await?;
         }
-        let delivery = crate::runtime::enqueue(&self.producer, topic, key, payload).await?;
+        let delivery = crate::runtime::enqueue(&self.producer, topic, key, payload, None).await?;
         self.in_flight.push_back((topic.to_string(), delivery));
         Ok(())
     }
@@ -104,7 +104,9 @@ impl std::fmt::Debug for TopicReader {
 impl TopicReader {
     pub fn new(kafka: &KafkaConfig, group_id: &str, topics: &[&str]) -> Result<Self, KafkaRuntimeError> {
         let mut config = kafka.consumer_config(group_id, group_id);
-        config.set("enable.auto.commit", "false");
+        // No statistics: they are for the stages' lag, and rdkafka's default
+        // context would log each one.
+        config.set("enable.auto.commit", "false").set("statistics.interval.ms", "0");
         let consumer: StreamConsumer = config.create().map_err(|e| KafkaRuntimeError::client("reader", e))?;
         consumer.subscribe(topics).map_err(|e| KafkaRuntimeError::client("reader subscribe", e))?;
         Ok(Self { consumer })

@@ -6,7 +6,9 @@
 //! - [`config`]: broker addresses and client properties.
 //! - [`batcher`]: size-or-deadline batching, the deadline timed from the oldest
 //!   waiting message.
-//! - [`runtime`]: the consume → batch → process → produce → commit loop.
+//! - [`runtime`]: the consume → batch → process → produce → commit loop, which
+//!   also passes the W3C trace context on from each input to its outputs, and
+//!   reports consumer lag from librdkafka's statistics.
 //! - [`admin`] and [`embedded`]: topic creation, and librdkafka's in-process
 //!   mock cluster for the demo and fast tests.
 
@@ -16,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod embedded;
 mod error;
+mod lag;
 pub mod runtime;
 mod stage;
 pub mod status;

@@ -12,26 +12,32 @@
 //! only then stores the batch's last offset per partition; librdkafka commits
 //! stored offsets every second, on revocation and on close. Hence at-least-once:
 //! a crash can re-deliver, never skip.
+//!
+//! Every record produced carries a W3C `traceparent` header: a child of its
+//! input's, or a new trace when the input had none (see
+//! [`sluice_messages::trace`]). The consumer's context reports consumer lag
+//! from librdkafka's statistics (see [`crate::lag`]).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedHeaders, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, TopicPartitionList};
 use sluice_messages::dead_letter::DeadLetter;
+use sluice_messages::trace::{TRACEPARENT_HEADER, TraceParent};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batcher::{Batch, BatchPolicy, run_batcher};
-use crate::{Incoming, KafkaConfig, KafkaRuntimeError, Output, Stage, StageStatus, telemetry};
+use crate::{Incoming, KafkaConfig, KafkaRuntimeError, Output, Stage, StageStatus, lag, telemetry};
 
 /// Where a stage reads and how it batches.
 #[derive(Debug)]
@@ -61,8 +67,13 @@ pub async fn run_stage<S: Stage>(
     shutdown: CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
-    let context = RebalanceLogger { stage: name, status: status.clone() };
-    let consumer: Arc<StreamConsumer<RebalanceLogger>> = Arc::new(
+    let context = StageContext {
+        stage: name,
+        group: options.group_id.clone(),
+        status: status.clone(),
+        assigned: Mutex::new(BTreeSet::new()),
+    };
+    let consumer: Arc<StreamConsumer<StageContext>> = Arc::new(
         kafka
             .consumer_config(&options.client_id, &options.group_id)
             .create_with_context(context)
@@ -168,18 +179,37 @@ pub async fn run_stage<S: Stage>(
     result
 }
 
-/// Logs rebalances and keeps [`StageStatus`] up to date. Offsets of revoked
-/// partitions are committed by librdkafka before it revokes them (auto-commit).
-struct RebalanceLogger {
+/// The stage consumer's callbacks, run by librdkafka on the thread that polls
+/// (the consume loop): logs rebalances, keeps [`StageStatus`] up to date, and
+/// reports consumer lag from the statistics. Offsets of revoked partitions are
+/// committed by librdkafka before it revokes them (auto-commit).
+struct StageContext {
     stage: &'static str,
+    group: String,
     status: Arc<StageStatus>,
+    /// (topic, partition) assigned now: lag is reported for these only, and
+    /// set to 0 for those that leave, so that a partition that moved to
+    /// another replica is not counted twice.
+    assigned: Mutex<BTreeSet<(String, i32)>>,
 }
 
-impl ClientContext for RebalanceLogger {}
+impl ClientContext for StageContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        let assigned = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
+        match lag::assigned_lags(statistics, &assigned) {
+            Ok(lags) => telemetry::consumer_lag(self.stage, &self.group, &lags),
+            Err(e) => telemetry::statistics_unreadable(self.stage, &e.to_string()),
+        }
+    }
+}
 
-impl ConsumerContext for RebalanceLogger {
+impl ConsumerContext for StageContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let assigned = consumer.assignment().map(|tpl| tpl.count() as i64).unwrap_or(0);
+        let now: Option<BTreeSet<(String, i32)>> = consumer
+            .assignment()
+            .ok()
+            .map(|tpl| tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect());
+        let assigned = now.as_ref().map_or(0, |now| now.len() as i64);
         let (kind, partitions) = match rebalance {
             Rebalance::Assign(tpl) => ("assign", describe(tpl)),
             Rebalance::Revoke(tpl) => ("revoke", describe(tpl)),
@@ -187,6 +217,12 @@ impl ConsumerContext for RebalanceLogger {
         };
         if !matches!(rebalance, Rebalance::Error(_)) {
             self.status.set_assigned(assigned);
+            let now = now.unwrap_or_default();
+            let mut kept = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
+            let gone: Vec<(String, i32)> = kept.difference(&now).cloned().collect();
+            *kept = now;
+            drop(kept);
+            telemetry::lag_forgotten(self.stage, &self.group, &gone);
         }
         // Cooperative: a rebalance moves only the listed partitions; eager: all are revoked first.
         let protocol = match consumer.rebalance_protocol() {
@@ -203,7 +239,7 @@ fn describe(tpl: &TopicPartitionList) -> String {
 }
 
 async fn consume_loop(
-    consumer: Arc<StreamConsumer<RebalanceLogger>>,
+    consumer: Arc<StreamConsumer<StageContext>>,
     topic: Arc<str>,
     items: mpsc::Sender<Incoming>,
     shutdown: CancellationToken,
@@ -222,6 +258,7 @@ async fn consume_loop(
                 partition: message.partition(),
                 offset: message.offset(),
                 timestamp_ms: message.timestamp().to_millis(),
+                traceparent: message.headers().and_then(traceparent),
             },
             Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
                 // The client cannot go on (fenced, unauthorised, ...): stop the
@@ -240,6 +277,12 @@ async fn consume_loop(
             sent = items.send(incoming) => if sent.is_err() { return Ok(()) },
         }
     }
+}
+
+/// The first `traceparent` header, parsed; a malformed one counts as none
+/// (the specification says to ignore it, and the output starts a new trace).
+fn traceparent(headers: &BorrowedHeaders) -> Option<TraceParent> {
+    headers.iter().find(|h| h.key == TRACEPARENT_HEADER).and_then(|h| h.value).and_then(TraceParent::parse)
 }
 
 /// A processed batch whose outputs are on their way to the broker.
@@ -267,14 +310,18 @@ async fn process_loop<S: Stage>(
         let Some(outputs) = process_with_retry(stage, &batch.items, shutdown).await? else {
             return Ok(());
         };
-        telemetry::batch_processed(name, batch.items.len(), batch.waited, started.elapsed());
+        // This hop's trace context for each input: every output of input `i`
+        // (dead letters included) carries `hops[i]`.
+        let hops: Vec<TraceParent> =
+            batch.items.iter().map(|input| input.traceparent.map_or_else(TraceParent::root, |t| t.child())).collect();
+        telemetry::batch_processed(name, batch.items.len(), batch.waited, started.elapsed(), &hops);
         let mut deliveries = Vec::with_capacity(outputs.len());
         let mut sent = 0;
         for output in outputs {
             let delivery = match output {
                 Output::Send { source, topic, key, payload } => {
                     check_source(name, source, batch.items.len())?;
-                    match enqueue(producer, &topic, key.as_deref(), &payload).await {
+                    match enqueue(producer, &topic, key.as_deref(), &payload, Some(&hops[source])).await {
                         Ok(delivery) => {
                             sent += 1;
                             (topic, delivery)
@@ -290,7 +337,11 @@ async fn process_loop<S: Stage>(
                             let input = &batch.items[source];
                             let letter = dead_letter(name, input, "output_too_large", detail, None);
                             let key = input.key.as_deref();
-                            (dead_letter_topic.clone(), enqueue(producer, &dead_letter_topic, key, &letter).await?)
+                            let trace = Some(&hops[source]);
+                            (
+                                dead_letter_topic.clone(),
+                                enqueue(producer, &dead_letter_topic, key, &letter, trace).await?,
+                            )
                         }
                         Err(e) => return Err(e),
                     }
@@ -299,10 +350,8 @@ async fn process_loop<S: Stage>(
                     check_source(name, source, batch.items.len())?;
                     let input = &batch.items[source];
                     let letter = dead_letter(name, input, reason, detail, event_id);
-                    (
-                        dead_letter_topic.clone(),
-                        enqueue(producer, &dead_letter_topic, input.key.as_deref(), &letter).await?,
-                    )
+                    let (key, trace) = (input.key.as_deref(), Some(&hops[source]));
+                    (dead_letter_topic.clone(), enqueue(producer, &dead_letter_topic, key, &letter, trace).await?)
                 }
             };
             deliveries.push(delivery);
@@ -383,17 +432,24 @@ async fn process_with_retry<S: Stage>(
     }
 }
 
-/// Hands one record to librdkafka, waiting while its queue is full.
+/// Hands one record to librdkafka, waiting while its queue is full; with
+/// `trace`, as its `traceparent` header.
 pub(crate) async fn enqueue(
     producer: &FutureProducer,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
+    trace: Option<&TraceParent>,
 ) -> Result<DeliveryFuture, KafkaRuntimeError> {
+    let traceparent = trace.map(TraceParent::encode);
     loop {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
         if let Some(key) = key {
             record = record.key(key);
+        }
+        if let Some(value) = &traceparent {
+            let header = Header { key: TRACEPARENT_HEADER, value: Some(&value[..]) };
+            record = record.headers(OwnedHeaders::new_with_capacity(1).insert(header));
         }
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
@@ -406,7 +462,7 @@ pub(crate) async fn enqueue(
 }
 
 async fn ack_loop(
-    consumer: Arc<StreamConsumer<RebalanceLogger>>,
+    consumer: Arc<StreamConsumer<StageContext>>,
     mut acks: mpsc::Receiver<PendingAck>,
     topic: Arc<str>,
     stage: &'static str,
@@ -441,7 +497,15 @@ mod tests {
     use super::*;
 
     fn input(payload: Vec<u8>) -> Incoming {
-        Incoming { key: Some(b"k".to_vec()), payload, topic: "t".into(), partition: 3, offset: 42, timestamp_ms: None }
+        Incoming {
+            key: Some(b"k".to_vec()),
+            payload,
+            topic: "t".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: None,
+            traceparent: None,
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use sluice_messages::dead_letter::SourceCoordinates;
+use sluice_messages::trace::TraceParent;
 
 /// One consumed message, owned, with its coordinates.
 #[derive(Debug, Clone)]
@@ -13,6 +14,10 @@ pub struct Incoming {
     pub offset: i64,
     /// The Kafka message timestamp (ms), when the broker gave one.
     pub timestamp_ms: Option<i64>,
+    /// The record's `traceparent` header, when it had a valid one. The runtime
+    /// gives each output a child of it (or a new trace); a stage needs it only
+    /// to record it (the fetcher puts it in the envelope).
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Incoming {

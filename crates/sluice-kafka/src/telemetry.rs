@@ -2,17 +2,56 @@
 //! the log line and bumps the metrics together, once per batch rather than once
 //! per event. Names follow docs/instrumentation.md.
 
+use std::fmt;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+use sluice_messages::trace::TraceParent;
 use tracing::{debug, info, warn};
 
-pub(crate) fn batch_processed(stage: &'static str, size: usize, waited: Duration, took: Duration) {
+use crate::lag::PartitionLag;
+
+/// `traces` is this hop's trace context per input: the first few trace ids go
+/// in the debug line, to find a batch's events in a tracing system.
+pub(crate) fn batch_processed(
+    stage: &'static str,
+    size: usize,
+    waited: Duration,
+    took: Duration,
+    traces: &[TraceParent],
+) {
     counter!("sluice_stage_events_in_total", "stage" => stage).increment(size as u64);
     histogram!("sluice_stage_batch_size", "stage" => stage).record(size as f64);
     histogram!("sluice_stage_batch_wait_seconds", "stage" => stage).record(waited.as_secs_f64());
     histogram!("sluice_stage_process_seconds", "stage" => stage).record(took.as_secs_f64());
-    debug!(stage, size, waited_ms = waited.as_millis() as u64, took_ms = took.as_millis() as u64, "batch processed");
+    debug!(
+        stage,
+        size,
+        waited_ms = waited.as_millis() as u64,
+        took_ms = took.as_millis() as u64,
+        trace_ids = %FirstTraceIds(traces),
+        "batch processed"
+    );
+}
+
+/// At most [`FirstTraceIds::SHOWN`] trace ids and how many more: a log line
+/// stays short whatever the batch size. Formatted only when the line is logged.
+struct FirstTraceIds<'a>(&'a [TraceParent]);
+
+impl FirstTraceIds<'_> {
+    const SHOWN: usize = 3;
+}
+
+impl fmt::Display for FirstTraceIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, t) in self.0.iter().take(Self::SHOWN).enumerate() {
+            write!(f, "{}{:032x}", if i == 0 { "" } else { "," }, t.trace_id)?;
+        }
+        match self.0.len().saturating_sub(Self::SHOWN) {
+            0 => Ok(()),
+            more => write!(f, " (+{more})"),
+        }
+    }
 }
 
 pub(crate) fn outputs_sent(stage: &'static str, sent: usize) {
@@ -53,6 +92,41 @@ pub(crate) fn rebalance(
     counter!("sluice_kafka_rebalances_total", "stage" => stage, "kind" => kind).increment(1);
     gauge!("sluice_kafka_assigned_partitions", "stage" => stage).set(assigned_now as f64);
     info!(stage, kind, protocol, partitions, assigned_now, "rebalance");
+}
+
+/// One reading of librdkafka's statistics: the lag of each assigned partition
+/// whose lag is known.
+pub(crate) fn consumer_lag(stage: &'static str, group: &str, lags: &[PartitionLag]) {
+    for l in lags {
+        gauge!(
+            "sluice_kafka_consumer_lag",
+            "stage" => stage,
+            "group" => group.to_string(),
+            "topic" => l.topic.clone(),
+            "partition" => l.partition.to_string()
+        )
+        .set(l.lag as f64);
+    }
+    debug!(stage, partitions = lags.len(), messages = lags.iter().map(|l| l.lag).sum::<i64>(), "consumer lag");
+}
+
+/// Partitions no longer assigned here: their lag is the new owner's to report.
+/// (Logged with the rebalance.)
+pub(crate) fn lag_forgotten(stage: &'static str, group: &str, partitions: &[(String, i32)]) {
+    for (topic, partition) in partitions {
+        gauge!(
+            "sluice_kafka_consumer_lag",
+            "stage" => stage,
+            "group" => group.to_string(),
+            "topic" => topic.clone(),
+            "partition" => partition.to_string()
+        )
+        .set(0.0);
+    }
+}
+
+pub(crate) fn statistics_unreadable(stage: &'static str, error: &str) {
+    debug!(stage, error, "librdkafka statistics unreadable; consumer lag not updated");
 }
 
 pub(crate) fn stopped(stage: &'static str, acknowledged: u64) {

@@ -12,7 +12,9 @@ pub const ENVELOPE_VERSION: u8 = 1;
 pub struct Envelope {
     /// The producer's event id, kept end to end: the idempotency key at the sinks.
     pub event_id: String,
-    /// W3C `traceparent` of the request, when the producer sent one.
+    /// W3C `traceparent` of the request, when the producer sent a valid one
+    /// (the request's Kafka header). Each record's own hop is in its
+    /// `traceparent` header, a descendant of this one (see [`crate::trace`]).
     pub traceparent: Option<String>,
     /// When the request entered Sluice (the Kafka timestamp of the request, ms).
     pub requested_at_ms: i64,

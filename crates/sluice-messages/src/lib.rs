@@ -8,6 +8,7 @@
 //!   today; swappable without touching the stages).
 //! - [`dead_letter`] and [`prediction`]: the JSON records of the dead-letter and
 //!   predictions topics.
+//! - [`trace`]: the W3C `traceparent` every record carries in its headers.
 
 pub mod codec;
 pub mod dead_letter;
@@ -15,6 +16,7 @@ pub mod envelope;
 mod error;
 pub mod events;
 pub mod prediction;
+pub mod trace;
 
 pub use error::MessageError;
 

@@ -23,6 +23,30 @@ pub struct ModelConfig {
     /// treated as out of memory before it is made: split, and the row cap
     /// lowered (0: no budget; libtorch's own out-of-memory errors do the same).
     pub memory_budget_bytes: u64,
+    /// When not 0: at start, the batch size is tuned to the largest power of
+    /// two whose p99 model call time stays within this many milliseconds
+    /// (measured on the device, up to the configured `max_batch_size`, or 512
+    /// when that is left to the device).
+    pub autotune_p99_ms: u64,
+    /// `fp32`; `bf16` (weights and float inputs in bfloat16, CPU or GPU); or
+    /// `fp16` (autocast to half precision, CUDA only).
+    pub precision: Precision,
+    /// CUDA only: let cuDNN try its algorithms on the first call of each
+    /// input shape and keep the fastest (shapes repeat: batch sizes are capped).
+    pub cudnn_benchmark: bool,
+    /// CUDA only: allow TF32 in float32 matrix products (Ampere and later;
+    /// faster, about 3 decimal digits). Applies to the whole process.
+    pub tf32: bool,
+}
+
+/// The number format the model computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
 }
 
 impl Default for ModelConfig {
@@ -34,6 +58,10 @@ impl Default for ModelConfig {
             intra_op_threads: 0,
             warmup_batch_size: 64,
             memory_budget_bytes: 0,
+            autotune_p99_ms: 0,
+            precision: Precision::Fp32,
+            cudnn_benchmark: false,
+            tf32: false,
         }
     }
 }

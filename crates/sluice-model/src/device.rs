@@ -24,6 +24,28 @@ pub(crate) fn select(choice: DeviceChoice) -> Result<Device, ModelError> {
     }
 }
 
+/// The environment switch libtorch reads when its CUDA context starts.
+pub(crate) const TF32_SWITCH: &str = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE";
+
+/// Lets cuBLAS use TF32 for float32 matrix products in this process (the
+/// `tf32` model setting). tch 0.24 has no call for it; libtorch reads an
+/// environment switch instead, so this must run at process start, before any
+/// other thread exists (the binary calls it first thing in `main`).
+#[allow(unsafe_code)]
+pub fn allow_tf32() {
+    // SAFETY: called before any other thread is started (see above), so no
+    // thread reads the environment while it changes.
+    unsafe { std::env::set_var(TF32_SWITCH, "1") };
+}
+
+/// `cpu` or `cuda:N`.
+pub(crate) fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    }
+}
+
 /// Whether an NVIDIA kernel driver is loaded: without one, loading libtorch's
 /// CUDA library (over a gigabyte) only costs time and memory.
 fn nvidia_driver_present() -> bool {

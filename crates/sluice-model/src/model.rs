@@ -1,10 +1,11 @@
 //! One loaded model, used from one thread.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::{ModelConfig, ModelError, ModelMetadata, device};
+use crate::{ModelConfig, ModelError, ModelMetadata, Precision, device};
 
 /// A TorchScript model on its device, with its metadata.
 #[derive(Debug)]
@@ -12,6 +13,11 @@ pub struct Model {
     module: CModule,
     device: Device,
     metadata: ModelMetadata,
+    precision: Precision,
+    /// CUDA only: page-locked host buffers, one per model input, allocated
+    /// once (grown when a batch needs more) and reused, so that each batch
+    /// goes to the GPU with one asynchronous copy.
+    pinned: RefCell<Vec<Tensor>>,
 }
 
 impl Model {
@@ -21,17 +27,32 @@ impl Model {
     pub fn load(config: &ModelConfig) -> Result<Self, ModelError> {
         let dir = config.version_dir(&config.version);
         let metadata = ModelMetadata::load(&dir)?;
-        let device = device::select(config.device)?;
-        if device == Device::Cpu {
-            set_threads(config.threads());
+        if config.tf32 && std::env::var_os(device::TF32_SWITCH).is_none() {
+            tracing::warn!("tf32 is asked for but was not switched on at process start (sluice_model::allow_tf32)");
         }
+        let device = device::select(config.device)?;
+        if config.precision == Precision::Fp16 && device == Device::Cpu {
+            return Err(ModelError::Device(
+                "precision = \"fp16\" (autocast) needs a CUDA device; use \"bf16\" on the CPU".into(),
+            ));
+        }
+        if device != Device::Cpu && config.cudnn_benchmark {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        // On a GPU the CPU side only copies inputs in and answers out: libtorch's
+        // intra-op threads would compete with librdkafka for nothing.
+        set_threads(if device == Device::Cpu { config.threads() } else { 1 });
         let path = dir.join("model.pt");
         if !Path::new(&path).exists() {
             return Err(ModelError::Read { path, message: "no such file".into() });
         }
         let mut module = CModule::load_on_device(&path, device)?;
         module.set_eval();
-        Ok(Self { module, device, metadata })
+        if config.precision == Precision::Bf16 {
+            // Casts floating-point weights only; token ids stay integers.
+            module.to(device, Kind::BFloat16, false);
+        }
+        Ok(Self { module, device, metadata, precision: config.precision, pinned: RefCell::new(Vec::new()) })
     }
 
     /// Sets libtorch's CPU threads for the calling thread (the model's).
@@ -47,10 +68,7 @@ impl Model {
 
     /// `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
-        match self.device {
-            Device::Cuda(n) => format!("cuda:{n}"),
-            _ => "cpu".into(),
-        }
+        device::name(self.device)
     }
 
     /// Runs the model once on a batch of `rows` samples and returns `rows x
@@ -64,7 +82,11 @@ impl Model {
                     return Err(ModelError::InputShape { got: input.len(), rows, row_len });
                 }
                 let shape = [rows as i64, self.metadata.days() as i64, self.metadata.features() as i64];
-                vec![Tensor::f_from_slice(input)?.f_view(shape)?.f_to_device(self.device)?]
+                let mut x = self.to_device(0, &Tensor::f_from_slice(input)?.f_view(shape)?)?;
+                if self.precision == Precision::Bf16 {
+                    x = x.f_to_kind(Kind::BFloat16)?;
+                }
+                vec![x]
             }
             Batch::Tokens { ids, mask, len } => {
                 let max_length = self.metadata.tokenizer.as_ref().map_or(0, |t| t.max_length);
@@ -73,12 +95,13 @@ impl Model {
                 }
                 let shape = [rows as i64, *len as i64];
                 vec![
-                    Tensor::f_from_slice(ids)?.f_view(shape)?.f_to_device(self.device)?,
-                    Tensor::f_from_slice(mask)?.f_view(shape)?.f_to_device(self.device)?,
+                    self.to_device(0, &Tensor::f_from_slice(ids)?.f_view(shape)?)?,
+                    self.to_device(1, &Tensor::f_from_slice(mask)?.f_view(shape)?)?,
                 ]
             }
         };
-        let y = tch::no_grad(|| self.module.forward_ts(&inputs))?;
+        let autocast = self.precision == Precision::Fp16;
+        let y = tch::no_grad(|| tch::autocast(autocast, || self.module.forward_ts(&inputs)))?;
         let width = self.metadata.output_width();
         if y.size() != [rows as i64, width as i64] {
             return Err(ModelError::OutputShape { got: y.size(), rows, outputs: width });
@@ -89,21 +112,49 @@ impl Model {
         Ok(out)
     }
 
+    /// Moves input `index` to the model's device. On CUDA it goes through a
+    /// reused page-locked buffer with a non-blocking copy; the copy has ended
+    /// by the time `forward` returns, since reading the output back waits for
+    /// everything queued before it on the stream.
+    fn to_device(&self, index: usize, host: &Tensor) -> Result<Tensor, ModelError> {
+        if self.device == Device::Cpu {
+            return Ok(host.shallow_clone());
+        }
+        let numel = host.numel() as i64;
+        let mut pinned = self.pinned.borrow_mut();
+        while pinned.len() <= index {
+            pinned.push(Tensor::f_empty([0], (host.kind(), Device::Cpu))?);
+        }
+        if pinned[index].numel() < host.numel() || pinned[index].kind() != host.kind() {
+            // Grown to a power of two, so that a slowly growing batch size
+            // does not allocate page-locked memory (slow) at every step.
+            let capacity = (numel as u64).next_power_of_two() as i64;
+            pinned[index] = Tensor::f_empty([capacity], (host.kind(), Device::Cpu))?.f_pin_memory(self.device)?;
+        }
+        let mut staging = pinned[index].f_narrow(0, 0, numel)?.f_view(host.size().as_slice())?;
+        staging.f_copy_(host)?;
+        Ok(staging.f_to_device_(self.device, host.kind(), true, false)?)
+    }
+
     /// Runs a full batch (and a batch of one) so that the first real batch
     /// does not pay for lazy initialisation and graph optimisation.
     pub fn warm_up(&self, batch_size: usize) -> Result<(), ModelError> {
         for rows in [batch_size.max(1), 1] {
-            let batch = match &self.metadata.tokenizer {
-                // Short sequences of padding ids: warm, without the cost of max_length.
-                Some(t) => {
-                    let len = t.max_length.min(16);
-                    Batch::Tokens { ids: vec![i64::from(t.pad_id); rows * len], mask: vec![1; rows * len], len }
-                }
-                None => Batch::Windows(vec![0.0; rows * self.metadata.sample_len()]),
-            };
-            self.forward(&batch, rows)?;
+            self.forward(&self.sample_batch(rows), rows)?;
         }
         Ok(())
+    }
+
+    /// A batch of `rows` placeholder inputs of the model's shape (query models:
+    /// 16 tokens of padding, a typical short question), for warm-up and tuning.
+    pub fn sample_batch(&self, rows: usize) -> Batch {
+        match &self.metadata.tokenizer {
+            Some(t) => {
+                let len = t.max_length.min(16);
+                Batch::Tokens { ids: vec![i64::from(t.pad_id); rows * len], mask: vec![1; rows * len], len }
+            }
+            None => Batch::Windows(vec![0.0; rows * self.metadata.sample_len()]),
+        }
     }
 }
 

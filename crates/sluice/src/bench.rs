@@ -36,7 +36,7 @@ impl Row {
 }
 
 /// Normalised inputs for `n` distinct events, encoded as the inferrer reads them.
-fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
+pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
     let model = &config.inferrer.model;
     let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
     let shape = WindowShape { days: metadata.days(), features: metadata.features() };
@@ -63,12 +63,13 @@ fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
             partition: 0,
             offset: i as i64,
             timestamp_ms: None,
+            traceparent: None,
         });
     }
     Ok(out)
 }
 
-async fn run(inferrer: &mut Inferrer, inputs: &[Incoming], batch: usize) -> anyhow::Result<f64> {
+pub(crate) async fn run(inferrer: &mut Inferrer, inputs: &[Incoming], batch: usize) -> anyhow::Result<f64> {
     let started = Instant::now();
     for chunk in inputs.chunks(batch) {
         inferrer.process(chunk).await.map_err(|f| anyhow::anyhow!(f.message))?;

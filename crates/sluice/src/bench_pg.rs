@@ -4,87 +4,17 @@
 //! stock, and times until the last row is in `stock_predictions`, with the time
 //! split by stage from each process's own metrics.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chrono::NaiveDate;
-use sluice_kafka::admin::create_topics;
 use sluice_kafka::client::Publisher;
 use sluice_stages::fetcher::{SyntheticSource, trading_days_back};
 
 use crate::bench::write_section;
+use crate::cluster::{LocalCluster, cpu_seconds, http_get, machine_cpu_seconds, metric, postgres_cpu_seconds};
 use crate::config::SluiceConfig;
 use crate::launch::StageKind;
-
-/// Children killed when dropped, whatever happens to the benchmark.
-struct Children(Vec<(String, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A minimal HTTP GET (status code and body), to read a stage's endpoints.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
-
-/// CPU time a process (all its threads) has used so far, from `/proc/PID/stat`
-/// (Linux; utime + stime in USER_HZ ticks, 100 per second).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces: fields are counted after its closing parenthesis.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// CPU time used so far by every PostgreSQL server process (the postmaster's
-/// children include the stages' pooled backends).
-fn postgres_cpu_seconds() -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
-        .map(cpu_seconds)
-        .sum()
-}
-
-/// Whole-machine CPU time (all cores) from `/proc/stat`, in USER_HZ ticks of 10 ms.
-fn machine_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next() else { return 0.0 };
-    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
-    let fields: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    let busy: f64 = fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
-    busy / 100.0
-}
-
-/// Sum of a Prometheus series over the lines that match `stage`.
-fn metric(body: &str, name: &str, stage: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("stage=\"{stage}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// One timed run of the job.
 struct Run {
@@ -106,8 +36,9 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(children: &Children, ports: &[(StageKind, u16)]) -> Self {
-        let stages = ports
+    fn take(cluster: &LocalCluster) -> Self {
+        let stages = cluster
+            .ports
             .iter()
             .map(|(kind, port)| {
                 let body = http_get(*port, "/metrics").map(|(_, b)| b).unwrap_or_default();
@@ -125,7 +56,7 @@ impl Snapshot {
             })
             .collect();
         Self {
-            cpu: children.0.iter().map(|(name, c)| (name.clone(), cpu_seconds(c.id()))).collect(),
+            cpu: cluster.children.iter().map(|(name, c)| (name.clone(), cpu_seconds(c.id()))).collect(),
             postgres_cpu: postgres_cpu_seconds(),
             machine_cpu: machine_cpu_seconds(),
             stages,
@@ -192,9 +123,6 @@ pub async fn postgres(
         days >= 30 + runs,
         "--days must leave a 30-day window for each of the {runs} run(s) and the warm-up"
     );
-    let tansu = std::env::var_os("SLUICE_TANSU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice/bin/tansu"));
     let run = format!("bench{}", std::process::id());
     config.postgres.schema = format!("sluice_{run}");
     let end = NaiveDate::from_ymd_opt(2024, 12, 31).expect("a date");
@@ -209,54 +137,16 @@ pub async fn postgres(
     let seed_seconds = seeding.elapsed().as_secs_f64();
 
     // Broker and stages, each a process of its own.
-    let broker_port = free_port()?;
-    let brokers = format!("127.0.0.1:{broker_port}");
-    let mut children = Children(Vec::new());
-    let broker = Command::new(&tansu)
-        .args(["broker", "--listener-url", &format!("tcp://{brokers}")])
-        .args(["--advertised-listener-url", &format!("tcp://{brokers}")])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", tansu.display()))?;
-    children.0.push(("tansu".into(), broker));
+    let mut cluster = LocalCluster::broker(&mut config, &run).await?;
+    let env = [
+        ("SLUICE_FETCHER__SOURCE", "postgres"),
+        ("SLUICE_WRITER__POSTGRES", "true"),
+        ("SLUICE_POSTGRES__DSN", config.postgres.dsn.as_str()),
+        ("SLUICE_POSTGRES__SCHEMA", config.postgres.schema.as_str()),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    cluster.start_stages(&config, &StageKind::ALL, &env).await?;
     let started = Instant::now();
-    while TcpStream::connect(&brokers).is_err() {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "tansu did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    config.kafka.brokers = brokers.clone();
-    config.topics = config.topics.prefixed(&run);
-    create_topics(&config.kafka, &config.topics.specs()).await?;
-    let exe = std::env::current_exe()?;
-    let mut ports = Vec::new();
-    for kind in StageKind::ALL {
-        let port = free_port()?;
-        let mut command = Command::new(&exe);
-        command
-            .args(["run", kind.name()])
-            .env("SLUICE_KAFKA__BROKERS", &brokers)
-            .env("SLUICE_KAFKA__GROUP_PREFIX", &run)
-            .env("SLUICE_FETCHER__SOURCE", "postgres")
-            .env("SLUICE_WRITER__POSTGRES", "true")
-            .env("SLUICE_POSTGRES__DSN", &config.postgres.dsn)
-            .env("SLUICE_POSTGRES__SCHEMA", &config.postgres.schema)
-            .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (key, name) in config.topics.names() {
-            command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
-        }
-        children.0.push((kind.name().into(), command.spawn()?));
-        ports.push((kind, port));
-    }
-    let started = Instant::now();
-    while !ports.iter().all(|(_, port)| http_get(*port, "/readyz").is_some_and(|(code, _)| code == 200)) {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the stages did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     // A warm pipeline, as in production: one event goes all the way through
     // first, so that no one-off start-up cost is timed (the publisher's
@@ -277,7 +167,7 @@ pub async fn postgres(
     let mut results = Vec::with_capacity(runs);
     for (r, day) in as_of.iter().enumerate() {
         tracing::info!(run = r + 1, symbols, "publishing the job");
-        let before = Snapshot::take(&children, &ports);
+        let before = Snapshot::take(&cluster);
         let t0 = Instant::now();
         for s in 0..symbols {
             let symbol = SyntheticSource::symbol(s);
@@ -301,10 +191,10 @@ pub async fn postgres(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let wall = t0.elapsed().as_secs_f64();
-        results.push(Run { published, milestones, wall, used: Snapshot::take(&children, &ports).minus(&before) });
+        results.push(Run { published, milestones, wall, used: Snapshot::take(&cluster).minus(&before) });
     }
     drop(publisher);
-    drop(children);
+    drop(cluster);
     client.batch_execute(&format!("DROP SCHEMA {} CASCADE", config.postgres.schema)).await?;
 
     let mut order: Vec<usize> = (0..results.len()).collect();

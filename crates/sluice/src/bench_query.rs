@@ -95,6 +95,7 @@ pub async fn query(config: SluiceConfig, out: &Path) -> anyhow::Result<()> {
                 partition: 0,
                 offset: i as i64,
                 timestamp_ms: None,
+                traceparent: None,
             }
         })
         .collect();

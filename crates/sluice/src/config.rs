@@ -282,10 +282,12 @@ impl SluiceConfig {
             ("inferrer.query.batch", &self.inferrer.query.batch),
             ("writer.batch", &self.writer.batch),
         ] {
-            if !(1..=65_536).contains(&policy.max_batch_size) {
+            // The models' batch size may be left to the device (0).
+            let least = usize::from(!key.starts_with("inferrer."));
+            if !(least..=65_536).contains(&policy.max_batch_size) {
                 return Err(invalid(
                     &format!("{key}.max_batch_size"),
-                    format!("{} is outside 1..=65536", policy.max_batch_size),
+                    format!("{} is outside {least}..=65536", policy.max_batch_size),
                 ));
             }
             if policy.max_wait_ms > 60_000 {
@@ -431,14 +433,16 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let config = SluiceConfig::load(None, &Figment::new()).expect("defaults load");
-        assert_eq!(config.inferrer.batch.max_batch_size, 64);
+        assert_eq!(config.inferrer.batch.max_batch_size, 0, "by device");
         assert_eq!(config.inferrer.model.warmup_batch_size, 64);
         assert!(!config.inferrer.model.dir.as_os_str().is_empty());
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = load_with("[inferrer]\nbatch = { max_batch_size = 0, max_wait_ms = 5 }\n").expect_err("zero");
+        let e = load_with("[writer]\nbatch = { max_batch_size = 0, max_wait_ms = 5 }\n").expect_err("zero");
+        assert!(e.to_string().contains("writer.batch.max_batch_size"), "{e}");
+        let e = load_with("[inferrer]\nbatch = { max_batch_size = 70000, max_wait_ms = 5 }\n").expect_err("big");
         assert!(e.to_string().contains("inferrer.batch.max_batch_size"), "{e}");
         let e = load_with("[writer]\nmin_confidence = 1.5\n").expect_err("range");
         assert!(e.to_string().contains("writer.min_confidence"), "{e}");

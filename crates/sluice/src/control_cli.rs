@@ -130,7 +130,7 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
             redis_store(&config)?;
             let shutdown = CancellationToken::new();
             cancel_on_signals(shutdown.clone());
-            let control = start_control(&config, false, shutdown.clone()).await?;
+            let control = start_control(&config, false, false, shutdown.clone()).await?;
             let mut settings = control.settings;
             loop {
                 out(&serde_json::to_string(&*settings.borrow_and_update())?)?;

@@ -50,7 +50,7 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     cancel_on_signals(shutdown.clone());
     let all_stats = Arc::new(Stats::default());
     let kinds = StageKind::expand(&StageKind::ALL, &config);
-    let control = start_control(&config, kinds.contains(&StageKind::QueryInferrer), shutdown.clone()).await?;
+    let control = start_control(&config, kinds.contains(&StageKind::QueryInferrer), true, shutdown.clone()).await?;
     let stages: Vec<_> = kinds
         .into_iter()
         .map(|kind| {

@@ -96,9 +96,45 @@ pub fn model_name(model: &sluice_model::ModelConfig) -> String {
         .unwrap_or_else(|_| model.dir.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()))
 }
 
+/// The batch size a model starts with: the configured one, the device's
+/// default (`max_batch_size = 0`), or, with `autotune_p99_ms` in a process
+/// that runs the model (`tune`), the largest that meets the latency target,
+/// measured now. Logged and exported (`sluice_model_batch_size_chosen`).
+async fn starting_batch_size(
+    model: &sluice_model::ModelConfig,
+    configured: usize,
+    query_model: bool,
+    tune: bool,
+) -> anyhow::Result<usize> {
+    let autotune_p99_ms = if tune { model.autotune_p99_ms } else { 0 };
+    let model = sluice_model::ModelConfig { autotune_p99_ms, ..model.clone() };
+    let name = model_name(&model);
+    let choice = tokio::task::spawn_blocking(move || sluice_model::choose_batch_size(&model, configured, query_model))
+        .await?
+        .context("choosing the batch size")?;
+    let measured: Vec<String> =
+        choice.measured.iter().map(|(rows, p99)| format!("{rows}: {:.2} ms", p99.as_secs_f64() * 1e3)).collect();
+    tracing::info!(
+        model = name,
+        batch_size = choice.batch_size,
+        by = choice.by,
+        device = choice.device,
+        p99_by_batch_size = measured.join(", "),
+        "batch size chosen"
+    );
+    metrics::gauge!("sluice_model_batch_size_chosen", "model" => name, "by" => choice.by).set(choice.batch_size as f64);
+    Ok(choice.batch_size)
+}
+
 /// Starts following overrides (reading them once first): the stock model's
-/// scope, and the query model's too when `query` is set.
-pub async fn start_control(config: &SluiceConfig, query: bool, shutdown: CancellationToken) -> anyhow::Result<Control> {
+/// scope, and the query model's too when `query` is set. `tune`: this process
+/// runs the models (their batch sizes may be tuned on the device first).
+pub async fn start_control(
+    config: &SluiceConfig,
+    query: bool,
+    tune: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Control> {
     let (store, link) = override_store(config)?;
     let cache = Arc::new(PredictionCache::new(config.cache.lru.clone(), link.map(|l| (l, store.keys().clone()))));
     let follow = |model: &sluice_model::ModelConfig, base: Settings| {
@@ -109,9 +145,15 @@ pub async fn start_control(config: &SluiceConfig, query: bool, shutdown: Cancell
         Controller::new(store.clone(), &name, base, versions, Duration::from_millis(config.control.reconcile_ms))
             .on_cache_clear(Arc::new(move || clear.clear_local()))
     };
-    let settings = follow(&config.inferrer.model, config.base_settings()).start(shutdown.clone()).await;
+    let stock = &config.inferrer.model;
+    let max_batch_size = starting_batch_size(stock, config.inferrer.batch.max_batch_size, false, tune).await?;
+    let base = Settings { max_batch_size, ..config.base_settings() };
+    let settings = follow(stock, base).start(shutdown.clone()).await;
     let query_settings = if query {
-        Some(follow(&config.inferrer.query.model, config.query_base_settings()).start(shutdown).await)
+        let model = &config.inferrer.query.model;
+        let max_batch_size = starting_batch_size(model, config.inferrer.query.batch.max_batch_size, true, tune).await?;
+        let base = Settings { max_batch_size, ..config.query_base_settings() };
+        Some(follow(model, base).start(shutdown).await)
     } else {
         None
     };
@@ -279,6 +321,7 @@ async fn start_worker(model: &sluice_model::ModelConfig, settings: &Settings) ->
     let wanted = sluice_model::ModelConfig {
         version: settings.model_version.clone(),
         intra_op_threads: settings.intra_op_threads,
+        warmup_batch_size: model.warmup_batch_size.max(settings.max_batch_size),
         ..model.clone()
     };
     let failed = match ModelWorker::start(wanted).await {

@@ -2,12 +2,16 @@
 //! topic creation and event publishing.
 
 mod bench;
+mod bench_backlog;
+mod bench_batching;
 mod bench_pg;
 mod bench_query;
+mod cluster;
 mod config;
 mod control_cli;
 mod demo;
 mod dlq;
+mod gpu;
 mod launch;
 mod observe;
 mod produce;
@@ -15,6 +19,7 @@ mod produce;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -194,6 +199,36 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// What batching buys: the raw model, the inferrer in memory, the inferrer
+    /// through the broker and the four-stage pipeline, by batch size; one at a
+    /// time; and low-load latency by `max_wait`. Writes JSON, Markdown and SVG.
+    Batching {
+        /// Events per measured point.
+        #[arg(long, default_value_t = 16384)]
+        events: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128,256,512")]
+        sizes: Vec<usize>,
+        /// The inferrer's max_wait_ms values for the low-load latency runs.
+        #[arg(long, value_delimiter = ',', default_value = "0,5,20,50")]
+        waits: Vec<u64>,
+        /// Events per second in the low-load latency runs.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        #[arg(long, default_value = "docs/benchmarks")]
+        out_dir: PathBuf,
+    },
+    /// A backlog published before any stage runs, then drained by the four
+    /// stages (separate processes, tansu broker), with every process's
+    /// resident memory sampled.
+    Backlog {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Every N-th event is a stock event, the rest queries (0: queries only).
+        #[arg(long, default_value_t = 50)]
+        stock_every: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +250,10 @@ fn main() -> anyhow::Result<()> {
         overrides = overrides.merge(SluiceConfig::flag("observe.log_format", format));
     }
     let config = SluiceConfig::load(cli.config.as_deref(), &overrides)?;
+    // Still one thread: the only safe moment to change the environment.
+    if config.inferrer.model.tf32 || config.inferrer.query.model.tf32 {
+        sluice_model::allow_tf32();
+    }
     // The demo prints a summary: keep its logs to warnings unless RUST_LOG says otherwise.
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn",
@@ -285,6 +324,13 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Bench { what: BenchWhat::Postgres { symbols, days, runs, out } } => {
             bench_pg::postgres(config, symbols, days, runs, &out).await
         }
+        Command::Bench { what: BenchWhat::Batching { events, sizes, waits, rate, out_dir } } => {
+            let options = bench_batching::Options { events, sizes, waits, low_load_rate: rate, out_dir };
+            bench_batching::batching(config, options).await
+        }
+        Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
+            bench_backlog::backlog(config, events, stock_every, &out).await
+        }
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
             Ok(())
@@ -322,7 +368,14 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
     let config = Arc::new(config);
     let stats = Arc::new(Stats::default());
     let kinds = StageKind::expand(kinds, &config);
-    let control = start_control(&config, kinds.contains(&StageKind::QueryInferrer), shutdown.clone()).await?;
+    let runs_models = kinds.iter().any(|k| matches!(k, StageKind::Inferrer | StageKind::QueryInferrer));
+    let needs_postgres = kinds.iter().any(|k| match k {
+        StageKind::Fetcher => config.fetcher.source == config::SourceKind::Postgres,
+        StageKind::Writer => config.writer.postgres,
+        _ => false,
+    });
+    let control =
+        start_control(&config, kinds.contains(&StageKind::QueryInferrer), runs_models, shutdown.clone()).await?;
     let stages: Vec<_> = kinds
         .iter()
         .map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), stats.clone()))
@@ -343,6 +396,8 @@ async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result
         settings,
         cache: (!models.is_empty()).then(|| control.cache.clone()),
         models,
+        gpu: runs_models.then(|| gpu::GpuMonitor::start(Duration::from_secs(5), shutdown.clone())).flatten(),
+        postgres: needs_postgres.then(|| config.postgres.pool()).transpose()?,
     };
     if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
         shutdown.cancel();

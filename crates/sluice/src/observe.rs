@@ -55,6 +55,21 @@ pub struct Health {
     pub cache: Option<Arc<sluice_control::cache::PredictionCache>>,
     /// Each served model's counters (serving version), by model name.
     pub models: Vec<(String, Arc<sluice_stages::InferrerStats>)>,
+    /// GPU readings, in a process that runs models where NVML loads.
+    pub gpu: Option<Arc<crate::gpu::GpuMonitor>>,
+    /// PostgreSQL, in a process whose stages cannot work without it (a
+    /// fetcher reading history from it, a writer saving to it): `/readyz`
+    /// checks it answers.
+    pub postgres: Option<deadpool_postgres::Pool>,
+}
+
+/// Whether PostgreSQL answers `SELECT 1` within a second.
+async fn postgres_answers(pool: &deadpool_postgres::Pool) -> bool {
+    let check = async {
+        let client = pool.get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok()
+    };
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(1), check).await, Ok(Some(_)))
 }
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/status` until `shutdown`.
@@ -103,10 +118,27 @@ fn stage_states(health: &Health) -> serde_json::Value {
         .into()
 }
 
+/// Ready: every stage warmed up (models loaded) and in its consumer group
+/// with its partitions assigned, and PostgreSQL answering where a stage needs
+/// it. Redis is reported, not required: without it the settings in force stay
+/// and the cache misses, the pipeline goes on.
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let ready = health.stages.iter().all(|(_, s)| s.ready());
+    let stages = health.stages.iter().all(|(_, s)| s.ready());
+    let postgres = match &health.postgres {
+        Some(pool) => Some(postgres_answers(pool).await),
+        None => None,
+    };
+    let redis = health.cache.as_ref().and_then(|c| c.redis_up());
+    let ready = stages && postgres != Some(false);
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({ "ready": ready, "stages": stage_states(&health) })))
+    (
+        code,
+        Json(json!({
+            "ready": ready,
+            "stages": stage_states(&health),
+            "dependencies": { "postgres": postgres, "redis": redis },
+        })),
+    )
 }
 
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -131,6 +163,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "settings": settings,
         "models": models,
         "cache": cache,
+        "gpu": health.gpu.as_ref().map(|g| g.readings()),
         "config": health.info,
     }))
 }

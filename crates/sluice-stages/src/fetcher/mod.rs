@@ -106,9 +106,13 @@ impl Stage for Fetcher {
                     continue;
                 }
             };
+            // Request events have no trace field of their own: the request's
+            // `traceparent` header is the trace, so the envelope records it and
+            // agrees with the headers of every record that follows.
+            let traceparent = input.traceparent.map(|t| t.to_string());
             let envelope = |event_id: String, payload: Payload| Envelope {
                 event_id,
-                traceparent: None,
+                traceparent: traceparent.clone(),
                 requested_at_ms: input.timestamp_ms.unwrap_or_else(sluice_messages::now_ms),
                 updated_at_ms: sluice_messages::now_ms(),
                 attempt: 0,
@@ -177,4 +181,48 @@ fn best_effort_event_id(payload: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
     let id = value.get("event_id")?.as_str()?;
     (id.len() <= sluice_messages::events::MAX_EVENT_ID_LEN).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_messages::codec;
+    use sluice_messages::trace::TraceParent;
+
+    use super::*;
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn input(offset: i64, json: &str, traceparent: Option<TraceParent>) -> Incoming {
+        Incoming {
+            key: None,
+            payload: json.as_bytes().to_vec(),
+            topic: "requests".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(1),
+            traceparent,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_header_is_the_envelope_traceparent() {
+        let source = SyntheticSource::new(SyntheticConfig::default());
+        let mut fetcher = Fetcher::new(Box::new(source), WindowShape { days: 30, features: 105 }, "fetched");
+        let header = TraceParent::parse(TRACEPARENT.as_bytes());
+        assert!(header.is_some());
+        let batch = [
+            input(0, r#"{"kind": "query", "event_id": "q-1", "text": "what is my balance"}"#, header),
+            input(1, r#"{"kind": "stock", "event_id": "s-1", "symbol": "S0042", "as_of": "2024-05-31"}"#, header),
+            input(2, r#"{"kind": "query", "event_id": "q-2", "text": "what is my balance"}"#, None),
+        ];
+        let outputs = fetcher.process(&batch).await.expect("processed");
+        let traces: Vec<Option<String>> = outputs
+            .iter()
+            .map(|o| match o {
+                Output::Send { payload, .. } => codec::decode(payload).expect("envelope").traceparent,
+                Output::DeadLetter { detail, .. } => panic!("dead letter: {detail}"),
+            })
+            .collect();
+        assert_eq!(traces, vec![Some(TRACEPARENT.to_string()), Some(TRACEPARENT.to_string()), None]);
+    }
 }

@@ -1,0 +1,650 @@
+//! `sluice bench batching`: what batching buys, measured side by side in one
+//! run, by batch size and by `max_wait`, written to `docs/benchmarks/` as JSON,
+//! a Markdown report and SVG plots.
+//!
+//! Scenarios, each by the stock inferrer's batch size:
+//! 1. the raw model: `Model::forward` on one prepared batch, called in a loop
+//!    (the ceiling: no decoding, no broker, no other process);
+//! 2. the inferrer stage alone, fed from memory (`Inferrer::process`: decode,
+//!    tensor assembly, model, encode), no broker;
+//! 3. the inferrer stage as a process through the broker: a backlog of
+//!    normalised windows in its input topic, consumed, batched, run and
+//!    produced to its output topic;
+//! 4. the whole four-stage pipeline through the broker: a backlog of requests
+//!    drained by the four stages as separate processes;
+//!
+//! plus one-at-a-time (every stage's batch size 1) and, at low load, the
+//! end-to-end latency by the inferrer's `max_wait`. Throughput through the
+//! broker is taken between 10% and 90% of the backlog (start-up and the tail
+//! excluded), from the stage's own acknowledged-events counter.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sluice_control::Settings;
+use sluice_kafka::KafkaConfig;
+use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_messages::prediction::PredictionRecord;
+use sluice_model::{Batch, Model};
+use sluice_stages::fetcher::SyntheticConfig;
+use sluice_stages::generate::generate;
+use sluice_stages::{Inferrer, InferrerStats};
+use tokio::sync::watch;
+
+use crate::bench::{inputs, run, write_section};
+use crate::cluster::{LocalCluster, cpu_seconds, rss_bytes};
+use crate::config::SluiceConfig;
+use crate::launch::StageKind;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Events per measured point (the raw model runs at least as many rows).
+    pub events: usize,
+    pub sizes: Vec<usize>,
+    /// The inferrer's `max_wait_ms` values for the low-load latency runs.
+    pub waits: Vec<u64>,
+    /// Events per second in the low-load latency runs.
+    pub low_load_rate: u32,
+    pub out_dir: std::path::PathBuf,
+}
+
+/// Throughput at one batch size.
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    batch_size: usize,
+    events_per_s: f64,
+    /// Per model call (raw model only), milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    call_ms: Option<Percentiles>,
+    /// Per process (through the broker only): CPU seconds per 1000 events
+    /// between the 10% and 90% marks, and peak resident MiB.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    processes: Vec<ProcessUse>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ProcessUse {
+    name: String,
+    cpu_ms_per_1000_events: f64,
+    peak_rss_mib: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LatencyPoint {
+    inferrer_max_wait_ms: u64,
+    events: usize,
+    events_per_s: u32,
+    /// End to end: the request's timestamp to the output record's `written_at_ms`.
+    latency_ms: Percentiles,
+    /// The same split at the inferrer's answer: request to `inferred_at_ms`
+    /// (fetcher, normalizer, inferrer and three broker hops), then to
+    /// `written_at_ms` (one hop and the writer).
+    to_inferred_ms: Percentiles,
+    inferred_to_written_ms: Percentiles,
+    mean_model_rows: f64,
+    /// The raw model's p99 call time at the smallest measured batch size that
+    /// holds `mean_model_rows`.
+    model_p99_ms: f64,
+    /// `max_wait` + one batch's model time (p99) + 10 ms.
+    bound_ms: f64,
+    within_bound: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    measured_on: String,
+    machine: String,
+    intra_op_threads: usize,
+    events_per_point: usize,
+    raw_model: Vec<Point>,
+    inferrer_in_memory: Vec<Point>,
+    inferrer_through_broker: Vec<Point>,
+    pipeline: Vec<Point>,
+    one_at_a_time: Point,
+    latency: Vec<LatencyPoint>,
+}
+
+fn percentiles(mut values: Vec<f64>) -> Percentiles {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values.get(((values.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+    Percentiles { p50: at(0.5), p99: at(0.99), p999: at(0.999) }
+}
+
+pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<()> {
+    anyhow::ensure!(!options.sizes.is_empty() && options.sizes.iter().all(|s| *s >= 1), "--sizes must be ≥ 1 each");
+    let threads = config.inferrer.model.threads();
+    tracing::info!(events = options.events, "preparing inputs");
+    let incoming = inputs(&config, options.events)?;
+
+    let raw = raw_model(&config, &options)?;
+    let memory = inferrer_in_memory(&config, &options, &incoming).await?;
+    let mut broker = Vec::new();
+    for &size in &options.sizes {
+        broker.push(inferrer_through_broker(&config, size, &incoming).await?);
+    }
+    let mut pipeline = Vec::new();
+    for &size in &options.sizes {
+        pipeline.push(pipeline_point(&config, size, options.events, false).await?);
+    }
+    let one_at_a_time = pipeline_point(&config, 1, options.events.min(3000), true).await?;
+    let mut latency = Vec::new();
+    for &wait in &options.waits {
+        latency.push(low_load_latency(&config, wait, options.low_load_rate, &raw).await?);
+    }
+
+    let report = Report {
+        measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine: format!(
+            "{} cores, CPU only, everything (broker, stages, benchmark) on the same cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        intra_op_threads: threads,
+        events_per_point: options.events,
+        raw_model: raw,
+        inferrer_in_memory: memory,
+        inferrer_through_broker: broker,
+        pipeline,
+        one_at_a_time,
+        latency,
+    };
+    std::fs::create_dir_all(&options.out_dir)?;
+    std::fs::write(options.out_dir.join("batching.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(options.out_dir.join("batching-throughput.svg"), throughput_svg(&report))?;
+    std::fs::write(options.out_dir.join("batching-latency.svg"), latency_svg(&report))?;
+    let markdown = markdown(&report, &options);
+    std::fs::write(options.out_dir.join("batching.md"), &markdown)?;
+    // The index next to the folder (docs/benchmarks.md for docs/benchmarks/) points here.
+    let dir = options.out_dir.file_name().map_or_else(|| "benchmarks".into(), |n| n.to_string_lossy().into_owned());
+    write_section(
+        &options.out_dir.with_extension("md"),
+        "batching",
+        &format!(
+            "## Batching: raw model, inferrer, pipeline\n\n\
+             By batch size and `max_wait`, with ratios and plots: [{dir}/batching.md]({dir}/batching.md).\n"
+        ),
+    )?;
+    writeln!(std::io::stdout(), "{markdown}")?;
+    Ok(())
+}
+
+/// Scenario 1: `Model::forward` on a prepared batch, in a loop, on this thread.
+fn raw_model(config: &SluiceConfig, options: &Options) -> anyhow::Result<Vec<Point>> {
+    let model_config = &config.inferrer.model;
+    let model = Model::load(model_config)?;
+    model.set_threads(model_config.threads());
+    let sample = model.metadata().sample_len();
+    let mut points = Vec::new();
+    for &size in &options.sizes {
+        model.warm_up(size)?;
+        let batch = Batch::Windows((0..size * sample).map(|i| ((i % 97) as f32 - 48.0) / 48.0).collect());
+        let calls = (options.events / size).max(20);
+        let mut times = Vec::with_capacity(calls);
+        let started = Instant::now();
+        for _ in 0..calls {
+            let call = Instant::now();
+            model.forward(&batch, size)?;
+            times.push(call.elapsed().as_secs_f64() * 1e3);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(size, per_s = (calls * size) as f64 / seconds, "raw model");
+        points.push(Point {
+            batch_size: size,
+            events_per_s: (calls * size) as f64 / seconds,
+            call_ms: Some(percentiles(times)),
+            processes: Vec::new(),
+        });
+    }
+    Ok(points)
+}
+
+/// Scenario 2: the inferrer's `process` on encoded inputs from memory.
+async fn inferrer_in_memory(
+    config: &SluiceConfig,
+    options: &Options,
+    incoming: &[sluice_kafka::Incoming],
+) -> anyhow::Result<Vec<Point>> {
+    let mut points = Vec::new();
+    for &size in &options.sizes {
+        let model = config.inferrer.model.clone();
+        let worker =
+            sluice_model::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
+                .await?;
+        let settings = Settings { max_batch_size: size, cache_enabled: false, ..config.base_settings() };
+        let mut inferrer = Inferrer::new(
+            worker,
+            model,
+            watch::channel(settings).1,
+            None,
+            "bench",
+            Arc::new(InferrerStats::default()),
+        )?;
+        run(&mut inferrer, &incoming[..size.min(incoming.len())], size).await?;
+        let seconds = run(&mut inferrer, incoming, size).await?;
+        tracing::info!(size, per_s = incoming.len() as f64 / seconds, "inferrer in memory");
+        points.push(Point {
+            batch_size: size,
+            events_per_s: incoming.len() as f64 / seconds,
+            call_ms: None,
+            processes: Vec::new(),
+        });
+    }
+    Ok(points)
+}
+
+/// Settings every broker run shares: the stock model only, no cache (every
+/// event is computed), each run on its own broker and topics.
+fn stage_env(inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, String)> {
+    [
+        ("SLUICE_INFERRER__SERVE", "[\"stock\"]".to_string()),
+        ("SLUICE_NORMALIZER__TOKENIZE_QUERIES", "false".to_string()),
+        ("SLUICE_CACHE__ENABLED", "false".to_string()),
+        ("SLUICE_INFERRER__BATCH__MAX_BATCH_SIZE", inferrer_batch.to_string()),
+        ("SLUICE_INFERRER__BATCH__MAX_WAIT_MS", inferrer_wait_ms.to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into()
+}
+
+/// Waits until `kind` has acknowledged 10% and then 90% of `events`; returns
+/// the events per second between the two marks and each process's use.
+async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow::Result<(f64, Vec<ProcessUse>)> {
+    let (low, high) = ((events / 10).max(1), (events * 9 / 10).max(1));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut mark: Option<(Instant, f64, Vec<f64>)> = None;
+    loop {
+        let done = cluster.metric(kind, "sluice_stage_events_acknowledged_total");
+        let now = Instant::now();
+        let cpu: Vec<f64> = cluster.children.iter().map(|(_, c)| cpu_seconds(c.id())).collect();
+        if mark.is_none() && done >= low as f64 {
+            mark = Some((now, done, cpu.clone()));
+        }
+        if let Some((at, from, before)) = &mark
+            && done >= high as f64
+        {
+            let counted = done - from;
+            let processes = cluster
+                .children
+                .iter()
+                .zip(cpu.iter().zip(before))
+                .map(|((name, child), (after, before))| ProcessUse {
+                    name: name.clone(),
+                    cpu_ms_per_1000_events: (after - before) * 1e6 / counted,
+                    peak_rss_mib: rss_bytes(child.id()).1 as f64 / (1 << 20) as f64,
+                })
+                .collect();
+            return Ok((counted / now.duration_since(*at).as_secs_f64(), processes));
+        }
+        anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Scenario 3: the inferrer process on a backlog of normalised windows.
+async fn inferrer_through_broker(
+    config: &SluiceConfig,
+    size: usize,
+    incoming: &[sluice_kafka::Incoming],
+) -> anyhow::Result<Point> {
+    let mut config = config.clone();
+    let run = format!("batching{}i{size}", std::process::id());
+    let mut cluster = LocalCluster::broker(&mut config, &run).await?;
+    publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
+    cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(size, 5)).await?;
+    let (per_s, processes) = drain(&cluster, StageKind::Inferrer, incoming.len()).await?;
+    tracing::info!(size, per_s, "inferrer through the broker");
+    Ok(Point { batch_size: size, events_per_s: per_s, call_ms: None, processes })
+}
+
+/// Scenario 4 (and one-at-a-time): the four stages on a backlog of requests.
+async fn pipeline_point(config: &SluiceConfig, size: usize, events: usize, every_stage: bool) -> anyhow::Result<Point> {
+    let mut config = config.clone();
+    let run = format!("batching{}p{size}{}", std::process::id(), if every_stage { "all" } else { "" });
+    let mut cluster = LocalCluster::broker(&mut config, &run).await?;
+    let requests = generate(&run, events, 0, SyntheticConfig::default().universe);
+    publish(
+        &config.kafka,
+        &config.topics.requests,
+        requests.iter().map(|e| (Some(e.event_id.as_bytes()), e.json.as_slice())),
+    )
+    .await?;
+    let mut env = stage_env(size, 5);
+    if every_stage {
+        for stage in ["FETCHER", "NORMALIZER", "WRITER"] {
+            env.push((format!("SLUICE_{stage}__BATCH__MAX_BATCH_SIZE"), "1".into()));
+        }
+    }
+    cluster.start_stages(&config, &StageKind::ALL, &env).await?;
+    let (per_s, processes) = drain(&cluster, StageKind::Writer, events).await?;
+    tracing::info!(size, every_stage, per_s, "pipeline");
+    Ok(Point { batch_size: size, events_per_s: per_s, call_ms: None, processes })
+}
+
+async fn publish<'a>(
+    kafka: &KafkaConfig,
+    topic: &str,
+    records: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8])>,
+) -> anyhow::Result<()> {
+    let mut publisher = Publisher::new(kafka, "bench-batching")?;
+    for (key, payload) in records {
+        publisher.send(topic, key, payload).await?;
+    }
+    publisher.finish().await?;
+    Ok(())
+}
+
+/// End-to-end latency at low load: events published one by one at `rate`
+/// per second into the running pipeline.
+async fn low_load_latency(config: &SluiceConfig, wait: u64, rate: u32, raw: &[Point]) -> anyhow::Result<LatencyPoint> {
+    let mut config = config.clone();
+    let run = format!("batching{}w{wait}", std::process::id());
+    let mut cluster = LocalCluster::broker(&mut config, &run).await?;
+    cluster.start_stages(&config, &StageKind::ALL, &stage_env(64, wait)).await?;
+    let events = (rate as usize * 8).max(50);
+    let requests = generate(&run, events + 1, 0, SyntheticConfig::default().universe);
+    let reader = TopicReader::new(&config.kafka, &format!("{run}-observer"), &[&config.topics.predictions])?;
+    let mut publisher = Publisher::new(&config.kafka, "bench-latency")?;
+    // One event all the way through first: the producer's id, group joins.
+    let (warm, timed) = requests.split_first().ok_or_else(|| anyhow::anyhow!("no events"))?;
+    publisher.send(&config.topics.requests, Some(warm.event_id.as_bytes()), &warm.json).await?;
+    publisher.settle().await?;
+    let mut latencies = Vec::with_capacity(events);
+    let mut to_inferred = Vec::with_capacity(events);
+    let mut to_written = Vec::with_capacity(events);
+    let mut seen_warm = false;
+    while !seen_warm {
+        let record =
+            reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("no warm-up output"))??;
+        seen_warm = serde_json::from_slice::<PredictionRecord>(&record.payload)?.event_id == warm.event_id;
+    }
+    let model_before = model_use(&cluster);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let started = tokio::time::Instant::now();
+    for (i, event) in timed.iter().enumerate() {
+        tokio::time::sleep_until(started + interval * i as u32).await;
+        publisher.send(&config.topics.requests, Some(event.event_id.as_bytes()), &event.json).await?;
+        // Each event leaves at once (no waiting for a full send window).
+        publisher.settle().await?;
+    }
+    while latencies.len() < timed.len() {
+        let record = reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("outputs stopped"))??;
+        let p: PredictionRecord = serde_json::from_slice(&record.payload)?;
+        latencies.push((p.written_at_ms - p.requested_at_ms) as f64);
+        to_inferred.push((p.inferred_at_ms - p.requested_at_ms) as f64);
+        to_written.push((p.written_at_ms - p.inferred_at_ms) as f64);
+    }
+    let (rows, calls) = {
+        let after = model_use(&cluster);
+        (after.0 - model_before.0, after.1 - model_before.1)
+    };
+    let mean_rows = if calls > 0.0 { rows / calls } else { 1.0 };
+    let model_p99_ms = raw
+        .iter()
+        .find(|p| p.batch_size as f64 >= mean_rows)
+        .or(raw.last())
+        .and_then(|p| p.call_ms)
+        .map_or(0.0, |c| c.p99);
+    let latency_ms = percentiles(latencies);
+    let bound_ms = wait as f64 + model_p99_ms + 10.0;
+    tracing::info!(wait, p99 = latency_ms.p99, bound_ms, "low-load latency");
+    Ok(LatencyPoint {
+        inferrer_max_wait_ms: wait,
+        events: timed.len(),
+        events_per_s: rate,
+        latency_ms,
+        to_inferred_ms: percentiles(to_inferred),
+        inferred_to_written_ms: percentiles(to_written),
+        mean_model_rows: mean_rows,
+        model_p99_ms,
+        bound_ms,
+        within_bound: latency_ms.p99 <= bound_ms,
+    })
+}
+
+/// (rows, calls) the inferrer's model has run so far.
+fn model_use(cluster: &LocalCluster) -> (f64, f64) {
+    let port = cluster.ports.iter().find(|(k, _)| *k == StageKind::Inferrer).map(|(_, p)| *p);
+    let body = port.and_then(|p| crate::cluster::http_get(p, "/metrics")).map(|(_, b)| b).unwrap_or_default();
+    let series = |name: &str| {
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (series("sluice_model_batch_rows_sum"), series("sluice_model_batch_rows_count"))
+}
+
+fn at_size(points: &[Point], size: usize) -> Option<f64> {
+    points.iter().find(|p| p.batch_size == size).map(|p| p.events_per_s)
+}
+
+fn markdown(report: &Report, options: &Options) -> String {
+    let sizes: Vec<String> = options.sizes.iter().map(ToString::to_string).collect();
+    let waits: Vec<String> = options.waits.iter().map(ToString::to_string).collect();
+    let mut md = format!(
+        "# Batching: raw model, inferrer, pipeline\n\n\
+         Written by `cargo run --release --bin sluice -- bench batching --events {events} --sizes {sizes} \
+         --waits {waits} --rate {rate}`\n\
+         on {when} ({machine}; libtorch intra-op threads: {threads}; the fixture LSTM, input 30 × 105).\n\
+         Raw figures: [batching.json](batching.json). Plots: [throughput](batching-throughput.svg),\n\
+         [latency](batching-latency.svg). Through the broker, every run has a tansu broker and\n\
+         topics of its own, a backlog published before the stages start, the cache off (every\n\
+         event computed), and throughput taken between 10% and 90% of the backlog.\n\n\
+         ## Throughput by the inferrer's batch size (events/s)\n\n\
+         | batch size | raw model | inferrer, in memory | inferrer through the broker | four-stage pipeline | inferrer ÷ raw | pipeline ÷ raw |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+        events = options.events,
+        sizes = sizes.join(","),
+        waits = waits.join(","),
+        rate = options.low_load_rate,
+        when = report.measured_on,
+        machine = report.machine,
+        threads = report.intra_op_threads,
+    );
+    for raw in &report.raw_model {
+        let size = raw.batch_size;
+        let memory = at_size(&report.inferrer_in_memory, size).unwrap_or(0.0);
+        let broker = at_size(&report.inferrer_through_broker, size).unwrap_or(0.0);
+        let pipeline = at_size(&report.pipeline, size).unwrap_or(0.0);
+        md.push_str(&format!(
+            "| {size} | {:.0} | {memory:.0} | {broker:.0} | {pipeline:.0} | {:.2} | {:.2} |\n",
+            raw.events_per_s,
+            broker / raw.events_per_s,
+            pipeline / raw.events_per_s
+        ));
+    }
+    let best = report.pipeline.iter().max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+    let best_raw = report.raw_model.iter().max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+    if let (Some(best), Some(best_raw)) = (best, best_raw) {
+        let raw_there = at_size(&report.raw_model, best.batch_size).unwrap_or(f64::NAN);
+        let broker_there = at_size(&report.inferrer_through_broker, best.batch_size).unwrap_or(f64::NAN);
+        let verdict = |ok: bool| if ok { "met" } else { "not met" };
+        let speedup = best.events_per_s / report.one_at_a_time.events_per_s;
+        md.push_str(&format!(
+            "\n## Headline figures\n\n\
+             | figure | value | target |\n|---|---:|---|\n\
+             | pipeline ÷ raw model at the pipeline's best batch size ({b}) | {:.2} | ≥ 0.6: {} |\n\
+             | inferrer through the broker ÷ raw model at batch size {b} | {:.2} | ≥ 0.75: {} |\n\
+             | pipeline at batch size {b} ÷ one at a time (every stage's batch size 1) | {speedup:.1}× | ≥ 8×: {} |\n\
+             | one at a time, end to end | {:.0} events/s | |\n\
+             | raw model's best (batch size {}) | {:.0} events/s | |\n",
+            best.events_per_s / raw_there,
+            verdict(best.events_per_s / raw_there >= 0.6),
+            broker_there / raw_there,
+            verdict(broker_there / raw_there >= 0.75),
+            verdict(speedup >= 8.0),
+            report.one_at_a_time.events_per_s,
+            best_raw.batch_size,
+            best_raw.events_per_s,
+            b = best.batch_size,
+        ));
+        md.push_str(
+            "\n## Where the time goes (pipeline at its best batch size)\n\n\
+             CPU milliseconds per 1000 events by process between the 10% and 90% marks\n\
+             (two cores: 2000 ms of CPU per second of wall time at most), and peak resident memory:\n\n\
+             | process | CPU ms / 1000 events | peak RSS (MiB) |\n|---|---:|---:|\n",
+        );
+        for p in &best.processes {
+            md.push_str(&format!("| {} | {:.0} | {:.0} |\n", p.name, p.cpu_ms_per_1000_events, p.peak_rss_mib));
+        }
+        md.push_str(&format!(
+            "| raw model alone, same batch size (1000 ÷ events/s, one thread) | {:.0} | |\n",
+            1e6 / raw_there
+        ));
+    }
+    md.push_str(
+        "\n## Raw model call time by batch size (ms)\n\n| batch size | p50 | p99 | p99.9 |\n|---:|---:|---:|---:|\n",
+    );
+    for p in &report.raw_model {
+        if let Some(c) = p.call_ms {
+            md.push_str(&format!("| {} | {:.2} | {:.2} | {:.2} |\n", p.batch_size, c.p50, c.p99, c.p999));
+        }
+    }
+    md.push_str(
+        "\n## End-to-end latency at low load, by the inferrer's `max_wait`\n\n\
+         Request timestamp to `written_at_ms` of the output record, over the four stages and the\n\
+         broker; the other stages keep their configured `max_wait`. Bound: `max_wait` + the raw\n\
+         model's p99 call time at the batch size seen + 10 ms.\n\n\
+         | max_wait (ms) | events | events/s | p50 (ms) | p99 (ms) | p99.9 (ms) | p50 / p99 to the inferrer's answer | p50 / p99 from there to written | rows per model call | bound (ms) | p99 within |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for l in &report.latency {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.1} | {} |\n",
+            l.inferrer_max_wait_ms,
+            l.events,
+            l.events_per_s,
+            l.latency_ms.p50,
+            l.latency_ms.p99,
+            l.latency_ms.p999,
+            l.to_inferred_ms.p50,
+            l.to_inferred_ms.p99,
+            l.inferred_to_written_ms.p50,
+            l.inferred_to_written_ms.p99,
+            l.mean_model_rows,
+            l.bound_ms,
+            if l.within_bound { "yes" } else { "no" }
+        ));
+    }
+    md.push_str(
+        "\n## GPU\n\nPending: this task had no GPU machine. The CUDA path (device selection with\n\
+         `libtorch_cuda.so` loaded, pinned host buffers, non-blocking copies, autocast, TF32 and\n\
+         cuDNN switches) is built and configurable but its figures are not measured yet.\n",
+    );
+    md
+}
+
+/// One plotted line: its name, its colour and its (x, y) points.
+type Line<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// A line plot: events/s against batch size (log2 axis), one line per scenario.
+fn throughput_svg(report: &Report) -> String {
+    let series = [
+        ("raw model", "#444444", &report.raw_model),
+        ("inferrer, in memory", "#1f77b4", &report.inferrer_in_memory),
+        ("inferrer through the broker", "#2ca02c", &report.inferrer_through_broker),
+        ("four-stage pipeline", "#d62728", &report.pipeline),
+    ];
+    let lines: Vec<Line> = series
+        .iter()
+        .map(|(name, colour, points)| {
+            (*name, *colour, points.iter().map(|p| ((p.batch_size as f64).log2(), p.events_per_s)).collect())
+        })
+        .collect();
+    plot("Throughput by batch size", "batch size (log2)", "events/s", &lines, |x| format!("{}", 2f64.powf(x).round()))
+}
+
+/// End-to-end p50/p99/p99.9 against the inferrer's `max_wait`, with the bound.
+fn latency_svg(report: &Report) -> String {
+    let pick = |f: fn(&LatencyPoint) -> f64| -> Vec<(f64, f64)> {
+        report.latency.iter().map(|l| (l.inferrer_max_wait_ms as f64, f(l))).collect()
+    };
+    let lines = vec![
+        ("p50", "#1f77b4", pick(|l| l.latency_ms.p50)),
+        ("p99", "#d62728", pick(|l| l.latency_ms.p99)),
+        ("p99.9", "#9467bd", pick(|l| l.latency_ms.p999)),
+        ("bound", "#444444", pick(|l| l.bound_ms)),
+    ];
+    plot("End-to-end latency at low load", "inferrer max_wait (ms)", "ms", &lines, |x| format!("{x:.0}"))
+}
+
+fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl Fn(f64) -> String) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 200.0, 40.0, 50.0);
+    let points = lines.iter().flat_map(|(_, _, p)| p.iter());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+    for (x, y) in points {
+        x0 = x0.min(*x);
+        x1 = x1.max(*x);
+        y1 = y1.max(*y);
+    }
+    if x0 >= x1 {
+        x1 = x0 + 1.0;
+    }
+    let y1 = if y1 > 0.0 { y1 * 1.1 } else { 1.0 };
+    let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
+    let sy = |y: f64| h - bottom - y / y1 * (h - top - bottom);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"22\" font-size=\"15\">{title}</text>\n\
+         <line x1=\"{left}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{yb}\" stroke=\"black\"/>\n\
+         <text x=\"{xm}\" y=\"{xl}\" text-anchor=\"middle\">{x_label}</text>\n\
+         <text x=\"14\" y=\"{ym}\" transform=\"rotate(-90 14 {ym})\" text-anchor=\"middle\">{y_label}</text>\n",
+        yb = h - bottom,
+        xr = w - right,
+        xm = (left + w - right) / 2.0,
+        xl = h - 12.0,
+        ym = (top + h - bottom) / 2.0,
+    );
+    for i in 0..=4 {
+        let y = y1 * f64::from(i) / 4.0;
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.0}</text><line x1=\"{left}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#dddddd\"/>\n",
+            left - 6.0,
+            sy(y) + 4.0,
+            sy(y),
+            w - right,
+            sy(y)
+        ));
+    }
+    let mut ticks: Vec<f64> = lines.iter().flat_map(|(_, _, p)| p.iter().map(|(x, _)| *x)).collect();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
+    for x in ticks {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            sx(x),
+            h - bottom + 16.0,
+            x_tick(x)
+        ));
+    }
+    for (i, (name, colour, points)) in lines.iter().enumerate() {
+        let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            path.join(" ")
+        ));
+        for (x, y) in points {
+            svg.push_str(&format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n", sx(*x), sy(*y)));
+        }
+        let ly = top + 20.0 * i as f64;
+        svg.push_str(&format!(
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{colour}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            w - right + 10.0,
+            w - right + 30.0,
+            w - right + 36.0,
+            ly + 4.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

@@ -1,0 +1,187 @@
+//! A local deployment for the benchmarks: a tansu broker and `sluice run`
+//! stages as separate processes, as in production, with what the benchmarks
+//! read from them (metrics, CPU time, resident memory from `/proc`).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sluice_kafka::admin::create_topics;
+
+use crate::config::SluiceConfig;
+use crate::launch::StageKind;
+
+/// The broker and the stages; every process is killed when this is dropped,
+/// whatever happens to the benchmark.
+pub struct LocalCluster {
+    /// (name, process): `tansu` first, then each stage by its name.
+    pub children: Vec<(String, Child)>,
+    /// Each stage's `observe.listen` port.
+    pub ports: Vec<(StageKind, u16)>,
+    pub brokers: String,
+    /// Topic and group prefix of this run.
+    pub run: String,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl LocalCluster {
+    /// Starts a tansu broker (memory storage) and creates the run's topics;
+    /// `config` is pointed at both.
+    pub async fn broker(config: &mut SluiceConfig, run: &str) -> anyhow::Result<Self> {
+        let tansu = std::env::var_os("SLUICE_TANSU").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice/bin/tansu")
+        });
+        let brokers = format!("127.0.0.1:{}", free_port()?);
+        let broker = Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://{brokers}")])
+            .args(["--advertised-listener-url", &format!("tcp://{brokers}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (run `make setup`)", tansu.display()))?;
+        let cluster =
+            Self { children: vec![("tansu".into(), broker)], ports: Vec::new(), brokers, run: run.to_string() };
+        let started = Instant::now();
+        while TcpStream::connect(&cluster.brokers).is_err() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "tansu did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        config.kafka.brokers = cluster.brokers.clone();
+        config.topics = config.topics.prefixed(run);
+        create_topics(&config.kafka, &config.topics.specs()).await?;
+        Ok(cluster)
+    }
+
+    /// Starts `kinds` as `sluice run` processes on this broker and topics, with
+    /// `env` (`SLUICE_…` settings) on top, and waits until all are ready.
+    pub async fn start_stages(
+        &mut self,
+        config: &SluiceConfig,
+        kinds: &[StageKind],
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        for kind in kinds {
+            let port = free_port()?;
+            let mut command = Command::new(&exe);
+            command
+                .args(["run", kind.name()])
+                .env("SLUICE_KAFKA__BROKERS", &self.brokers)
+                .env("SLUICE_KAFKA__GROUP_PREFIX", &self.run)
+                .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            for (key, name) in config.topics.names() {
+                command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
+            }
+            command.envs(env.iter().map(|(k, v)| (k, v)));
+            self.children.push((kind.name().into(), command.spawn()?));
+            self.ports.push((*kind, port));
+        }
+        let started = Instant::now();
+        while !self.ports.iter().all(|(_, port)| http_get(*port, "/readyz").is_some_and(|(code, _)| code == 200)) {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the stages did not become ready");
+            for (name, child) in &mut self.children {
+                anyhow::ensure!(child.try_wait()?.is_none(), "{name} exited while starting");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// The process id of `name` (`tansu` or a stage).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
+    /// The sum of a Prometheus series over every stage process of `kind`.
+    pub fn metric(&self, kind: StageKind, series: &str) -> f64 {
+        self.ports
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .filter_map(|(_, port)| http_get(*port, "/metrics"))
+            .map(|(_, body)| metric(&body, series, kind.name()))
+            .sum()
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal HTTP GET (status code and body), to read a stage's endpoints.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Sum of a Prometheus series over the lines that match `stage`.
+pub fn metric(body: &str, name: &str, stage: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("stage=\"{stage}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU time a process (all its threads) has used so far, from `/proc/PID/stat`
+/// (Linux; utime + stime in USER_HZ ticks, 100 per second).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A process's resident memory now (`VmRSS`) and its peak so far (`VmHWM`),
+/// in bytes, from `/proc/PID/status`; zeros when it cannot be read.
+pub fn rss_bytes(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU time used so far by every PostgreSQL server process (the postmaster's
+/// children include the stages' pooled backends).
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(cpu_seconds)
+        .sum()
+}
+
+/// Whole-machine CPU time (all cores) from `/proc/stat`, in USER_HZ ticks of 10 ms.
+pub fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else { return 0.0 };
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let fields: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let busy: f64 = fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    busy / 100.0
+}

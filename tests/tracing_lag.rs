@@ -1,0 +1,339 @@
+//! Operating it: consumer lag per partition, and the W3C trace context that
+//! every record carries from stage to stage.
+//!
+//! - Lag runs a stage in this process against librdkafka's mock cluster (whose
+//!   watermarks are right; tansu's are not) and reads the Prometheus rendering.
+//! - Tracing runs the four stages as `sluice run` processes against tansu and
+//!   reads the headers of every topic.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_kafka::admin::TopicSpec;
+use sluice_kafka::embedded::EmbeddedCluster;
+use sluice_kafka::{
+    BatchFailure, BatchPolicy, Incoming, KafkaConfig, KafkaRuntimeError, Output, RunOptions, Stage, StageStatus,
+    run_stage,
+};
+use sluice_messages::codec;
+use sluice_messages::trace::{TRACEPARENT_HEADER, TRACEPARENT_LEN, TraceParent};
+use sluice_tests::{Broker, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, write_config};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------- lag
+
+/// A stage that processes while its gate is open and waits while it is shut.
+struct Gated {
+    gate: watch::Receiver<bool>,
+    processed: Arc<AtomicUsize>,
+}
+
+impl Stage for Gated {
+    fn name(&self) -> &'static str {
+        "lag-probe"
+    }
+
+    async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
+        if self.gate.wait_for(|open| *open).await.is_err() {
+            return Err(BatchFailure { retryable: false, message: "gate dropped".into() });
+        }
+        self.processed.fetch_add(batch.len(), Ordering::SeqCst);
+        Ok(Vec::new())
+    }
+}
+
+/// `sluice_kafka_consumer_lag` by partition, for one stage, group and topic.
+fn lag_by_partition(metrics: &PrometheusHandle, group: &str, topic: &str) -> BTreeMap<i32, f64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.render().lines() {
+        let Some(rest) = line.strip_prefix("sluice_kafka_consumer_lag{") else { continue };
+        let Some((labels, value)) = rest.split_once("} ") else { continue };
+        let labels: HashMap<&str, &str> =
+            labels.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
+        if labels.get("stage") == Some(&"lag-probe")
+            && labels.get("group") == Some(&group)
+            && labels.get("topic") == Some(&topic)
+        {
+            let partition = labels.get("partition").and_then(|p| p.parse().ok()).expect("a partition label");
+            out.insert(partition, value.trim().parse().expect("a number"));
+        }
+    }
+    out
+}
+
+/// Waits until the lag by partition is `want`, or fails with what it was.
+async fn wait_for_lag(metrics: &PrometheusHandle, group: &str, topic: &str, want: &[(i32, f64)], why: &str) {
+    let want: BTreeMap<i32, f64> = want.iter().copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = lag_by_partition(metrics, group, topic);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}: lag by partition is {got:?}, expected {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, partition: i32, count: usize) {
+    for i in 0..count {
+        let payload = format!("message {i}");
+        let record: FutureRecord<'_, [u8], str> = FutureRecord::to(topic).partition(partition).payload(&payload);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("delivered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_the_partition_goes() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    assert!(metrics::set_global_recorder(recorder).is_ok(), "the only recorder of this test binary");
+
+    let cluster = EmbeddedCluster::start().expect("mock cluster");
+    let topic = unique("lag.in");
+    let group = unique("lag-group");
+    cluster.create_topics(&[TopicSpec { name: topic.clone(), partitions: 2, replication: 1 }]).expect("topic");
+    let mut kafka = cluster.kafka_config(&KafkaConfig::default());
+    // Statistics every 100 ms instead of 5 s, so the test is quick.
+    kafka.consumer_properties.insert("statistics.interval.ms".into(), "100".into());
+    let producer: FutureProducer = kafka.producer_config("lag-test").create().expect("producer");
+
+    let (gate, gate_rx) = watch::channel(true);
+    let processed = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let options = RunOptions {
+        input_topic: topic.clone(),
+        dead_letter_topic: unique("lag.dead"),
+        group_id: group.clone(),
+        client_id: "lag-probe".into(),
+        policy: BatchPolicy { max_batch_size: 10, max_wait_ms: 0 }.fixed(),
+        drain_timeout: Duration::from_millis(500),
+        // Room for the whole backlog: the consume loop keeps polling while the
+        // stage waits, so the statistics keep coming.
+        queue_capacity: 1000,
+    };
+    let stage = Gated { gate: gate_rx, processed: processed.clone() };
+    let running = tokio::spawn({
+        let kafka = kafka.clone();
+        let shutdown = shutdown.clone();
+        async move { run_stage(&kafka, options, stage, Arc::new(StageStatus::default()), shutdown).await }
+    });
+
+    // Caught up: both partitions are reported, at 0.
+    produce(&producer, &topic, 0, 5).await;
+    produce(&producer, &topic, 1, 5).await;
+    wait_for_lag(&metrics, &group, &topic, &[(0, 0.0), (1, 0.0)], "caught up").await;
+    assert_eq!(processed.load(Ordering::SeqCst), 10);
+
+    // A backlog while the stage waits: committed offsets stay, the watermarks move.
+    gate.send_replace(false);
+    produce(&producer, &topic, 0, 100).await;
+    produce(&producer, &topic, 1, 50).await;
+    wait_for_lag(&metrics, &group, &topic, &[(0, 100.0), (1, 50.0)], "backlog waiting").await;
+
+    // It drains.
+    gate.send_replace(true);
+    wait_for_lag(&metrics, &group, &topic, &[(0, 0.0), (1, 0.0)], "drained").await;
+    assert_eq!(processed.load(Ordering::SeqCst), 160);
+
+    // A partition that leaves this member (here: the member leaves, with a
+    // backlog it never processed) is not reported any more: its lag is the
+    // next owner's.
+    gate.send_replace(false);
+    produce(&producer, &topic, 0, 30).await;
+    wait_for_lag(&metrics, &group, &topic, &[(0, 30.0), (1, 0.0)], "second backlog").await;
+    shutdown.cancel();
+    let stopped = running.await.expect("stage task");
+    assert!(matches!(stopped, Err(KafkaRuntimeError::DrainTimeout { .. })), "{stopped:?}");
+    wait_for_lag(&metrics, &group, &topic, &[(0, 0.0), (1, 0.0)], "after leaving the group").await;
+}
+
+// ---------------------------------------------------------------- tracing
+
+const TOPICS: [&str; 4] = ["fetched", "normalized", "inferred", "predictions"];
+
+/// What one record of an event carried.
+#[derive(Debug, Clone)]
+struct Hop {
+    traceparent: Option<String>,
+    /// The envelope's `traceparent`, for the inter-stage topics.
+    envelope: Option<Option<String>>,
+}
+
+/// Every record read, by event id (the records' key) and topic (without the prefix).
+type Hops = HashMap<String, HashMap<String, Vec<Hop>>>;
+
+fn header(message: &impl Message) -> Option<String> {
+    let headers = message.headers()?;
+    let found = headers.iter().find(|h| h.key == TRACEPARENT_HEADER)?;
+    Some(String::from_utf8_lossy(found.value?).into_owned())
+}
+
+fn valid(value: &str) -> TraceParent {
+    assert_eq!(value.len(), TRACEPARENT_LEN, "{value:?}");
+    assert!(value.starts_with("00-"), "{value:?}");
+    TraceParent::parse(value.as_bytes()).unwrap_or_else(|| panic!("invalid traceparent {value:?}"))
+}
+
+/// The one record of `event` on `topic`, and its parsed trace context.
+fn hop<'a>(hops: &'a Hops, event: &str, topic: &str) -> (&'a Hop, TraceParent) {
+    let records = hops.get(event).and_then(|t| t.get(topic)).unwrap_or_else(|| panic!("{event}: nothing on {topic}"));
+    assert_eq!(records.len(), 1, "{event} on {topic}: {records:?}");
+    let record = &records[0];
+    let traceparent = record.traceparent.as_deref().unwrap_or_else(|| panic!("{event} on {topic}: no traceparent"));
+    (record, valid(traceparent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
+    let _heavy = heavy_test_lock();
+    let broker = Broker::start();
+    let dir = temp_dir("tracing");
+    let prefix = unique("tracing");
+    let config = write_config(
+        &dir,
+        &broker.addr,
+        &prefix,
+        2,
+        "[inferrer]\nserve = [\"stock\"]\n\n[normalizer]\ntokenize_queries = false\n",
+    );
+    sluice(&config, &["topics", "create"]);
+    let stages = start_stages(&config, &dir);
+    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
+
+    // Requests with a traceparent header, without one, and with a malformed one
+    // (treated as none); and two that become dead letters, in the fetcher (not
+    // JSON) and in the normalizer (a query while queries are not served).
+    let stock =
+        |id: &str| format!(r#"{{"kind": "stock", "event_id": "{id}", "symbol": "S0042", "as_of": "2024-05-31"}}"#);
+    // Flags are passed on as they came: sampled (01) or not (00).
+    let traced: Vec<(String, TraceParent)> =
+        (0..4u8).map(|i| (format!("traced-{i}"), TraceParent { flags: i % 2, ..TraceParent::root() })).collect();
+    let untraced: Vec<String> = (0..4).map(|i| format!("untraced-{i}")).collect();
+    let malformed = ("malformed-0".to_string(), "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".to_string());
+    let not_json = ("not-json-0".to_string(), TraceParent::root());
+    let query = ("query-0".to_string(), TraceParent::root());
+    let mut requests: Vec<(String, String, Option<String>)> = Vec::new();
+    requests.extend(traced.iter().map(|(id, t)| (id.clone(), stock(id), Some(t.to_string()))));
+    requests.extend(untraced.iter().map(|id| (id.clone(), stock(id), None)));
+    requests.push((malformed.0.clone(), stock(&malformed.0), Some(malformed.1.clone())));
+    requests.push((not_json.0.clone(), "{not json".into(), Some(not_json.1.to_string())));
+    requests.push((
+        query.0.clone(),
+        format!(r#"{{"kind": "query", "event_id": "{}", "text": "what is my balance"}}"#, query.0),
+        Some(query.1.to_string()),
+    ));
+    let producer: FutureProducer = kafka.producer_config("tracing-test").create().expect("producer");
+    let requests_topic = format!("{prefix}.requests");
+    for (id, json, traceparent) in &requests {
+        let mut record: FutureRecord<'_, str, str> =
+            FutureRecord::to(&requests_topic).key(id.as_str()).payload(json.as_str());
+        if let Some(value) = traceparent {
+            record = record
+                .headers(OwnedHeaders::new().insert(Header { key: TRACEPARENT_HEADER, value: Some(value.as_str()) }));
+        }
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("delivered");
+    }
+
+    // Every topic downstream of the requests, headers and all.
+    let mut config_reader = kafka.consumer_config("tracing-reader", &unique("tracing-reader"));
+    config_reader.set("enable.auto.commit", "false").set("statistics.interval.ms", "0");
+    let reader: StreamConsumer = config_reader.create().expect("reader");
+    let names: Vec<String> = TOPICS.iter().chain(&["dead-letters"]).map(|t| format!("{prefix}.{t}")).collect();
+    reader.subscribe(&names.iter().map(String::as_str).collect::<Vec<_>>()).expect("subscribe");
+    let valid_ids: Vec<&str> = traced
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .chain(untraced.iter().map(String::as_str))
+        .chain([malformed.0.as_str()])
+        .collect();
+    let mut hops: Hops = HashMap::new();
+    let done = |hops: &Hops| {
+        let on = |id: &str, topic: &str| hops.get(id).is_some_and(|t| t.contains_key(topic));
+        valid_ids.iter().all(|id| TOPICS.iter().all(|t| on(id, t)))
+            && on(&not_json.0, "dead-letters")
+            && on(&query.0, "dead-letters")
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut quiet_from: Option<Instant> = None;
+    // Until everything arrived, and then 2 s more to catch duplicates.
+    while quiet_from.is_none_or(|t| t.elapsed() < Duration::from_secs(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "not every record arrived: {hops:#?}\n{}",
+            stages.iter().map(|s| format!("---- {}\n{}", s.stage, tail(&s.logs(), 20))).collect::<String>()
+        );
+        let Ok(received) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else {
+            if quiet_from.is_none() && done(&hops) {
+                quiet_from = Some(Instant::now());
+            }
+            continue;
+        };
+        let message = received.expect("read");
+        let topic = message.topic().strip_prefix(&format!("{prefix}.")).expect("our topic").to_string();
+        let key = String::from_utf8_lossy(message.key().expect("every record is keyed")).into_owned();
+        let envelope = (topic != "predictions" && topic != "dead-letters")
+            .then(|| codec::decode(message.payload().unwrap_or_default()).expect("an envelope").traceparent);
+        hops.entry(key).or_default().entry(topic).or_default().push(Hop { traceparent: header(&message), envelope });
+        if quiet_from.is_none() && done(&hops) {
+            quiet_from = Some(Instant::now());
+        }
+    }
+
+    // A request with a trace: every hop is its descendant, each hop a new span,
+    // and the envelope keeps the request's traceparent.
+    for (id, request) in &traced {
+        let mut spans = HashSet::from([request.parent_id]);
+        for topic in TOPICS {
+            let (record, t) = hop(&hops, id, topic);
+            assert_eq!(
+                (t.trace_id_hex(), t.flags),
+                (request.trace_id_hex(), request.flags),
+                "{id} on {topic}: not the request's trace"
+            );
+            assert!(spans.insert(t.parent_id), "{id} on {topic}: parent id {:016x} used before", t.parent_id);
+            if let Some(envelope) = &record.envelope {
+                assert_eq!(envelope.as_deref(), Some(request.to_string().as_str()), "{id}'s envelope on {topic}");
+            }
+        }
+    }
+
+    // A request without one (or with a malformed one): a new trace at the
+    // fetcher, the same on every hop, one per event.
+    let mut new_traces = HashSet::new();
+    for id in untraced.iter().chain([&malformed.0]) {
+        let (_, first) = hop(&hops, id, TOPICS[0]);
+        assert!(new_traces.insert(first.trace_id), "{id} shares its trace id with another event");
+        assert_ne!(first.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736, "{id} took the malformed trace id");
+        let mut spans = HashSet::new();
+        for topic in TOPICS {
+            let (record, t) = hop(&hops, id, topic);
+            assert_eq!(t.trace_id_hex(), first.trace_id_hex(), "{id} on {topic} changed trace");
+            assert!(spans.insert(t.parent_id), "{id} on {topic}: parent id {:016x} used before", t.parent_id);
+            if let Some(envelope) = &record.envelope {
+                assert_eq!(envelope, &None, "{id}'s envelope on {topic}: the request had no valid traceparent");
+            }
+        }
+    }
+    for (id, _) in &traced {
+        assert!(!new_traces.contains(&hop(&hops, id, TOPICS[0]).1.trace_id));
+    }
+
+    // Dead letters carry the trace of the input they reject.
+    for (id, request) in [&not_json, &query] {
+        let (_, t) = hop(&hops, id, "dead-letters");
+        assert_eq!(t.trace_id_hex(), request.trace_id_hex(), "{id}'s dead letter");
+        assert_ne!(t.parent_id, request.parent_id, "{id}'s dead letter");
+    }
+    let (_, fetched) = hop(&hops, &query.0, "fetched");
+    assert_eq!(fetched.trace_id, query.1.trace_id);
+}
