@@ -34,7 +34,7 @@ use sluice_stages::{Inferrer, InferrerStats};
 use tokio::sync::watch;
 
 use crate::bench::{inputs, run, write_section};
-use crate::cluster::{LocalCluster, cpu_seconds, rss_bytes};
+use crate::cluster::{LocalCluster, ThreadCpu, rss_bytes, thread_cpu_seconds};
 use crate::config::SluiceConfig;
 use crate::launch::StageKind;
 
@@ -58,8 +58,8 @@ struct Point {
     /// Per model call (raw model only), milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     call_ms: Option<Percentiles>,
-    /// Per process (through the broker only): CPU seconds per 1000 events
-    /// between the 10% and 90% marks, and peak resident MiB.
+    /// Per process (through the broker only): CPU per 1000 events from the
+    /// stages' start to the last event, and peak resident MiB.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     processes: Vec<ProcessUse>,
 }
@@ -75,6 +75,11 @@ struct Percentiles {
 struct ProcessUse {
     name: String,
     cpu_ms_per_1000_events: f64,
+    /// Of which the Kafka client's threads (librdkafka), the model thread, and
+    /// the rest (the async runtime: decoding, encoding, the stage's own work).
+    kafka_client_ms_per_1000_events: f64,
+    model_ms_per_1000_events: f64,
+    other_ms_per_1000_events: f64,
     peak_rss_mib: f64,
 }
 
@@ -254,34 +259,51 @@ fn stage_env(inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, Strin
     .into()
 }
 
-/// Waits until `kind` has acknowledged 10% and then 90% of `events`; returns
-/// the events per second between the two marks and each process's use.
+/// Waits until `kind` has acknowledged every one of `events`; returns the
+/// events per second between the 10% and 90% marks (the steady state), and
+/// each process's CPU from now (the stages have just started) to the end, so
+/// that a stage that finished its share early (the fetcher ahead of a slow
+/// inferrer) is still counted in full.
 async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow::Result<(f64, Vec<ProcessUse>)> {
     let (low, high) = ((events / 10).max(1), (events * 9 / 10).max(1));
     let deadline = Instant::now() + Duration::from_secs(900);
-    let mut mark: Option<(Instant, f64, Vec<f64>)> = None;
+    let cpu = || -> Vec<ThreadCpu> { cluster.children.iter().map(|(_, c)| thread_cpu_seconds(c.id())).collect() };
+    let start = cpu();
+    let (mut from, mut rate) = (None, None);
     loop {
         let done = cluster.metric(kind, "sluice_stage_events_acknowledged_total");
         let now = Instant::now();
-        let cpu: Vec<f64> = cluster.children.iter().map(|(_, c)| cpu_seconds(c.id())).collect();
-        if mark.is_none() && done >= low as f64 {
-            mark = Some((now, done, cpu.clone()));
+        if from.is_none() && done >= low as f64 {
+            from = Some((now, done));
         }
-        if let Some((at, from, before)) = &mark
+        if let Some((at, acked)) = from
+            && rate.is_none()
             && done >= high as f64
         {
-            let counted = done - from;
+            rate = Some((done - acked) / now.duration_since(at).as_secs_f64());
+        }
+        if let Some(rate) = rate
+            && done >= events as f64
+        {
+            let per_1000 = |seconds: f64| seconds * 1e6 / done;
             let processes = cluster
                 .children
                 .iter()
-                .zip(cpu.iter().zip(before))
-                .map(|((name, child), (after, before))| ProcessUse {
-                    name: name.clone(),
-                    cpu_ms_per_1000_events: (after - before) * 1e6 / counted,
-                    peak_rss_mib: rss_bytes(child.id()).1 as f64 / (1 << 20) as f64,
+                .zip(cpu().iter().zip(&start))
+                .map(|((name, child), (end, start))| {
+                    let (kafka, model, other) =
+                        (end.kafka - start.kafka, end.model - start.model, end.other - start.other);
+                    ProcessUse {
+                        name: name.clone(),
+                        cpu_ms_per_1000_events: per_1000(kafka + model + other),
+                        kafka_client_ms_per_1000_events: per_1000(kafka),
+                        model_ms_per_1000_events: per_1000(model),
+                        other_ms_per_1000_events: per_1000(other),
+                        peak_rss_mib: rss_bytes(child.id()).1 as f64 / (1 << 20) as f64,
+                    }
                 })
                 .collect();
-            return Ok((counted / now.duration_since(*at).as_secs_f64(), processes));
+            return Ok((rate, processes));
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -486,18 +508,34 @@ fn markdown(report: &Report, options: &Options) -> String {
             best_raw.events_per_s,
             b = best.batch_size,
         ));
-        md.push_str(
-            "\n## Where the time goes (pipeline at its best batch size)\n\n\
-             CPU milliseconds per 1000 events by process between the 10% and 90% marks\n\
-             (two cores: 2000 ms of CPU per second of wall time at most), and peak resident memory:\n\n\
-             | process | CPU ms / 1000 events | peak RSS (MiB) |\n|---|---:|---:|\n",
-        );
+        md.push_str(&format!(
+            "\n## Where the time goes (pipeline at its best batch size, {b})\n\n\
+             CPU milliseconds per 1000 events by process, from the stages' start to the last event\n\
+             (two cores: 2000 ms of CPU per second of wall time at most), split by thread: the Kafka\n\
+             client (librdkafka's threads), the model thread (libtorch), and the rest (the async\n\
+             runtime: decoding and encoding envelopes, the stage's own work, metrics):\n\n\
+             | process | CPU ms / 1000 events | Kafka client | model | the rest | peak RSS (MiB) |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+            b = best.batch_size
+        ));
+        let mut total = 0.0;
         for p in &best.processes {
-            md.push_str(&format!("| {} | {:.0} | {:.0} |\n", p.name, p.cpu_ms_per_1000_events, p.peak_rss_mib));
+            total += p.cpu_ms_per_1000_events;
+            // The broker is not ours: its threads are not split.
+            let split = if p.name == "tansu" {
+                "| | |".to_string()
+            } else {
+                format!(
+                    "{:.0} | {:.0} | {:.0} |",
+                    p.kafka_client_ms_per_1000_events, p.model_ms_per_1000_events, p.other_ms_per_1000_events
+                )
+            };
+            md.push_str(&format!("| {} | {:.0} | {split} {:.0} |\n", p.name, p.cpu_ms_per_1000_events, p.peak_rss_mib));
         }
         md.push_str(&format!(
-            "| raw model alone, same batch size (1000 ÷ events/s, one thread) | {:.0} | |\n",
-            1e6 / raw_there
+            "| all processes | {total:.0} | | | | |\n\
+             | raw model alone, same batch size (1000 ÷ events/s, one thread) | {raw:.0} | | {raw:.0} | | |\n",
+            raw = 1e6 / raw_there,
         ));
     }
     md.push_str(

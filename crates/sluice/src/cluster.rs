@@ -151,6 +151,40 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds used so far by a process, split by what its threads do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThreadCpu {
+    /// The Kafka client: librdkafka's own threads (`rdk:*`) and rust-rdkafka's
+    /// producer poller.
+    pub kafka: f64,
+    /// The model thread (`sluice-model`), where libtorch runs.
+    pub model: f64,
+    /// Everything else: the async runtime (decoding, encoding, the stage's
+    /// own work, metrics). Taken as the process total less the two above, so
+    /// that threads that have exited are still counted.
+    pub other: f64,
+}
+
+/// [`ThreadCpu`] from `/proc/PID/task/*/stat`; zeros when it cannot be read.
+pub fn thread_cpu_seconds(pid: u32) -> ThreadCpu {
+    let (mut kafka, mut model) = (0.0, 0.0);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    for task in tasks {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map_or("", |(_, name)| name);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        let seconds = (ticks(11) + ticks(12)) / 100.0;
+        if name.starts_with("rdk:") || name.starts_with("producer poll") {
+            kafka += seconds;
+        } else if name == "sluice-model" {
+            model += seconds;
+        }
+    }
+    ThreadCpu { kafka, model, other: (cpu_seconds(pid) - kafka - model).max(0.0) }
+}
+
 /// A process's resident memory now (`VmRSS`) and its peak so far (`VmHWM`),
 /// in bytes, from `/proc/PID/status`; zeros when it cannot be read.
 pub fn rss_bytes(pid: u32) -> (u64, u64) {
