@@ -6,7 +6,7 @@
 use chrono::NaiveDate;
 use proptest::prelude::*;
 use sluice_messages::codec;
-use sluice_messages::envelope::{Envelope, Payload, StockWindow};
+use sluice_messages::envelope::{ENVELOPE_VERSION, Envelope, Payload, StockWindow};
 use sluice_messages::events::RequestEvent;
 
 fn valid_envelope() -> Vec<u8> {
@@ -48,7 +48,7 @@ proptest! {
     fn the_envelope_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = codec::decode(&bytes);
         // The same bytes behind a valid magic byte and version reach bincode.
-        let mut framed = vec![0xE5, 1];
+        let mut framed = vec![codec::MAGIC, ENVELOPE_VERSION];
         framed.extend(&bytes);
         let _ = codec::decode(&framed);
     }
@@ -111,7 +111,7 @@ fn envelopes_from_unknown_versions_and_lying_lengths_are_refused() {
     assert_eq!(codec::decode(&future).expect_err("future").reason(), "unknown_envelope_version");
     // A length prefix that claims far more than the bytes (or the 16 MiB
     // limit) must fail, not allocate.
-    let mut lying = vec![0xE5, 1, 3, b'e', b'-', b'1', 0];
+    let mut lying = vec![codec::MAGIC, ENVELOPE_VERSION, 3, b'e', b'-', b'1', 0];
     lying.extend([0xFF; 16]);
     assert_eq!(codec::decode(&lying).expect_err("lying").reason(), "undecodable_envelope");
 }

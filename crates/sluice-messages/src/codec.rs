@@ -87,6 +87,24 @@ mod tests {
     }
 
     #[test]
+    fn window_values_travel_as_bytes() {
+        let mut envelope = sample();
+        let Payload::Fetched(window) = &mut envelope.payload else { unreachable!() };
+        window.values = (0..3150).map(|i| i as f32 * -0.37).chain([f32::INFINITY, f32::MIN_POSITIVE]).collect();
+        let bytes = encode(&envelope);
+        assert!(bytes.len() < 3152 * 4 + 128, "{} bytes", bytes.len());
+        assert_eq!(decode(&bytes), Ok(envelope));
+        // The values are last: a byte length that is not a multiple of 4 is
+        // refused, not rounded.
+        let mut bytes = encode(&sample());
+        let prefix = bytes.len() - 17;
+        assert_eq!(bytes[prefix], 16);
+        bytes[prefix] = 15;
+        bytes.pop();
+        assert!(matches!(decode(&bytes), Err(MessageError::Undecodable(_))), "{:?}", decode(&bytes));
+    }
+
+    #[test]
     fn refuses_unknown_versions() {
         let mut bytes = encode(&sample());
         bytes[1] = ENVELOPE_VERSION + 1;

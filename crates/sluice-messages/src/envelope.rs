@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 
 /// The envelope format this build writes and reads. Bump it when [`Envelope`]
 /// changes shape; a reader refuses other versions (dead letter, never a panic).
-pub const ENVELOPE_VERSION: u8 = 1;
+///
+/// Version 2: window values travel as little-endian bytes (version 1 wrote
+/// them as a sequence of floats).
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// One event on its way between stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,7 +66,43 @@ pub struct StockWindow {
     pub as_of: NaiveDate,
     pub rows: u32,
     pub cols: u32,
+    #[serde(with = "f32_le_bytes")]
     pub values: Vec<f32>,
+}
+
+/// A window's values as one byte string (4 little-endian bytes each) rather
+/// than a sequence of floats: bincode writes and reads a sequence element by
+/// element, which cost about 5 µs to encode and 7 µs to decode a 30 × 105
+/// window, four times per event; bytes are a copy each way.
+mod f32_le_bytes {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<f32>, D::Error> {
+        deserializer.deserialize_bytes(Floats)
+    }
+
+    struct Floats;
+
+    impl Visitor<'_> for Floats {
+        type Value = Vec<f32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("window values as little-endian f32 bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<f32>, E> {
+            if !bytes.len().is_multiple_of(4) {
+                return Err(E::invalid_length(bytes.len(), &"a multiple of 4 bytes"));
+            }
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
+    }
 }
 
 /// A text query in flight.

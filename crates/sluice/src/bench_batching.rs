@@ -15,8 +15,9 @@
 //!
 //! plus one-at-a-time (every stage's batch size 1) and, at low load, the
 //! end-to-end latency by the inferrer's `max_wait`. Throughput through the
-//! broker is taken between 10% and 90% of the backlog (start-up and the tail
-//! excluded), from the stage's own acknowledged-events counter.
+//! broker is the backlog divided by the time from the first stage's first
+//! acknowledged event to the last stage's last (the stages' start-up
+//! excluded), from the stages' own acknowledged-events counters.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -260,31 +261,28 @@ fn stage_env(inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, Strin
 }
 
 /// Waits until `kind` has acknowledged every one of `events`; returns the
-/// events per second between the 10% and 90% marks (the steady state), and
-/// each process's CPU from now (the stages have just started) to the end, so
-/// that a stage that finished its share early (the fetcher ahead of a slow
-/// inferrer) is still counted in full.
+/// events per second from the first stage's first acknowledgement to then,
+/// and each process's CPU over the same run. Both cover the whole drain: with
+/// a backlog, a stage faster than the next one runs ahead and finishes early,
+/// and a rate taken in the middle (from 10% to 90% of the last stage, as at
+/// first) then saw only the slow stage at work and overstated the pipeline.
 async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow::Result<(f64, Vec<ProcessUse>)> {
-    let (low, high) = ((events / 10).max(1), (events * 9 / 10).max(1));
+    const ACKNOWLEDGED: &str = "sluice_stage_events_acknowledged_total";
+    let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
     let cpu = || -> Vec<ThreadCpu> { cluster.children.iter().map(|(_, c)| thread_cpu_seconds(c.id())).collect() };
     let start = cpu();
-    let (mut from, mut rate) = (None, None);
+    let mut began = None;
     loop {
-        let done = cluster.metric(kind, "sluice_stage_events_acknowledged_total");
         let now = Instant::now();
-        if from.is_none() && done >= low as f64 {
-            from = Some((now, done));
+        if began.is_none() && cluster.metric(first, ACKNOWLEDGED) > 0.0 {
+            began = Some(now);
         }
-        if let Some((at, acked)) = from
-            && rate.is_none()
-            && done >= high as f64
-        {
-            rate = Some((done - acked) / now.duration_since(at).as_secs_f64());
-        }
-        if let Some(rate) = rate
+        let done = cluster.metric(kind, ACKNOWLEDGED);
+        if let Some(began) = began
             && done >= events as f64
         {
+            let rate = done / now.duration_since(began).as_secs_f64();
             let per_1000 = |seconds: f64| seconds * 1e6 / done;
             let processes = cluster
                 .children
@@ -459,7 +457,8 @@ fn markdown(report: &Report, options: &Options) -> String {
          Raw figures: [batching.json](batching.json). Plots: [throughput](batching-throughput.svg),\n\
          [latency](batching-latency.svg). Through the broker, every run has a tansu broker and\n\
          topics of its own, a backlog published before the stages start, the cache off (every\n\
-         event computed), and throughput taken between 10% and 90% of the backlog.\n\n\
+         event computed), and throughput is the backlog over the time from the first stage's first\n\
+         event to the last stage's last.\n\n\
          ## Throughput by the inferrer's batch size (events/s)\n\n\
          | batch size | raw model | inferrer, in memory | inferrer through the broker | four-stage pipeline | inferrer ÷ raw | pipeline ÷ raw |\n\
          |---:|---:|---:|---:|---:|---:|---:|\n",
