@@ -298,12 +298,12 @@ impl PredictionCache {
         }
     }
 
-    /// Empties the in-process tier (on `sluice cache clear`).
     /// Whether Redis answers (`None`: no Redis tier).
     pub fn redis_up(&self) -> Option<bool> {
         self.remote.as_ref().map(|(link, _)| link.is_up())
     }
 
+    /// Empties the in-process tier (on `sluice cache clear`).
     pub fn clear_local(&self) {
         let mut local = self.local();
         local.map.clear();

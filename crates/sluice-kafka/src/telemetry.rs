@@ -98,14 +98,7 @@ pub(crate) fn rebalance(
 /// whose lag is known.
 pub(crate) fn consumer_lag(stage: &'static str, group: &str, lags: &[PartitionLag]) {
     for l in lags {
-        gauge!(
-            "sluice_kafka_consumer_lag",
-            "stage" => stage,
-            "group" => group.to_string(),
-            "topic" => l.topic.clone(),
-            "partition" => l.partition.to_string()
-        )
-        .set(l.lag as f64);
+        lag_gauge(stage, group, &l.topic, l.partition).set(l.lag as f64);
     }
     debug!(stage, partitions = lags.len(), messages = lags.iter().map(|l| l.lag).sum::<i64>(), "consumer lag");
 }
@@ -114,15 +107,18 @@ pub(crate) fn consumer_lag(stage: &'static str, group: &str, lags: &[PartitionLa
 /// (Logged with the rebalance.)
 pub(crate) fn lag_forgotten(stage: &'static str, group: &str, partitions: &[(String, i32)]) {
     for (topic, partition) in partitions {
-        gauge!(
-            "sluice_kafka_consumer_lag",
-            "stage" => stage,
-            "group" => group.to_string(),
-            "topic" => topic.clone(),
-            "partition" => partition.to_string()
-        )
-        .set(0.0);
+        lag_gauge(stage, group, topic, *partition).set(0.0);
     }
+}
+
+fn lag_gauge(stage: &'static str, group: &str, topic: &str, partition: i32) -> metrics::Gauge {
+    gauge!(
+        "sluice_kafka_consumer_lag",
+        "stage" => stage,
+        "group" => group.to_string(),
+        "topic" => topic.to_string(),
+        "partition" => partition.to_string()
+    )
 }
 
 pub(crate) fn statistics_unreadable(stage: &'static str, error: &str) {

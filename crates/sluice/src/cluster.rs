@@ -144,11 +144,18 @@ pub fn metric(body: &str, name: &str, stage: &str) -> f64 {
 /// CPU time a process (all its threads) has used so far, from `/proc/PID/stat`
 /// (Linux; utime + stime in USER_HZ ticks, 100 per second).
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()).1
+}
+
+/// The command name and CPU seconds (utime + stime) of a process's or a
+/// thread's `stat` line; ("", 0) when it cannot be read.
+fn stat_cpu(stat: &str) -> (&str, f64) {
     // The command name may hold spaces: fields are counted after its closing parenthesis.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let Some((head, rest)) = stat.rsplit_once(')') else { return ("", 0.0) };
+    let name = head.split_once('(').map_or("", |(_, name)| name);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    (name, (ticks(11) + ticks(12)) / 100.0)
 }
 
 /// CPU seconds used so far by a process, split by what its threads do.
@@ -171,11 +178,7 @@ pub fn thread_cpu_seconds(pid: u32) -> ThreadCpu {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
     for task in tasks {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let name = head.split_once('(').map_or("", |(_, name)| name);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        let seconds = (ticks(11) + ticks(12)) / 100.0;
+        let (name, seconds) = stat_cpu(&stat);
         if name.starts_with("rdk:") || name.starts_with("producer poll") {
             kafka += seconds;
         } else if name == "sluice-model" {
