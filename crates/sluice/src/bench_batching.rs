@@ -13,11 +13,14 @@
 //! 4. the whole four-stage pipeline through the broker: a backlog of requests
 //!    drained by the four stages as separate processes;
 //!
-//! plus one-at-a-time (every stage's batch size 1) and, at low load, the
-//! end-to-end latency by the inferrer's `max_wait`. Throughput through the
-//! broker is the backlog divided by the time from the first stage's first
-//! acknowledged event to the last stage's last (the stages' start-up
-//! excluded), from the stages' own acknowledged-events counters.
+//! plus one-at-a-time (every stage's batch size 1), at low load the end-to-end
+//! latency by the inferrer's `max_wait`, and the broker's own floor: what it
+//! costs to carry the windows with no stage at work, and one hop's latency,
+//! from which the best any pipeline could do on this broker and these cores
+//! follows. Throughput through the broker is the backlog divided by the time
+//! from the first stage's first acknowledged event to the last stage's last
+//! (the stages' start-up excluded), from the stages' own acknowledged-events
+//! counters.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -35,7 +38,7 @@ use sluice_stages::{Inferrer, InferrerStats};
 use tokio::sync::watch;
 
 use crate::bench::{inputs, run, write_section};
-use crate::cluster::{LocalCluster, ThreadCpu, rss_bytes, thread_cpu_seconds};
+use crate::cluster::{LocalCluster, ThreadCpu, cpu_seconds, rss_bytes, thread_cpu_seconds};
 use crate::config::SluiceConfig;
 use crate::launch::StageKind;
 
@@ -105,6 +108,29 @@ struct LatencyPoint {
     within_bound: bool,
 }
 
+/// The broker alone, with no stage at work: the cost of carrying the
+/// pipeline's windows, and one hop's latency at low load.
+#[derive(Debug, Clone, Serialize)]
+struct BrokerFloor {
+    /// Windows published (normalised-window envelopes: the fetched ones are
+    /// the same size) and read back.
+    events: usize,
+    window_bytes: usize,
+    /// The broker's CPU per 1000 windows published with the stages' producer
+    /// settings, and per 1000 read back by one consumer with theirs.
+    broker_produce_ms_per_1000: f64,
+    broker_fetch_ms_per_1000: f64,
+    /// The publishing and reading process's CPU (librdkafka and all).
+    client_produce_ms_per_1000: f64,
+    client_fetch_ms_per_1000: f64,
+    /// The same windows published by a producer without idempotence, for
+    /// comparison only: Sluice never runs so (docs/tuning.md).
+    broker_produce_plain_ms_per_1000: f64,
+    client_produce_plain_ms_per_1000: f64,
+    /// One small record, published and read back, one at a time.
+    hop_ms: Percentiles,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     measured_on: String,
@@ -117,6 +143,7 @@ struct Report {
     pipeline: Vec<Point>,
     one_at_a_time: Point,
     latency: Vec<LatencyPoint>,
+    broker_floor: BrokerFloor,
 }
 
 fn percentiles(mut values: Vec<f64>) -> Percentiles {
@@ -146,6 +173,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
     for &wait in &options.waits {
         latency.push(low_load_latency(&config, wait, options.low_load_rate, &raw).await?);
     }
+    let broker_floor = broker_floor(&config, &incoming).await?;
 
     let report = Report {
         measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
@@ -161,6 +189,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
         pipeline,
         one_at_a_time,
         latency,
+        broker_floor,
     };
     std::fs::create_dir_all(&options.out_dir)?;
     std::fs::write(options.out_dir.join("batching.json"), serde_json::to_string_pretty(&report)?)?;
@@ -429,6 +458,64 @@ async fn low_load_latency(config: &SluiceConfig, wait: u64, rate: u32, raw: &[Po
     })
 }
 
+/// The broker alone: the backlog of windows published and read back by this
+/// process (no stage running), with the broker's CPU and ours for each half;
+/// then 200 small records, each published and read back before the next.
+async fn broker_floor(config: &SluiceConfig, incoming: &[sluice_kafka::Incoming]) -> anyhow::Result<BrokerFloor> {
+    let mut config = config.clone();
+    let run = format!("batching{}floor", std::process::id());
+    let cluster = LocalCluster::broker(&mut config, &run).await?;
+    let broker = cluster.pid("tansu").ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    let me = std::process::id();
+    let per_1000 = |seconds: f64| seconds * 1e6 / incoming.len() as f64;
+    let cpu = || (cpu_seconds(broker), cpu_seconds(me));
+
+    let before = cpu();
+    publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
+    let published = cpu();
+    let reader = TopicReader::new(&config.kafka, &format!("{run}-windows"), &[&config.topics.normalized])?;
+    // The group join (which tansu delays) is not reading: time from the first record.
+    reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("no window read back"))??;
+    let first = cpu();
+    for _ in 1..incoming.len() {
+        reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("windows stopped"))??;
+    }
+    let read = cpu();
+    let mut plain = config.kafka.clone();
+    plain.producer_properties.insert("enable.idempotence".into(), "false".into());
+    publish(&plain, &config.topics.fetched, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
+    let published_plain = cpu();
+
+    let topic = &config.topics.requests;
+    let reader = TopicReader::new(&config.kafka, &format!("{run}-hop"), &[topic])?;
+    let mut publisher = Publisher::new(&config.kafka, "bench-hop")?;
+    let mut hops = Vec::with_capacity(200);
+    for i in 0..=200 {
+        let started = Instant::now();
+        publisher.send(topic, Some(b"hop"), format!("{{\"hop\":{i}}}").as_bytes()).await?;
+        reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("hop {i} not read back"))??;
+        // The first one includes the group join.
+        if i > 0 {
+            hops.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        publisher.settle().await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let floor = BrokerFloor {
+        events: incoming.len(),
+        window_bytes: incoming.first().map_or(0, |i| i.payload.len()),
+        broker_produce_ms_per_1000: per_1000(published.0 - before.0),
+        broker_fetch_ms_per_1000: per_1000(read.0 - first.0),
+        client_produce_ms_per_1000: per_1000(published.1 - before.1),
+        client_fetch_ms_per_1000: per_1000(read.1 - first.1),
+        broker_produce_plain_ms_per_1000: per_1000(published_plain.0 - read.0),
+        client_produce_plain_ms_per_1000: per_1000(published_plain.1 - read.1),
+        hop_ms: percentiles(hops),
+    };
+    tracing::info!(?floor, "the broker alone");
+    Ok(floor)
+}
+
 /// (rows, calls) the inferrer's model has run so far.
 fn model_use(cluster: &LocalCluster) -> (f64, f64) {
     let port = cluster.ports.iter().find(|(k, _)| *k == StageKind::Inferrer).map(|(_, p)| *p);
@@ -536,6 +623,7 @@ fn markdown(report: &Report, options: &Options) -> String {
              | raw model alone, same batch size (1000 ÷ events/s, one thread) | {raw:.0} | | {raw:.0} | | |\n",
             raw = 1e6 / raw_there,
         ));
+        md.push_str(&floor_markdown(report, best, raw_there));
     }
     md.push_str(
         "\n## Raw model call time by batch size (ms)\n\n| batch size | p50 | p99 | p99.9 |\n|---:|---:|---:|---:|\n",
@@ -576,6 +664,72 @@ fn markdown(report: &Report, options: &Options) -> String {
          `libtorch_cuda.so` loaded, pinned host buffers, non-blocking copies, autocast, TF32 and\n\
          cuDNN switches) is built and configurable but its figures are not measured yet.\n",
     );
+    md
+}
+
+/// The broker's floor and the ceilings that follow from it, at the pipeline's
+/// best batch size (`best`, where the raw model did `raw_eps` events/s).
+fn floor_markdown(report: &Report, best: &Point, raw_eps: f64) -> String {
+    let f = &report.broker_floor;
+    let mut md = format!(
+        "\n## The broker alone\n\n\
+         {events} windows of {bytes} bytes published with the stages' producer settings and read back\n\
+         by one consumer with theirs, no stage running; CPU ms per 1000 windows:\n\n\
+         | | broker (tansu) | client (librdkafka and all) |\n|---|---:|---:|\n\
+         | publish (idempotent, as the stages do) | {:.0} | {:.0} |\n\
+         | read back | {:.0} | {:.0} |\n\
+         | publish without idempotence (comparison only; Sluice never does) | {:.0} | {:.0} |\n\n\
+         One small record published and read back, one at a time (200 times): p50 {:.1} ms, p99 {:.1} ms.\n",
+        f.broker_produce_ms_per_1000,
+        f.client_produce_ms_per_1000,
+        f.broker_fetch_ms_per_1000,
+        f.client_fetch_ms_per_1000,
+        f.broker_produce_plain_ms_per_1000,
+        f.client_produce_plain_ms_per_1000,
+        f.hop_ms.p50,
+        f.hop_ms.p99,
+        events = f.events,
+        bytes = f.window_bytes,
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let model_ms = 1e6 / raw_eps;
+    // Every window crosses the broker twice (fetched, normalized): published
+    // and read back each time. The small records (requests, predictions) are
+    // left out, and the first ceiling leaves the Kafka clients out too, so
+    // both are generous.
+    let broker_ms = 2.0 * (f.broker_produce_ms_per_1000 + f.broker_fetch_ms_per_1000);
+    let clients_ms = 2.0 * (f.client_produce_ms_per_1000 + f.client_fetch_ms_per_1000);
+    let ceiling = |overhead_ms: f64| (cores * 1e6 / (model_ms + overhead_ms)).min(raw_eps);
+    let (pipeline_broker, pipeline_clients) = (ceiling(broker_ms), ceiling(broker_ms + clients_ms));
+    let inferrer_fetch = f.broker_fetch_ms_per_1000 + f.client_fetch_ms_per_1000;
+    let (inferrer_broker, inferrer_clients) = (ceiling(f.broker_fetch_ms_per_1000), ceiling(inferrer_fetch));
+    let measured = best.events_per_s;
+    let one = report.one_at_a_time.events_per_s;
+    md.push_str(&format!(
+        "\nThe most any pipeline could do here at batch size {b} if the stages' own work cost nothing:\n\
+         {cores:.0} cores ÷ (the raw model's {model_ms:.0} ms + the cost of carrying the windows) per\n\
+         1000 events. Windows cross the broker twice in the pipeline (published and read back as\n\
+         `fetched`, then as `normalized`: broker {broker_ms:.0} ms, Kafka clients {clients_ms:.0} ms per 1000 events)\n\
+         and are read once by the inferrer alone; the small records are left out:\n\n\
+         | figure | ceiling: broker only | ceiling: broker and Kafka clients | measured | target |\n\
+         |---|---:|---:|---:|---|\n\
+         | pipeline ÷ raw model | {:.2} | {:.2} | {:.2} | ≥ 0.6 |\n\
+         | inferrer through the broker ÷ raw model | {:.2} | {:.2} | {:.2} | ≥ 0.75 |\n\
+         | batched ÷ one at a time ({one:.0} events/s) | {:.1}× | {:.1}× | {:.1}× | ≥ 8× |\n\
+         | one hop at low load, p50 / p99 (the pipeline makes four) | {:.1} / {:.1} ms | | see below | all four, end to end: p99 within `max_wait` + model p99 + 10 ms |\n",
+        pipeline_broker / raw_eps,
+        pipeline_clients / raw_eps,
+        measured / raw_eps,
+        inferrer_broker / raw_eps,
+        inferrer_clients / raw_eps,
+        at_size(&report.inferrer_through_broker, best.batch_size).unwrap_or(0.0) / raw_eps,
+        pipeline_broker / one,
+        pipeline_clients / one,
+        measured / one,
+        f.hop_ms.p50,
+        f.hop_ms.p99,
+        b = best.batch_size,
+    ));
     md
 }
 
