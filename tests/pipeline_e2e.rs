@@ -275,9 +275,11 @@ async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
     read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(400)).await;
     assert!(seen.predictions.len() < 2000, "the stream was nearly over before the join: make it longer");
 
-    // A second inferrer joins the group.
+    // A second inferrer joins the group: wait for its first assignment (the
+    // topic names contain "rebalance" too, so that word matched at start-up,
+    // before the join, and the first inferrer could leave mid-join).
     let joined = StageProcess::start(&config, "inferrer", &dir);
-    joined.wait_for_log("rebalance", 1, Duration::from_secs(60));
+    joined.wait_for_log("kind=\"assign\"", 1, Duration::from_secs(60));
     let next = seen.predictions.len() + 600;
     read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(next)).await;
     // The first leaves, draining what it holds.
