@@ -260,8 +260,19 @@ fn main() -> anyhow::Result<()> {
         _ => "info,librdkafka=warn,rdkafka=warn",
     };
     observe::init_logs(config.observe.log_format, default_filter);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli.command, config))
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(run(cli.command, config));
+    // Dropping a runtime waits, without limit, for its blocking tasks, and the
+    // drain abandons librdkafka calls that outlive the drain timeout (a final
+    // commit, a flush or a group leave against a broker that is gone). Those
+    // must not hold the process past the drain timeout.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    result
 }
+
+/// How long, after the command is done, blocking work may still run before the
+/// process exits without it.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
     match command {
