@@ -2358,9 +2358,39 @@ fn promql_names(expr: &str) -> (Vec<String>, Vec<String>) {
     (metrics, labels)
 }
 
-/// Every query names documented metrics (a histogram's `_bucket`, `_sum` and
-/// `_count` series included) and only their labels; the dashboard shows what
-/// an operator needs; panels use the dashboard's data-source variable.
+/// The documented metrics a query names (a histogram's `_bucket`, `_sum` and
+/// `_count` series as the histogram), and its errors: a metric that is not
+/// documented, a histogram queried as such, a label none of its metrics has.
+fn check_query(expr: &str, metrics: &BTreeMap<String, Metric>) -> (BTreeSet<String>, Vec<String>) {
+    let (names, labels) = promql_names(expr);
+    let mut used = BTreeSet::new();
+    let mut errors = Vec::new();
+    let mut allowed: BTreeSet<String> = ["le".to_string()].into();
+    for name in names {
+        let histogram_series = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+            name.strip_suffix(suffix).filter(|base| metrics.get(*base).is_some_and(|m| m.kind == "histogram"))
+        });
+        let base = histogram_series.unwrap_or(&name).to_string();
+        match metrics.get(&base) {
+            Some(metric) if metric.kind == "histogram" && histogram_series.is_none() => {
+                errors.push(format!("{name} is a histogram; query its _bucket, _sum or _count"))
+            }
+            Some(metric) => allowed.extend(metric.labels.iter().cloned()),
+            None => errors.push(format!("{name} is not in docs/instrumentation.md")),
+        }
+        used.insert(base);
+    }
+    for label in labels {
+        if !allowed.contains(&label) {
+            errors.push(format!("label {label} is not one of {allowed:?}"));
+        }
+    }
+    (used, errors)
+}
+
+/// Every query names documented metrics and only their labels (see
+/// [`check_query`]); the dashboard shows what an operator needs; panels use
+/// the dashboard's data-source variable.
 fn check_dashboard(dashboard: &Value, metrics: &BTreeMap<String, Metric>) -> Vec<String> {
     let mut errors = Vec::new();
     let variable = dashboard["templating"]["list"]
@@ -2394,32 +2424,12 @@ fn check_dashboard(dashboard: &Value, metrics: &BTreeMap<String, Metric>) -> Vec
         }
         for target in targets {
             let expr = target["expr"].as_str().unwrap_or_default();
-            let (names, labels) = promql_names(expr);
+            let (names, query_errors) = check_query(expr, metrics);
             if names.is_empty() {
                 errors.push(format!("dashboard: panel {title:?}: {expr:?} names no sluice_ metric"));
             }
-            let mut allowed: BTreeSet<String> = ["le".to_string()].into();
-            for name in names {
-                let histogram_series = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
-                    name.strip_suffix(suffix).filter(|base| metrics.get(*base).is_some_and(|m| m.kind == "histogram"))
-                });
-                let base = histogram_series.unwrap_or(&name).to_string();
-                match metrics.get(&base) {
-                    Some(metric) if metric.kind == "histogram" && histogram_series.is_none() => errors.push(format!(
-                        "dashboard: panel {title:?}: {name} is a histogram; query its _bucket, _sum or _count"
-                    )),
-                    Some(metric) => allowed.extend(metric.labels.iter().cloned()),
-                    None => {
-                        errors.push(format!("dashboard: panel {title:?}: {name} is not in docs/instrumentation.md"))
-                    }
-                }
-                used.insert(base);
-            }
-            for label in labels {
-                if !allowed.contains(&label) {
-                    errors.push(format!("dashboard: panel {title:?}: label {label} is not one of {allowed:?}"));
-                }
-            }
+            errors.extend(query_errors.into_iter().map(|e| format!("dashboard: panel {title:?}: {e}")));
+            used.extend(names);
         }
     }
     for metric in DASHBOARD_MUST_SHOW {
@@ -2483,4 +2493,164 @@ fn the_dashboard_check_refuses_unknown_metrics_and_labels() {
     let mut broken = good;
     broken["panels"][1]["datasource"]["uid"] = json!("prometheus");
     assert!(check_dashboard(&broken, &metrics).iter().any(|e| e.contains("must use the data source")));
+}
+
+// ---------------------------------------------------------------------------
+// Alerting rules
+
+/// What an alert's `severity` label may be (Alertmanager routes on it).
+const SEVERITIES: [&str; 2] = ["warning", "critical"];
+
+fn alert_rules() -> Value {
+    read_one_yaml(&repo_root().join("deploy/prometheus/alerts.yml"))
+}
+
+/// The `###` headings of the "Alerts" section of docs/operations.md.
+fn runbook_sections() -> BTreeSet<String> {
+    let text = fs::read_to_string(repo_root().join("docs/operations.md")).expect("docs/operations.md");
+    let section = text.split("\n## Alerts\n").nth(1).unwrap_or_default();
+    let section = section.split("\n## ").next().unwrap_or_default();
+    section.lines().filter_map(|l| l.strip_prefix("### ")).map(|h| h.trim().to_string()).collect()
+}
+
+/// A Prometheus duration: one or more of a number and a unit (`1h30m`).
+fn is_duration(text: &str) -> bool {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        // "ms" before "m", so that 5ms is not 5m followed by "s".
+        let unit = ["ms", "s", "m", "h", "d", "w", "y"].into_iter().find(|u| rest[digits..].starts_with(u));
+        match unit {
+            Some(unit) if digits > 0 => rest = &rest[digits + unit.len()..],
+            _ => return false,
+        }
+    }
+    !text.is_empty()
+}
+
+/// Every rule is an alert whose expression parses as PromQL and names
+/// documented metrics and labels only (or `up`), with a severity, a summary, a
+/// description and a runbook section of its own; and every runbook section has
+/// its alert.
+fn check_alert_rules(rules: &Value, metrics: &BTreeMap<String, Metric>, runbook: &BTreeSet<String>) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut names = BTreeSet::new();
+    let groups = rules["groups"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if groups.is_empty() {
+        errors.push("alerts: no groups".into());
+    }
+    for rule in groups.iter().flat_map(|g| g["rules"].as_array().into_iter().flatten()) {
+        let Some(alert) = rule["alert"].as_str().filter(|a| a.starts_with("Sluice")) else {
+            errors.push(format!("alerts: a rule is not an alert named Sluice*: {rule}"));
+            continue;
+        };
+        if !names.insert(alert.to_string()) {
+            errors.push(format!("alerts: {alert} is defined twice"));
+        }
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        match promql_parser::parser::parse(expr) {
+            Ok(parsed) if parsed.value_type() == promql_parser::parser::value::ValueType::Vector => {}
+            Ok(parsed) => {
+                errors.push(format!("alerts: {alert}: the expression is a {}, not a vector", parsed.value_type()))
+            }
+            Err(e) => errors.push(format!("alerts: {alert}: the expression does not parse: {e}")),
+        }
+        let (used, query_errors) = check_query(expr, metrics);
+        errors.extend(query_errors.into_iter().map(|e| format!("alerts: {alert}: {e}")));
+        if used.is_empty() && !expr.starts_with("up{") {
+            errors.push(format!("alerts: {alert}: names no sluice_ metric"));
+        }
+        if let Some(wait) = rule.get("for").and_then(Value::as_str).filter(|d| !is_duration(d)) {
+            errors.push(format!("alerts: {alert}: `for: {wait}` is not a duration"));
+        }
+        let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
+        if !SEVERITIES.contains(&severity) {
+            errors.push(format!("alerts: {alert}: severity {severity:?} is not one of {SEVERITIES:?}"));
+        }
+        for annotation in ["summary", "description"] {
+            if rule["annotations"][annotation].as_str().is_none_or(str::is_empty) {
+                errors.push(format!("alerts: {alert}: no {annotation} annotation"));
+            }
+        }
+        let runbook_url = format!("docs/operations.md#{}", alert.to_lowercase());
+        if rule["annotations"]["runbook_url"] != runbook_url.as_str() {
+            errors.push(format!("alerts: {alert}: runbook_url must be {runbook_url}"));
+        }
+        if !runbook.contains(alert) {
+            errors.push(format!("alerts: {alert}: no section `### {alert}` under `## Alerts` in docs/operations.md"));
+        }
+    }
+    for section in runbook.difference(&names) {
+        errors.push(format!("docs/operations.md: the Alerts section {section} has no alert"));
+    }
+    errors
+}
+
+#[test]
+fn the_alert_rules_parse_and_name_documented_metrics() {
+    let rules = alert_rules();
+    let errors = check_alert_rules(&rules, &documented_metrics(), &runbook_sections());
+    assert_no_errors("deploy/prometheus/alerts.yml", &errors);
+    let alerts =
+        rules["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten());
+    assert!(alerts.count() >= 10, "the rules were not read");
+
+    // The same rules for the Prometheus Operator, in every render.
+    for what in ["base", "dev", "prod"] {
+        let objects = rendered(what);
+        let found: Vec<_> = of_kind(&objects, "PrometheusRule").collect();
+        assert_eq!(found.len(), 1, "{what}: one PrometheusRule expected");
+        assert_eq!(
+            found[0]["spec"]["groups"], rules["groups"],
+            "{what}: k8s/base/prometheus-rule.yaml's groups differ from deploy/prometheus/alerts.yml's"
+        );
+    }
+    // And for the compose stack's Prometheus: listed, and mounted where it looks.
+    let prometheus = read_one_yaml(&repo_root().join("deploy/prometheus/prometheus.yml"));
+    assert_eq!(prometheus["rule_files"], json!(["alerts.yml"]), "prometheus.yml must load alerts.yml");
+    let mounted = compose()["services"]["prometheus"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| v == "../prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro");
+    assert!(mounted, "the compose stack must mount alerts.yml next to prometheus.yml");
+}
+
+#[test]
+fn the_alert_check_refuses_broken_rules() {
+    let metrics = documented_metrics();
+    let runbook = runbook_sections();
+    let good = alert_rules();
+    assert!(check_alert_rules(&good, &metrics, &runbook).is_empty());
+    let first = "/groups/0/rules/1";
+    let cases: [(&str, &str, Value, &str); 8] = [
+        ("a syntax error", "/expr", json!("sum(rate(sluice_stage_events_in_total[5m])"), "does not parse"),
+        ("a scalar", "/expr", json!("scalar(sum(sluice_redis_up))"), "not a vector"),
+        (
+            "an unknown metric",
+            "/expr",
+            json!("rate(sluice_stage_events_total[5m]) > 0"),
+            "not in docs/instrumentation.md",
+        ),
+        (
+            "an unknown label",
+            "/expr",
+            json!("sum by (topic) (rate(sluice_stage_events_in_total[5m])) > 0"),
+            "label topic",
+        ),
+        ("a wrong duration", "/for", json!("10 minutes"), "not a duration"),
+        ("an unknown severity", "/labels/severity", json!("page"), "severity \"page\""),
+        ("a wrong runbook", "/annotations/runbook_url", json!("docs/operations.md"), "runbook_url must be"),
+        ("no runbook section", "/alert", json!("SluiceUnheardOf"), "no section `### SluiceUnheardOf`"),
+    ];
+    for (what, field, value, expected) in cases {
+        let mut broken = good.clone();
+        *broken.pointer_mut(&format!("{first}{field}")).unwrap_or_else(|| panic!("{what}: no {first}{field}")) = value;
+        let errors = check_alert_rules(&broken, &metrics, &runbook);
+        assert!(errors.iter().any(|e| e.contains(expected)), "{what}: expected {expected:?} in {errors:#?}");
+    }
+    let mut stale = runbook;
+    stale.insert("SluiceRemoved".into());
+    let errors = check_alert_rules(&good, &metrics, &stale);
+    assert!(errors.iter().any(|e| e.contains("SluiceRemoved has no alert")), "{errors:#?}");
 }
