@@ -2557,6 +2557,8 @@ fn check_alert_rules(rules: &Value, metrics: &BTreeMap<String, Metric>, runbook:
         }
         let (used, query_errors) = check_query(expr, metrics);
         errors.extend(query_errors.into_iter().map(|e| format!("alerts: {alert}: {e}")));
+        // Prometheus' own `up` is the one other series an alert may watch
+        // (a stage that does not answer has no sluice_ series to look at).
         if used.is_empty() && !expr.starts_with("up{") {
             errors.push(format!("alerts: {alert}: names no sluice_ metric"));
         }
