@@ -1,10 +1,12 @@
-//! Operating it: consumer lag per partition, and the W3C trace context that
-//! every record carries from stage to stage.
+//! Operating it: consumer lag per partition, the W3C trace context that every
+//! record carries from stage to stage, and the series the alerts watch.
 //!
 //! - Lag runs a stage in this process against librdkafka's mock cluster (whose
 //!   watermarks are right; tansu's are not) and reads the Prometheus rendering.
 //! - Tracing runs the four stages as `sluice run` processes against tansu and
 //!   reads the headers of every topic.
+//! - The alerted series are read from the `/metrics` of a `sluice run inferrer`
+//!   whose broker never answers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +26,11 @@ use sluice_kafka::{
 };
 use sluice_messages::codec;
 use sluice_messages::trace::{TRACEPARENT_HEADER, TRACEPARENT_LEN, TraceParent};
-use sluice_tests::{Broker, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, write_config};
+use sluice_stages::{Inferrer, QueryInferrer};
+use sluice_tests::{
+    Broker, StageProcess, free_port, heavy_test_lock, http_get, sluice, start_stages, tail, temp_dir, unique,
+    write_config,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -336,4 +342,82 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
     }
     let (_, fetched) = hop(&hops, &query.0, "fetched");
     assert_eq!(fetched.trace_id, query.1.trace_id);
+}
+
+// ---------------------------------------------------------------- alerted series
+
+/// A Prometheus text rendering: (name, labels) -> value.
+fn series(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let (name, labels) = key.split_once('{').unwrap_or((key, "}"));
+        let labels = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        out.insert((name.to_string(), labels), value.parse().unwrap_or(f64::NAN));
+    }
+    out
+}
+
+/// A replica that never gets a partition (its broker never answers) exports
+/// the series the alerts watch, at 0, from the start: a gauge or counter that
+/// appears only when it first changes would hide that replica from
+/// `SluiceNoPartitionsAssigned` and the first failure from alerts on
+/// `increase()`. Every `sluice_` metric it exports is documented.
+#[test]
+fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
+    let _heavy = heavy_test_lock();
+    let dir = temp_dir("unassigned");
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let config = write_config(&dir, &nowhere, &unique("unassigned"), 1, "[runtime]\ndrain_timeout_ms = 1000\n");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut inferrer = StageProcess::command(&config, &["--listen", &listen, "run", "inferrer"], "inferrer", &dir);
+    // The stock and the query inferrer.
+    inferrer.wait_for_log("stage started", 2, Duration::from_secs(120));
+    let (code, text) = http_get(port, "/metrics").expect("/metrics answers");
+    assert_eq!(code, 200);
+    let found = series(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        found.get(&(name.to_string(), labels)).copied()
+    };
+    let mut expected = vec![
+        ("sluice_model_load_failures_total", vec![]),
+        ("sluice_model_out_of_memory_total", vec![("model", "stock-lstm")]),
+        ("sluice_overrides_refused_total", vec![("field", "max_batch_size")]),
+        ("sluice_overrides_refused_total", vec![("field", "unknown")]),
+    ];
+    for (stage, reasons) in
+        [("inferrer", Inferrer::DEAD_LETTER_REASONS), ("query-inferrer", QueryInferrer::DEAD_LETTER_REASONS)]
+    {
+        expected.push(("sluice_kafka_assigned_partitions", vec![("stage", stage)]));
+        expected.push(("sluice_stage_events_acknowledged_total", vec![("stage", stage)]));
+        expected.push(("sluice_stage_batch_failures_total", vec![("stage", stage), ("retryable", "false")]));
+        expected.push(("sluice_stage_batch_failures_total", vec![("stage", stage), ("retryable", "true")]));
+        for reason in reasons.iter().chain(&["output_too_large"]) {
+            expected.push(("sluice_stage_dead_letters_total", vec![("stage", stage), ("reason", reason)]));
+        }
+    }
+    for (name, labels) in &expected {
+        assert_eq!(value(name, labels), Some(0.0), "{name}{labels:?} at 0 in /metrics:\n{text}");
+    }
+
+    let documented = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/instrumentation.md"))
+        .expect("docs/instrumentation.md");
+    for (name, _) in found.keys().filter(|(name, _)| name.starts_with("sluice_")) {
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        assert!(documented.contains(&format!("`{base}`")), "{base} is exported but not in docs/instrumentation.md");
+    }
+
+    inferrer.signal("TERM");
+    assert!(
+        inferrer.wait(Duration::from_secs(30)).is_some(),
+        "the inferrer did not stop:\n{}",
+        tail(&inferrer.logs(), 30)
+    );
 }

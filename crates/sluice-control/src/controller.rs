@@ -72,6 +72,10 @@ impl Controller {
         let mut followed = Followed::default();
         let (tx, rx) = watch::channel(self.base.clone());
         publish_gauges(&self.model, &self.base);
+        // At 0 from the start, so that alerts on increase() see the first refusal.
+        for field in FIELDS.iter().copied().chain(["unknown"]) {
+            counter!("sluice_overrides_refused_total", "field" => field).increment(0);
+        }
         self.reconcile_once(&tx, &mut followed).await;
         tokio::spawn(self.run(tx, followed, shutdown));
         rx

@@ -86,6 +86,7 @@ pub async fn run_stage<S: Stage>(
         .producer_config(&options.client_id)
         .create()
         .map_err(|e| KafkaRuntimeError::client(format!("{name} producer"), e))?;
+    telemetry::stage_started(name, stage.dead_letter_reasons());
     info!(stage = name, topic = options.input_topic, group = options.group_id, "stage started");
 
     let (item_tx, item_rx) = mpsc::channel(options.queue_capacity.max(1));
@@ -335,7 +336,7 @@ async fn process_loop<S: Stage>(
                             let detail =
                                 format!("an output of {} bytes is larger than the producer allows", payload.len());
                             let input = &batch.items[source];
-                            let letter = dead_letter(name, input, "output_too_large", detail, None);
+                            let letter = dead_letter(name, input, telemetry::OUTPUT_TOO_LARGE, detail, None);
                             let key = input.key.as_deref();
                             let trace = Some(&hops[source]);
                             (

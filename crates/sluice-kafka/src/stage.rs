@@ -59,4 +59,12 @@ pub trait Stage: Send + 'static {
 
     /// Processes one non-empty batch, in consumption order.
     fn process(&mut self, batch: &[Incoming]) -> impl Future<Output = Result<Vec<Output>, BatchFailure>> + Send;
+
+    /// The dead-letter reasons this stage gives. Their counters are created at
+    /// 0 when the stage starts, so that an alert on `increase()` sees the first
+    /// dead letter too (a series that appears at 1 shows no increase). The
+    /// runtime's own reason, `output_too_large`, is added for every stage.
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        &[]
+    }
 }

@@ -54,6 +54,27 @@ impl fmt::Display for FirstTraceIds<'_> {
     }
 }
 
+/// Creates, at 0, the series that alerts watch with `increase()` or expect to
+/// exist (a replica never assigned a partition must show 0, not nothing).
+pub(crate) fn stage_started(stage: &'static str, dead_letter_reasons: &[&'static str]) {
+    gauge!("sluice_kafka_assigned_partitions", "stage" => stage).set(0.0);
+    for name in
+        ["sluice_stage_events_in_total", "sluice_stage_events_out_total", "sluice_stage_events_acknowledged_total"]
+    {
+        counter!(name, "stage" => stage).increment(0);
+    }
+    counter!("sluice_kafka_consume_errors_total", "stage" => stage).increment(0);
+    for retryable in ["true", "false"] {
+        counter!("sluice_stage_batch_failures_total", "stage" => stage, "retryable" => retryable).increment(0);
+    }
+    for reason in dead_letter_reasons.iter().chain([&OUTPUT_TOO_LARGE]) {
+        counter!("sluice_stage_dead_letters_total", "stage" => stage, "reason" => *reason).increment(0);
+    }
+}
+
+/// The dead-letter reason the runtime itself gives, in any stage.
+pub(crate) const OUTPUT_TOO_LARGE: &str = "output_too_large";
+
 pub(crate) fn outputs_sent(stage: &'static str, sent: usize) {
     counter!("sluice_stage_events_out_total", "stage" => stage).increment(sent as u64);
 }

@@ -19,3 +19,48 @@ pub use fetcher::Fetcher;
 pub use inferrer::{Inferrer, InferrerStats, QueryInferrer};
 pub use normalizer::Normalizer;
 pub use writer::{PredictionSink, Writer, WriterStats};
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// docs/instrumentation.md's dead-letter table: reason -> the stages named
+    /// for it ("any" for the runtime's own).
+    fn documented_reasons() -> BTreeMap<String, BTreeSet<String>> {
+        let doc = include_str!("../../../docs/instrumentation.md");
+        let table = doc.split("## Dead-letter reasons").nth(1).expect("the dead-letter section");
+        let mut reasons = BTreeMap::new();
+        for line in table.lines().skip_while(|l| !l.starts_with("| `")).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let stages: BTreeSet<String> = cells[2].split(',').map(|s| s.trim().to_string()).collect();
+            for reason in cells[1].split(',') {
+                reasons.insert(reason.trim().trim_matches('`').to_string(), stages.clone());
+            }
+        }
+        reasons
+    }
+
+    fn documented_for(stage: &str) -> BTreeSet<String> {
+        documented_reasons().into_iter().filter(|(_, stages)| stages.contains(stage)).map(|(r, _)| r).collect()
+    }
+
+    fn set(reasons: &[&str]) -> BTreeSet<String> {
+        reasons.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// The reasons each stage declares (their counters start at 0) are those the
+    /// documentation lists for it; the two inferrers share the "inferrer" rows.
+    #[test]
+    fn each_stage_declares_the_dead_letter_reasons_documented_for_it() {
+        assert!(documented_reasons().len() >= 15, "the table was not read: {:?}", documented_reasons());
+        assert_eq!(set(Fetcher::DEAD_LETTER_REASONS), documented_for("fetcher"));
+        assert_eq!(set(Normalizer::DEAD_LETTER_REASONS), documented_for("normalizer"));
+        assert_eq!(set(Writer::DEAD_LETTER_REASONS), documented_for("writer"));
+        let inferrers: BTreeSet<_> =
+            set(Inferrer::DEAD_LETTER_REASONS).union(&set(QueryInferrer::DEAD_LETTER_REASONS)).cloned().collect();
+        assert_eq!(inferrers, documented_for("inferrer"));
+        assert_eq!(documented_reasons().get("output_too_large").map(|s| s.contains("any")), Some(true));
+    }
+}

@@ -36,6 +36,18 @@ pub struct Queries {
 }
 
 impl Normalizer {
+    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
+    pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "unknown_envelope_version",
+        "undecodable_envelope",
+        "unexpected_payload",
+        "invalid_window_shape",
+        "non_finite_input",
+        "empty_text",
+        "text_too_long",
+        "unsupported_kind",
+    ];
+
     /// `days` and the statistics' length fix the window shape it accepts.
     pub fn new(stats: &Normalization, days: usize, output_topic: &str) -> Self {
         Self {
@@ -98,6 +110,10 @@ impl Normalizer {
 impl Stage for Normalizer {
     fn name(&self) -> &'static str {
         "normalizer"
+    }
+
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        Self::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {

@@ -67,6 +67,10 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
+    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
+    pub const DEAD_LETTER_REASONS: &[&str] =
+        &["unknown_envelope_version", "undecodable_envelope", "unexpected_payload", "non_finite_prediction"];
+
     /// Drops predictions under the live `min_confidence`; appends the others
     /// to `file` (JSON lines) if one is given, and publishes them to `output_topic`.
     pub fn new(
@@ -100,6 +104,10 @@ fn open_append(path: &Path) -> Result<File, StageError> {
 impl Stage for Writer {
     fn name(&self) -> &'static str {
         "writer"
+    }
+
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        Self::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {

@@ -64,6 +64,17 @@ impl std::fmt::Debug for Fetcher {
 }
 
 impl Fetcher {
+    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
+    pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "malformed_json",
+        "invalid_utf8",
+        "invalid_event",
+        "invalid_field",
+        "unknown_symbol",
+        "insufficient_history",
+        "invalid_window_shape",
+    ];
+
     pub fn new(source: Box<dyn HistorySource>, shape: WindowShape, output_topic: &str) -> Self {
         Self { source, shape, output: output_topic.into() }
     }
@@ -94,6 +105,10 @@ enum Pending {
 impl Stage for Fetcher {
     fn name(&self) -> &'static str {
         "fetcher"
+    }
+
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        Self::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {

@@ -67,6 +67,16 @@ pub struct Inferrer {
 }
 
 impl Inferrer {
+    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
+    pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "unknown_envelope_version",
+        "undecodable_envelope",
+        "unexpected_payload",
+        "invalid_window_shape",
+        "model_error",
+        "non_finite_prediction",
+    ];
+
     /// Takes a started (warmed-up) model worker whose outputs include
     /// `predicted_return` and `confidence`, the configuration it was started
     /// from, the live settings, and the prediction cache if there is one.
@@ -138,6 +148,10 @@ fn accept(batch: &[Incoming], check: impl Fn(&Payload) -> Option<StageError>) ->
 impl Stage for Inferrer {
     fn name(&self) -> &'static str {
         "inferrer"
+    }
+
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        Self::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {

@@ -35,6 +35,16 @@ pub struct QueryInferrer {
 }
 
 impl QueryInferrer {
+    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
+    pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "unknown_envelope_version",
+        "undecodable_envelope",
+        "unexpected_payload",
+        "invalid_token_count",
+        "model_error",
+        "non_finite_prediction",
+    ];
+
     /// Takes a started (warmed-up) query model worker, the configuration it was
     /// started from, its live settings, and the prediction cache if there is one.
     pub fn new(
@@ -117,6 +127,10 @@ fn calls(lengths: &[usize], max_rows: usize, max_tokens: usize) -> Vec<std::ops:
 impl Stage for QueryInferrer {
     fn name(&self) -> &'static str {
         "query-inferrer"
+    }
+
+    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+        Self::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {

@@ -45,6 +45,11 @@ impl ServedModel {
         stats: Arc<InferrerStats>,
     ) -> Self {
         stats.set_serving(worker.version());
+        // At 0 from the start, so that alerts on increase() see the first one.
+        let name = worker.metadata().name.clone();
+        counter!("sluice_model_load_failures_total").increment(0);
+        counter!("sluice_model_out_of_memory_total", "model" => name.clone()).increment(0);
+        counter!("sluice_model_bisections_total", "model" => name).increment(0);
         Self {
             threads: model.threads(),
             worker,
