@@ -379,7 +379,13 @@ fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
     let mut inferrer = StageProcess::command(&config, &["--listen", &listen, "run", "inferrer"], "inferrer", &dir);
     // The stock and the query inferrer.
     inferrer.wait_for_log("stage started", 2, Duration::from_secs(120));
-    let (code, text) = http_get(port, "/metrics").expect("/metrics answers");
+    let started = Instant::now();
+    let mut answer = http_get(port, "/metrics");
+    while answer.is_none() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        answer = http_get(port, "/metrics");
+    }
+    let (code, text) = answer.expect("/metrics answers");
     assert_eq!(code, 200);
     let found = series(&text);
     let value = |name: &str, labels: &[(&str, &str)]| {
