@@ -56,23 +56,40 @@ impl Stage for Gated {
     }
 }
 
-/// `sluice_kafka_consumer_lag` by partition, for one stage, group and topic.
-fn lag_by_partition(metrics: &PrometheusHandle, group: &str, topic: &str) -> BTreeMap<i32, f64> {
+/// A Prometheus text rendering: (name, labels) -> value.
+fn series(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
     let mut out = BTreeMap::new();
-    for line in metrics.render().lines() {
-        let Some(rest) = line.strip_prefix("sluice_kafka_consumer_lag{") else { continue };
-        let Some((labels, value)) = rest.split_once("} ") else { continue };
-        let labels: HashMap<&str, &str> =
-            labels.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
-        if labels.get("stage") == Some(&"lag-probe")
-            && labels.get("group") == Some(&group)
-            && labels.get("topic") == Some(&topic)
-        {
-            let partition = labels.get("partition").and_then(|p| p.parse().ok()).expect("a partition label");
-            out.insert(partition, value.trim().parse().expect("a number"));
-        }
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let (name, labels) = key.split_once('{').unwrap_or((key, "}"));
+        let labels = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        out.insert((name.to_string(), labels), value.parse().unwrap_or(f64::NAN));
     }
     out
+}
+
+/// `sluice_kafka_consumer_lag` by partition, for one stage, group and topic.
+fn lag_by_partition(metrics: &PrometheusHandle, group: &str, topic: &str) -> BTreeMap<i32, f64> {
+    fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+        labels.get(key).map(String::as_str)
+    }
+    series(&metrics.render())
+        .into_iter()
+        .filter(|((name, labels), _)| {
+            name == "sluice_kafka_consumer_lag"
+                && label(labels, "stage") == Some("lag-probe")
+                && label(labels, "group") == Some(group)
+                && label(labels, "topic") == Some(topic)
+        })
+        .map(|((_, labels), value)| {
+            (label(&labels, "partition").and_then(|p| p.parse().ok()).expect("a partition label"), value)
+        })
+        .collect()
 }
 
 /// Waits until the lag by partition is `want`, or fails with what it was.
@@ -345,23 +362,6 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
 }
 
 // ---------------------------------------------------------------- alerted series
-
-/// A Prometheus text rendering: (name, labels) -> value.
-fn series(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let Some((key, value)) = line.rsplit_once(' ') else { continue };
-        let (name, labels) = key.split_once('{').unwrap_or((key, "}"));
-        let labels = labels
-            .trim_end_matches('}')
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        out.insert((name.to_string(), labels), value.parse().unwrap_or(f64::NAN));
-    }
-    out
-}
 
 /// A replica that never gets a partition (its broker never answers) exports
 /// the series the alerts watch, at 0, from the start: a gauge or counter that
