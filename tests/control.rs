@@ -220,8 +220,8 @@ async fn overrides_travel_over_tls_with_rediss_urls() {
         keys: keys.clone(),
     };
     over_tls.set(&Scope::All, "max_batch_size", "12").await.expect("set over TLS");
-    let (all, _) = over_tls.read("stock-lstm").await.expect("read over TLS");
-    assert_eq!(all.get("max_batch_size").map(String::as_str), Some("12"));
+    let raw = over_tls.read("stock-lstm").await.expect("read over TLS");
+    assert_eq!(raw.all, Ok(vec![(b"max_batch_size".to_vec(), b"12".to_vec())]));
 
     let plain = OverrideStore::Redis {
         link: Arc::new(RedisLink::new(&format!("redis://127.0.0.1:{port}")).expect("link")),
@@ -230,4 +230,37 @@ async fn overrides_travel_over_tls_with_rediss_urls() {
     assert!(plain.read("stock-lstm").await.is_err(), "the TLS port must refuse plain connections");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A Redis that answers late once (a loaded machine) is not reported down;
+/// one that hangs is, after three calls in a row ran out of their budget, and
+/// then callers fail fast.
+#[tokio::test]
+async fn a_slow_answer_is_not_an_outage_but_a_hung_redis_is() {
+    let server = RedisServer::start();
+    let link = RedisLink::new(&server.url()).expect("url");
+    let get = |budget: Duration| {
+        link.run_within(budget, |mut conn| async move {
+            redis::cmd("GET").arg("k").query_async::<Option<String>>(&mut conn).await
+        })
+    };
+    get(Duration::from_secs(1)).await.expect("connected");
+    let admin = redis::Client::open(server.url()).expect("url");
+    let mut admin = admin.get_multiplexed_async_connection().await.expect("admin connection");
+    let pause = |ms: u64| redis::cmd("CLIENT").arg("PAUSE").arg(ms).arg("ALL").to_owned();
+
+    let _: () = pause(400).query_async(&mut admin).await.expect("pause");
+    assert!(get(Duration::from_millis(100)).await.is_err(), "the paused Redis answered within the budget");
+    assert!(link.is_up(), "one slow answer is not an outage");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    get(Duration::from_secs(1)).await.expect("answers again");
+
+    let _: () = pause(3000).query_async(&mut admin).await.expect("pause");
+    for _ in 0..3 {
+        assert!(get(Duration::from_millis(100)).await.is_err());
+    }
+    assert!(!link.is_up(), "three calls in a row without an answer: down");
+    let started = std::time::Instant::now();
+    assert!(get(Duration::from_secs(1)).await.is_err());
+    assert!(started.elapsed() < Duration::from_millis(50), "callers fail fast while it is down");
 }

@@ -162,3 +162,107 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
     process.signal("TERM");
     assert!(process.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain\n{tail}");
 }
+
+/// Garbage in the override hashes, as a careless client could write it into
+/// Redis: a value and a field name that are not UTF-8, a megabyte value, and
+/// one scope's hash replaced by a string. An inferrer serving both models
+/// (two controllers) refuses each bad field alone, logs and counts it once,
+/// with the key, cut to a sane length, and every good change still applies;
+/// `sluice overrides get` and `set` name the key that is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+async fn garbage_in_the_override_hashes_is_refused_field_by_field_and_reported_once() {
+    use sluice_tests::{LOCAL_REDIS, free_port, http_get};
+
+    let _heavy = heavy_test_lock();
+    let dir = temp_dir("override-garbage");
+    let pipeline = unique("garbage");
+    let port = free_port();
+    // No broker: the controllers follow Redis whether or not a broker answers.
+    let extra = format!(
+        "[control]\nredis_url = \"{LOCAL_REDIS}\"\nprefix = \"sluice-test\"\npipeline = \"{pipeline}\"\nreconcile_ms = 100\n"
+    );
+    let config = write_config(&dir, "127.0.0.1:1", &unique("garbage"), 1, &extra);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")))
+        .expect("config");
+    let inferrer = StageProcess::start(&config, "inferrer", &dir);
+    let status = || -> Option<serde_json::Value> { serde_json::from_str(&http_get(port, "/status")?.1).ok() };
+    let started = Instant::now();
+    while status().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no /status\n{}", tail(&inferrer.logs(), 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let setting = |model: &str, field: &str| status().map(|s| s["settings"][model][field].clone());
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !ok() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}\n{}", tail(&inferrer.logs(), 30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let keys = KeyLayout::new("sluice-test", &pipeline);
+    let client = redis::Client::open(LOCAL_REDIS).expect("url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let all = keys.overrides();
+    let _: () = redis::pipe()
+        .hset(&all, "max_batch_size", &[0xffu8, 0xfe][..])
+        .hset(&all, &[0xc3u8, 0x28][..], "1")
+        .hset(&all, "min_confidence", "x".repeat(1 << 20))
+        .hset(&all, "max_wait_ms", "7")
+        .query_async(&mut conn)
+        .await
+        .expect("garbage");
+    until("max_wait_ms = 7 applies beside the garbage", &|| {
+        setting("stock-lstm", "max_wait_ms") == Some(7.into())
+            && setting("query-intent", "max_wait_ms") == Some(7.into())
+    });
+    // One scope's hash replaced by a string: that scope keeps its values, the other follows.
+    let model_key = keys.model_overrides("stock-lstm");
+    let _: () = redis::cmd("SET").arg(&model_key).arg("oops").query_async(&mut conn).await.expect("set a string");
+    let _: () = redis::cmd("HSET").arg(&all).arg("max_wait_ms").arg("9").query_async(&mut conn).await.expect("hset");
+    until("a later good change applies", &|| {
+        setting("stock-lstm", "max_wait_ms") == Some(9.into())
+            && setting("query-intent", "max_wait_ms") == Some(9.into())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let logs = inferrer.logs();
+    let refusals: Vec<&str> = logs.lines().filter(|l| l.contains("override refused")).collect();
+    assert_eq!(
+        refusals.len(),
+        4,
+        "each bad field and the bad key once, though two models follow the hash:\n{}",
+        refusals.join("\n")
+    );
+    assert!(
+        refusals.iter().all(|l| l.len() < 1000),
+        "a refusal line is not cut: {} bytes",
+        refusals.iter().map(|l| l.len()).max().unwrap_or(0)
+    );
+    assert!(refusals.iter().any(|l| l.contains(&model_key) && l.contains("not a hash")), "{refusals:?}");
+    assert!(refusals.iter().any(|l| l.contains("(1048576 bytes)")), "{refusals:?}");
+    let metrics = http_get(port, "/metrics").expect("metrics").1;
+    let refused: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_overrides_refused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 4.0, "{metrics}");
+
+    // The operator's tools name the key.
+    let got: serde_json::Value = serde_json::from_str(&sluice(&config, &["overrides", "get"])).expect("json");
+    assert!(got[&model_key]["error"].as_str().is_some_and(|e| e.contains("WRONGTYPE")), "{got:#}");
+    assert_eq!(got["effective"]["max_wait_ms"], 9);
+    assert_eq!(got["effective"]["max_batch_size"], 64, "the device's batch size, not 0: {got:#}");
+    let set = std::process::Command::new(sluice_tests::sluice_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["overrides", "set", "max_batch_size", "8", "--model", "stock-lstm"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&set.stderr);
+    assert!(!set.status.success() && stderr.contains(&model_key) && stderr.contains("redis-cli DEL"), "{stderr}");
+    let _: () = redis::cmd("DEL").arg(&all).arg(&model_key).query_async(&mut conn).await.expect("clean up");
+}

@@ -447,6 +447,9 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
     assert_eq!(count().await, (valid, valid), "rows after {killed} killed connections\n{}", logs());
+    // The logs say why the connections ended, not only "db error".
+    let all_logs: String = stages.iter().map(|s| s.logs()).collect();
+    assert!(all_logs.contains("SQLSTATE 57P01"), "no stage logged the termination's SQLSTATE\n{}", logs());
     drop(client);
     drop(stages);
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
@@ -533,4 +536,183 @@ async fn a_writer_is_ready_only_while_postgres_answers() {
     let (code, body) = joined(bad_port);
     assert_eq!(code, 503, "ready without PostgreSQL: {body}\n{}", bad.logs());
     assert_eq!((&body["ready"], &body["dependencies"]["postgres"]), (&false.into(), &false.into()), "{body}");
+}
+
+/// Rows PostgreSQL refuses for good (a text with U+0000, SQLSTATE 22021; a
+/// CHECK an operator added, 23514) no longer stop the writer: they are
+/// isolated and dead-lettered with the SQLSTATE and the server's message, and
+/// the rest of their batch is saved, published and appended to the file once.
+#[tokio::test]
+async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
+    use std::sync::Arc;
+
+    use sluice_kafka::{Incoming, Output, Stage};
+    use sluice_messages::codec;
+    use sluice_messages::envelope::{Envelope, LabelScore, Payload, QueryIntent, StockPrediction};
+    use sluice_postgres::sink::PgPredictions;
+    use sluice_stages::Writer;
+
+    let schema = Schema::new("pg_refused").await;
+    let client = schema.pool.get().await.expect("client");
+    client
+        .batch_execute("ALTER TABLE stock_predictions ADD CONSTRAINT no_s0666 CHECK (symbol <> 'S0666')")
+        .await
+        .expect("constraint");
+    let dir = temp_dir("pg-refused");
+    let file = dir.join("predictions.jsonl");
+    let settings = sluice_tests::settings();
+    let mut writer = Writer::new(tokio::sync::watch::channel(settings).1, Some(&file), "out", Arc::default())
+        .expect("writer")
+        .with_sink(Box::new(PgPredictions::new(schema.pool.clone())));
+    let envelope = |i: usize, payload: Payload| Envelope {
+        event_id: format!("refused-{i}"),
+        traceparent: None,
+        requested_at_ms: 1,
+        updated_at_ms: 1,
+        attempt: 0,
+        payload,
+    };
+    let batch: Vec<Incoming> = (0..12)
+        .map(|i| {
+            let payload = if i % 2 == 0 {
+                Payload::Intent(QueryIntent {
+                    // What a fetcher before the fix let through.
+                    text: if i == 4 { "what is my balance\u{0}".into() } else { format!("question {i}") },
+                    label: "check_balance".into(),
+                    confidence: 0.9,
+                    top: vec![LabelScore { label: "check_balance".into(), score: 0.9 }],
+                    model_name: "query-intent".into(),
+                    model_version: "1".into(),
+                    batch_size: 6,
+                    padded_length: 8,
+                    cached: false,
+                    inferred_at_ms: 2,
+                })
+            } else {
+                Payload::Prediction(StockPrediction {
+                    symbol: if i == 7 { "S0666".into() } else { "S0001".into() },
+                    as_of: date(2024, 5, 31),
+                    predicted_return: 0.01,
+                    confidence: 0.8,
+                    model_name: "stock-lstm".into(),
+                    model_version: "1".into(),
+                    batch_size: 6,
+                    cached: false,
+                    inferred_at_ms: 2,
+                })
+            };
+            Incoming {
+                key: None,
+                payload: codec::encode(&envelope(i, payload)),
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+                traceparent: None,
+            }
+        })
+        .collect();
+    let outputs = writer.process(&batch).await.expect("the batch goes through");
+    let mut dead: Vec<(usize, &str, &str)> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
+            Output::Send { .. } => None,
+        })
+        .collect();
+    dead.sort();
+    assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(4, "sink_refused"), (7, "sink_refused")]);
+    assert!(dead[0].2.contains("SQLSTATE 22021") && dead[0].2.contains("0x00"), "{}", dead[0].2);
+    assert!(dead[1].2.contains("SQLSTATE 23514") && dead[1].2.contains("no_s0666"), "{}", dead[1].2);
+    let sent = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count();
+    assert_eq!(sent, 10);
+    let saved: i64 = client
+        .query_one("SELECT (SELECT count(*) FROM stock_predictions) + (SELECT count(*) FROM query_intents)", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(saved, 10, "the rest of the batch is saved");
+    // A re-delivery (a crash before the commit) adds nothing, and the file got each once.
+    writer.process(&batch).await.expect("re-delivery");
+    let lines = std::fs::read_to_string(&file).expect("file");
+    assert_eq!(lines.lines().count(), 20, "two deliveries, ten lines each");
+    drop(client);
+    schema.drop_it().await;
+}
+
+/// Database failures say what happened: the SQLSTATE and the server's
+/// message, or the client's cause, never a bare "db error"; and each is
+/// retryable.
+#[tokio::test]
+async fn database_errors_say_what_happened() {
+    use sluice_messages::prediction::{ModelRef, PredictionRecord};
+    use sluice_postgres::Retry;
+    use sluice_postgres::sink::PgPredictions;
+
+    let schema = Schema::new("pg_errors").await;
+    let row = PredictionRecord {
+        event_id: "e-1".into(),
+        kind: "stock".into(),
+        symbol: "S0001".into(),
+        as_of: date(2024, 5, 31),
+        predicted_return: 0.0,
+        confidence: 0.5,
+        model: ModelRef { name: "stock-lstm".into(), version: "1".into() },
+        batch_size: 1,
+        cached: false,
+        requested_at_ms: 0,
+        inferred_at_ms: 0,
+        written_at_ms: 0,
+    };
+    let insert = |config: PostgresConfig| {
+        let row = row.clone();
+        async move { PgPredictions::new(config.pool().expect("pool")).insert(&[row], &[]).await.expect_err("refused") }
+    };
+
+    // Refused connections.
+    let refused = insert(PostgresConfig {
+        dsn: "host=127.0.0.1 port=1 user=postgres dbname=test connect_timeout=2".into(),
+        ..schema.config.clone()
+    })
+    .await;
+    assert!(refused.to_string().contains("Connection refused"), "{refused}");
+    assert_eq!(refused.retry(), Retry::Later);
+
+    // A read-only database (a role whose transactions are read-only).
+    let role = schema.config.schema.replace("sluice_", "ro_");
+    let admin = schema.pool.get().await.expect("client");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {s} TO {role}; \
+             GRANT ALL ON ALL TABLES IN SCHEMA {s} TO {role}; \
+             ALTER ROLE {role} SET default_transaction_read_only = on",
+            s = schema.config.schema
+        ))
+        .await
+        .expect("read-only role");
+    let read_only =
+        insert(PostgresConfig { dsn: format!("host=127.0.0.1 user={role} dbname=test"), ..schema.config.clone() })
+            .await;
+    assert!(
+        read_only.to_string().contains("SQLSTATE 25006") && read_only.to_string().contains("read-only"),
+        "{read_only}"
+    );
+    assert_eq!(read_only.retry(), Retry::Later);
+
+    // A lock held past the statement timeout.
+    let mut locker = schema.pool.get().await.expect("client");
+    let tx = locker.transaction().await.expect("tx");
+    tx.batch_execute("LOCK TABLE stock_predictions IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    let timed_out = insert(PostgresConfig { statement_timeout_ms: 300, ..schema.config.clone() }).await;
+    assert!(
+        timed_out.to_string().contains("SQLSTATE 57014") && timed_out.to_string().contains("timeout"),
+        "{timed_out}"
+    );
+    assert_eq!(timed_out.retry(), Retry::Later);
+    drop(tx);
+    drop(locker);
+
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.expect("drop role");
+    drop(admin);
+    schema.drop_it().await;
 }

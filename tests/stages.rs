@@ -251,3 +251,131 @@ async fn the_writer_filters_by_the_live_confidence_and_appends_to_the_file() {
         .collect();
     assert_eq!(lines, [first, second].concat(), "the file holds exactly what was published");
 }
+
+/// Versions of the stock fixture a switch must watch (deploy/models/export_test_fixtures.py).
+fn variant(version: &str) -> sluice_model::ModelConfig {
+    sluice_model::ModelConfig {
+        dir: sluice_tests::cache_dir().join("models/fixtures/stock-variants"),
+        ..model_config(version)
+    }
+}
+
+async fn variant_inferrer(version: &str, settings: watch::Receiver<Settings>) -> (Inferrer, Arc<InferrerStats>) {
+    let worker = ModelWorker::start(variant(version)).await.expect("model");
+    let stats = Arc::new(InferrerStats::default());
+    let inferrer = Inferrer::new(worker, variant(version), settings, None, "out", stats.clone()).expect("inferrer");
+    (inferrer, stats)
+}
+
+/// Serves batches until the serving version has had `time` to change; returns
+/// the versions that answered.
+async fn versions_served(inferrer: &mut Inferrer, batches: i64) -> Vec<String> {
+    let mut versions = Vec::new();
+    for n in 0..batches {
+        let batch = vec![incoming(n, codec::encode(&envelope(&format!("v-{n}"), window(0.3))))];
+        for (_, _, p) in predictions(&inferrer.process(&batch).await.expect("process")) {
+            versions.push(p.model_version);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    versions
+}
+
+#[tokio::test]
+async fn a_version_that_answers_outside_its_ranges_or_names_another_model_is_refused() {
+    // Loaded alone: refused at warm-up.
+    let refused = ModelWorker::start(variant("overconfident")).await.expect_err("confidence 1.5");
+    assert!(matches!(refused, sluice_model::ModelError::WarmUp(_)), "{refused}");
+    assert!(refused.to_string().contains("confidence = 1.5"), "{refused}");
+
+    // Switched to live: the serving version stays, for both.
+    let (tx, rx) = watch::channel(settings());
+    let (mut inferrer, stats) = variant_inferrer("1", rx).await;
+    for bad in ["overconfident", "renamed"] {
+        tx.send_modify(|s| s.model_version = bad.into());
+        let served = versions_served(&mut inferrer, 60).await;
+        assert!(served.iter().all(|v| v == "1"), "{bad} was switched in: {served:?}");
+        assert_eq!(stats.serving_version(), "1");
+    }
+    assert_eq!(stats.switches.load(Ordering::Relaxed), 0);
+    // A good version still switches afterwards.
+    tx.send_modify(|s| s.model_version = "sometimes".into());
+    let served = versions_served(&mut inferrer, 200).await;
+    assert_eq!(served.last().map(String::as_str), Some("sometimes"), "{served:?}");
+}
+
+#[tokio::test]
+async fn an_answer_outside_its_range_is_a_dead_letter_and_the_rest_is_answered() {
+    let (mut inferrer, _) =
+        variant_inferrer("sometimes", watch::channel(Settings { cache_enabled: false, ..settings() }).1).await;
+    let mut sentinel = vec![0.1; 3150];
+    sentinel[0] = 777.0;
+    let odd = Payload::Normalized(StockWindow {
+        symbol: "S0001".into(),
+        as_of: date(),
+        rows: 30,
+        cols: 105,
+        values: sentinel,
+    });
+    let batch = vec![
+        incoming(0, codec::encode(&envelope("fine", window(0.1)))),
+        incoming(1, codec::encode(&envelope("odd", odd))),
+        incoming(2, codec::encode(&envelope("fine-too", window(0.2)))),
+    ];
+    let outputs = inferrer.process(&batch).await.expect("process");
+    let dead: Vec<(usize, &str, &str)> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
+            Output::Send { .. } => None,
+        })
+        .collect();
+    assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(1, "prediction_out_of_range")]);
+    assert!(dead[0].2.contains("confidence = 1.5") && dead[0].2.contains("0..=1"), "{}", dead[0].2);
+    assert_eq!(predictions(&outputs).len(), 2);
+}
+
+/// A shared-cache entry is checked like a computed answer: one outside its
+/// output's range, or not finite, is a miss, recomputed and counted, and
+/// never published.
+#[tokio::test]
+async fn cache_entries_that_are_not_valid_answers_are_recomputed() {
+    use sluice_control::keys::KeyLayout;
+    use sluice_control::link::RedisLink;
+
+    let keys = KeyLayout::new("sluice-test", &sluice_tests::unique("badcache"));
+    let link = Arc::new(RedisLink::new(sluice_tests::LOCAL_REDIS).expect("url"));
+    let cache = Arc::new(PredictionCache::new(LruConfig::default(), Some((link.clone(), keys.clone()))));
+    let planted = [(0.3f32, vec![0.5f32, 7.5]), (0.4, vec![f32::NAN, 0.5])];
+    for (value, answer) in &planted {
+        let key = CacheKey::of("stock-lstm", "1", &[*value; 3150]);
+        let name = keys.cache_entry("stock-lstm", "1", key.0);
+        let bytes: Vec<u8> = answer.iter().flat_map(|v| v.to_le_bytes()).collect();
+        link.run(|mut conn| async move {
+            redis::cmd("SET").arg(&name).arg(bytes).arg("EX").arg(60).query_async::<()>(&mut conn).await
+        })
+        .await
+        .expect("plant a bad entry");
+    }
+    let (mut inferrer, stats) = inferrer(watch::channel(settings()).1, Some(cache)).await;
+    let batch: Vec<Incoming> = (0..100)
+        .map(|i| {
+            let value = planted[i % 2].0;
+            incoming(i as i64, codec::encode(&envelope(&format!("c-{i}"), window(value))))
+        })
+        .collect();
+    let outputs = inferrer.process(&batch).await.expect("process");
+    let answered = predictions(&outputs);
+    assert_eq!(
+        answered.len(),
+        100,
+        "no dead letters: {:?}",
+        outputs.iter().find(|o| matches!(o, Output::DeadLetter { .. }))
+    );
+    assert!(answered.iter().all(|(_, _, p)| !p.cached && p.confidence <= 1.0 && p.predicted_return.is_finite()));
+    assert_eq!(stats.model_rows.load(Ordering::Relaxed), 2, "each bad entry was recomputed once");
+    assert_eq!(stats.invalid_cache_entries.load(Ordering::Relaxed), 2);
+    // The recomputed answers replaced the bad ones.
+    let again = predictions(&inferrer.process(&batch[..2]).await.expect("process"));
+    assert!(again.iter().all(|(_, _, p)| p.cached), "{again:?}");
+}

@@ -142,6 +142,7 @@ async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_th
         // Room for the whole backlog: the consume loop keeps polling while the
         // stage waits, so the statistics keep coming.
         queue_capacity: 1000,
+        queue_max_bytes: 32 << 20,
     };
     let stage = Gated { gate: gate_rx, processed: processed.clone() };
     let running = tokio::spawn({

@@ -78,9 +78,16 @@ def export(out: str, version: str, seed: int) -> None:
             "mean": [feature_mean(f) for f in range(FEATURES)],
             "std": [feature_std(f) for f in range(FEATURES)],
         },
+        # min and max: the valid range of each output, checked on every answer
+        # (and cached answer); a version that answers outside it is refused.
         "outputs": [
-            {"name": "predicted_return", "meaning": "expected return over the next day, as a fraction (0.01 = 1%), in (-0.05, 0.05)"},
-            {"name": "confidence", "meaning": "the model's confidence in that return, in (0, 1)"},
+            {
+                "name": "predicted_return",
+                "meaning": "expected return over the next day, as a fraction (0.01 = 1%), in (-0.05, 0.05)",
+                "min": -0.05,
+                "max": 0.05,
+            },
+            {"name": "confidence", "meaning": "the model's confidence in that return, in (0, 1)", "min": 0.0, "max": 1.0},
         ],
         "reference": {
             "inputs": "reference_inputs.f32",

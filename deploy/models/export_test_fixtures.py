@@ -2,11 +2,17 @@
 
     python export_test_fixtures.py --stock DIR --out DIR
 
-writes OUT/stock-poison/1/: the stock fixture (version 1 of DIR, its weights and
-metadata) wrapped so that the call raises when any sample of the batch starts
-with the sentinel 12345.0 (the first feature of the first day). The tests use it
-to show that one bad item does not sink its batch: the inferrer bisects a
-failing batch until only the items that fail alone are left.
+writes
+- OUT/stock-poison/1/: the stock fixture (version 1 of DIR, its weights and
+  metadata) wrapped so that the call raises when any sample of the batch starts
+  with the sentinel 12345.0 (the first feature of the first day). The tests use it
+  to show that one bad item does not sink its batch: the inferrer bisects a
+  failing batch until only the items that fail alone are left.
+- OUT/stock-variants/: versions of the stock fixture that a live switch must
+  refuse or watch: 1 (the fixture's version 1), overconfident (confidence 1.5 on
+  every answer: refused at warm-up), sometimes (confidence 1.5 only on samples
+  starting with the sentinel 777.0: those answers are dead letters) and renamed
+  (version 1 whose metadata names another model: not a version of this one).
 """
 
 import argparse
@@ -28,6 +34,48 @@ class Poisoned(nn.Module):
         if bool((x[:, 0, 0] == 12345.0).any()):  # SENTINEL: TorchScript reads no globals
             raise RuntimeError("poison sample in the batch")
         return self.inner(x)
+
+
+class Overconfident(nn.Module):
+    """The inner model, with confidence 1.5 everywhere or on sentinel samples."""
+
+    def __init__(self, inner: torch.jit.ScriptModule, always: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.always = always
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if self.always:
+            hit = torch.ones_like(y[:, 1], dtype=torch.bool)
+        else:
+            hit = x[:, 0, 0] == 777.0
+        confidence = torch.where(hit, torch.full_like(y[:, 1], 1.5), y[:, 1])
+        return torch.stack([y[:, 0], confidence], dim=1)
+
+
+def export_variants(stock: str, out: str) -> None:
+    inner = torch.jit.load(os.path.join(stock, "1", "model.pt"))
+    with open(os.path.join(stock, "1", "metadata.json")) as f:
+        metadata = json.load(f)
+    metadata.pop("reference", None)
+    variants = {
+        "1": (inner, metadata["name"]),
+        "overconfident": (torch.jit.script(Overconfident(inner, True).eval()), metadata["name"]),
+        "sometimes": (torch.jit.script(Overconfident(inner, False).eval()), metadata["name"]),
+        "renamed": (inner, "another-model"),
+    }
+    for version, (module, name) in variants.items():
+        directory = os.path.join(out, "stock-variants", version)
+        os.makedirs(directory, exist_ok=True)
+        module.save(os.path.join(directory, "model.pt"))
+        with open(os.path.join(directory, "metadata.json"), "w") as f:
+            json.dump({**metadata, "name": name, "version": version}, f, indent=2)
+    x = torch.zeros(2, 30, 105)
+    x[1, 0, 0] = 777.0
+    y = variants["sometimes"][0](x)
+    assert y[0, 1] < 1.0 and y[1, 1] == 1.5, y
+    print(f"exported stock-variants to {out}")
 
 
 def main() -> None:
@@ -59,6 +107,7 @@ def main() -> None:
     else:
         raise AssertionError("the poison sample did not raise")
     print(f"exported stock-poison to {out}")
+    export_variants(args.stock, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sluice"))
 }
 
+/// The venv's Python (with torch), where `make setup` made it.
+pub fn python() -> PathBuf {
+    cache_dir().join("venv/bin/python")
+}
+
 /// The fixture model's directory.
 pub fn model_dir() -> PathBuf {
     std::env::var_os("SLUICE_MODEL_DIR").map_or_else(|| cache_dir().join("models/stock-lstm"), PathBuf::from)
@@ -223,6 +228,11 @@ impl StageProcess {
 
     /// `sluice <args>` as a long-running process named `name` in logs.
     pub fn command(config: &Path, args: &[&str], name: &str, log_dir: &Path) -> Self {
+        Self::command_with_env(config, args, name, log_dir, &[])
+    }
+
+    /// [`StageProcess::command`] with extra environment variables.
+    pub fn command_with_env(config: &Path, args: &[&str], name: &str, log_dir: &Path, env: &[(&str, &str)]) -> Self {
         let stage = name;
         let log = log_dir.join(format!("{stage}-{}.log", unique("run")));
         let file = File::create(&log).expect("log file");
@@ -230,6 +240,7 @@ impl StageProcess {
             .arg("--config")
             .arg(config)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
             .stderr(file)

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Settings;
 use crate::keys::NOTIFY_CACHE_CLEAR;
 use crate::overrides::{FIELDS, Refusal};
-use crate::store::{OverrideStore, ScopedOverrides};
+use crate::store::{OverrideStore, Scope, ScopedOverrides};
 
 /// Says whether a model version can be served.
 pub type VersionCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -32,6 +32,10 @@ pub struct Controller {
     version_exists: VersionCheck,
     reconcile: Duration,
     on_cache_clear: Option<OnCacheClear>,
+    /// Whether this controller logs and counts refusals in the all-models
+    /// hash: in a process that follows several models, only one does, so a
+    /// refusal there is reported once.
+    reports_all_scope: bool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -58,7 +62,22 @@ impl Controller {
         version_exists: VersionCheck,
         reconcile: Duration,
     ) -> Self {
-        Self { store, model: model.into(), base, version_exists, reconcile, on_cache_clear: None }
+        Self {
+            store,
+            model: model.into(),
+            base,
+            version_exists,
+            reconcile,
+            on_cache_clear: None,
+            reports_all_scope: true,
+        }
+    }
+
+    /// Leaves refusals in the all-models hash to another controller of the
+    /// process (see `reports_all_scope`).
+    pub fn leave_all_scope_reports(mut self) -> Self {
+        self.reports_all_scope = false;
+        self
     }
 
     pub fn on_cache_clear(mut self, f: OnCacheClear) -> Self {
@@ -73,7 +92,7 @@ impl Controller {
         let (tx, rx) = watch::channel(self.base.clone());
         publish_gauges(&self.model, &self.base);
         // At 0 from the start, so that alerts on increase() see the first refusal.
-        for field in FIELDS.iter().copied().chain(["unknown"]) {
+        for field in FIELDS.iter().copied().chain(["unknown", "*"]) {
             counter!("sluice_overrides_refused_total", "field" => field).increment(0);
         }
         self.reconcile_once(&tx, &mut followed).await;
@@ -134,8 +153,13 @@ impl Controller {
         let Ok(raw) = self.store.read(&self.model).await else { return };
         let (overrides, refused) = self.store.parse(&self.model, &raw, &followed.overrides, &*self.version_exists);
         let refused: BTreeSet<Refusal> = refused.into_iter().collect();
+        let all_scope = self.store.key(&Scope::All);
         for r in refused.difference(&followed.reported) {
-            let field = if FIELDS.contains(&r.field.as_str()) { r.field.clone() } else { "unknown".into() };
+            if !self.reports_all_scope && r.key == all_scope {
+                continue;
+            }
+            let field =
+                if FIELDS.contains(&r.field.as_str()) || r.field == "*" { r.field.clone() } else { "unknown".into() };
             counter!("sluice_overrides_refused_total", "field" => field).increment(1);
             tracing::warn!(
                 key = r.key,

@@ -21,6 +21,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Time budget of a call, unless the caller gives one.
 const DEFAULT_BUDGET: Duration = Duration::from_millis(1000);
+/// Calls in a row that must run out of their budget before Redis counts as
+/// down. One slow answer is not an outage (a healthy Redis answered late on
+/// a loaded machine and was reported unreachable); a hung Redis still costs
+/// callers only this many budgets before they fail fast.
+const TIMEOUTS_FOR_OUTAGE: u32 = 3;
 
 #[derive(Debug)]
 struct State {
@@ -28,6 +33,8 @@ struct State {
     down: bool,
     next_attempt: Instant,
     backoff: Duration,
+    /// Calls in a row that ran out of their budget.
+    timeouts: u32,
 }
 
 /// A shared, self-healing Redis connection.
@@ -53,7 +60,13 @@ impl RedisLink {
             .map_err(|e| ControlError::Config { key: "control.redis_url", message: e.to_string() })?;
         Ok(Self {
             client,
-            state: Mutex::new(State { conn: None, down: false, next_attempt: Instant::now(), backoff: MIN_BACKOFF }),
+            state: Mutex::new(State {
+                conn: None,
+                down: false,
+                next_attempt: Instant::now(),
+                backoff: MIN_BACKOFF,
+                timeouts: 0,
+            }),
             connecting: tokio::sync::Mutex::new(()),
         })
     }
@@ -123,8 +136,10 @@ impl RedisLink {
     }
 
     /// [`RedisLink::run`] with a time budget for the whole call (connecting
-    /// included): a hung Redis costs a caller at most `budget`, and then
-    /// counts as down, so that the next callers fail fast until a retry is due.
+    /// included): a hung Redis costs a caller at most `budget`. After
+    /// [`TIMEOUTS_FOR_OUTAGE`] calls in a row run out of time it counts as
+    /// down, so that the next callers fail fast until a retry is due; fewer
+    /// are counted as slow answers, not an outage.
     pub async fn run_within<T, F, Fut>(&self, budget: Duration, f: F) -> Result<T, ControlError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
@@ -138,7 +153,20 @@ impl RedisLink {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                self.failed("no answer within the time budget");
+                let timeouts = {
+                    let mut state = self.state();
+                    state.timeouts += 1;
+                    state.timeouts
+                };
+                if timeouts >= TIMEOUTS_FOR_OUTAGE {
+                    self.failed(&format!("{timeouts} calls in a row got no answer within their time budget"));
+                } else {
+                    counter!("sluice_redis_slow_calls_total").increment(1);
+                    tracing::debug!(
+                        ?budget,
+                        "a redis call got no answer within its budget (counted as slow, not an outage)"
+                    );
+                }
                 return Err(ControlError::Redis(format!("no answer within {budget:?}")));
             }
         };
@@ -164,6 +192,7 @@ impl RedisLink {
 
     fn succeeded(&self) {
         let mut state = self.state();
+        state.timeouts = 0;
         if state.down {
             tracing::info!("redis is reachable again");
             gauge!("sluice_redis_up").set(1.0);

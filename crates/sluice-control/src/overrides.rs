@@ -1,8 +1,10 @@
 //! Override fields: typed, bounded, and applied over the configuration.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::store::RawHash;
 
 /// Every field an override may set.
 pub const FIELDS: [&str; 8] = [
@@ -49,6 +51,20 @@ pub struct Overrides {
     pub cache_enabled: Option<bool>,
     pub cache_ttl_s: Option<u64>,
     pub intra_op_threads: Option<usize>,
+}
+
+/// A refused value or field name as logged and shown: cut to a sane length
+/// (a megabyte value must not make megabyte log lines), with its size.
+pub fn shown(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.len() <= MAX {
+        return text.to_string();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
 }
 
 /// An override value that was refused.
@@ -112,20 +128,42 @@ impl Overrides {
         Ok(())
     }
 
-    /// Reads a scope's hash. A refused field keeps its value from `previous`
-    /// (the last good one) and is reported.
+    /// Reads a scope's hash. Each field is judged on its own: a refused one
+    /// (unknown, out of bounds, not UTF-8) keeps its value from `previous`
+    /// (the last good one) and is reported, and the others apply. A key that
+    /// is not a hash keeps every value of `previous` and is reported once as
+    /// field `*`.
     pub fn parse(
         key: &str,
-        fields: &HashMap<String, String>,
+        fields: &RawHash,
         previous: &Self,
         version_exists: &dyn Fn(&str) -> bool,
     ) -> (Self, Vec<Refusal>) {
+        let refusal = |field: String, value: String, reason: String| Refusal { key: key.into(), field, value, reason };
+        let fields = match fields {
+            Ok(fields) => fields,
+            Err(why) => {
+                return (previous.clone(), vec![refusal("*".into(), String::new(), format!("not a hash: {why}"))]);
+            }
+        };
         let mut out = Self::default();
         let mut refusals = Vec::new();
-        for (field, value) in fields.iter().collect::<BTreeMap<_, _>>() {
-            if let Err(reason) = out.check(field, value, version_exists) {
-                out.keep(field, previous);
-                refusals.push(Refusal { key: key.into(), field: field.clone(), value: value.clone(), reason });
+        let sorted: BTreeMap<&[u8], &[u8]> = fields.iter().map(|(f, v)| (f.as_slice(), v.as_slice())).collect();
+        for (field, value) in sorted {
+            let (Ok(name), Ok(text)) = (std::str::from_utf8(field), std::str::from_utf8(value)) else {
+                let name = String::from_utf8_lossy(field);
+                out.keep(&name, previous);
+                let which = if std::str::from_utf8(field).is_err() { "field name" } else { "value" };
+                refusals.push(refusal(
+                    shown(&name),
+                    shown(&String::from_utf8_lossy(value)),
+                    format!("the {which} is not UTF-8"),
+                ));
+                continue;
+            };
+            if let Err(reason) = out.check(name, text, version_exists) {
+                out.keep(name, previous);
+                refusals.push(refusal(shown(name), shown(text), reason));
             }
         }
         (out, refusals)
@@ -195,8 +233,8 @@ mod tests {
         v == "1" || v == "2"
     }
 
-    fn hash(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    fn hash(pairs: &[(&str, &str)]) -> RawHash {
+        Ok(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
     }
 
     #[test]
@@ -247,6 +285,29 @@ mod tests {
                 assert_eq!(o.max_batch_size, Some(16), "the last good value is kept");
             }
         }
+    }
+
+    #[test]
+    fn each_field_is_judged_alone_and_garbage_never_freezes_the_rest() {
+        let previous = Overrides { max_batch_size: Some(16), max_wait_ms: Some(3), ..Overrides::default() };
+        let fields: RawHash = Ok(vec![
+            (b"max_batch_size".to_vec(), vec![0xff, 0xfe]),
+            (vec![0xc3, 0x28], b"1".to_vec()),
+            (b"max_wait_ms".to_vec(), b"7".to_vec()),
+            (b"min_confidence".to_vec(), "x".repeat(1 << 20).into_bytes()),
+        ]);
+        let (o, refused) = Overrides::parse("k", &fields, &previous, &any_version);
+        assert_eq!(o.max_wait_ms, Some(7), "a good field applies beside bad ones");
+        assert_eq!(o.max_batch_size, Some(16), "a non-UTF-8 value keeps the last good one");
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(refused.iter().any(|r| r.reason == "the value is not UTF-8" && r.field == "max_batch_size"));
+        assert!(refused.iter().any(|r| r.reason == "the field name is not UTF-8"));
+        let long = refused.iter().find(|r| r.field == "min_confidence").expect("the long value");
+        assert!(long.value.len() < 100 && long.value.ends_with("(1048576 bytes)"), "{}", long.value);
+
+        let (o, refused) = Overrides::parse("k", &Err("WRONGTYPE".into()), &previous, &any_version);
+        assert_eq!(o, previous, "a key that is not a hash keeps every last good value");
+        assert_eq!((refused.len(), refused[0].field.as_str(), refused[0].key.as_str()), (1, "*", "k"));
     }
 
     #[test]

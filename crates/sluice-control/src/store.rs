@@ -16,6 +16,18 @@ pub enum Scope {
     Model(String),
 }
 
+/// One scope's hash as Redis holds it: its fields and values as bytes (they
+/// may be anything a client wrote), or why the key cannot be read as a hash
+/// (it holds a string, a list, ...).
+pub type RawHash = Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
+
+/// Both scopes' hashes for one model, as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawScopes {
+    pub all: RawHash,
+    pub model: RawHash,
+}
+
 /// The overrides of both scopes for one model, checked.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScopedOverrides {
@@ -64,39 +76,56 @@ impl OverrideStore {
         }
     }
 
-    /// Both scopes' raw fields for `model`, in one round trip.
-    pub async fn read(&self, model: &str) -> Result<(HashMap<String, String>, HashMap<String, String>), ControlError> {
+    /// Both scopes' raw fields for `model`, in one round trip. A key that is
+    /// not a hash fails only its own scope (see [`RawHash`]); only Redis being
+    /// unreachable fails the read.
+    pub async fn read(&self, model: &str) -> Result<RawScopes, ControlError> {
         let (all, one) = (self.key(&Scope::All), self.key(&Scope::Model(model.to_string())));
         match self {
             Self::Redis { link, .. } => {
-                link.run(|mut conn| async move {
-                    redis::pipe()
-                        .hgetall(&all)
-                        .hgetall(&one)
-                        .query_async::<(HashMap<String, String>, HashMap<String, String>)>(&mut conn)
-                        .await
-                })
-                .await
+                let mut replies = link
+                    .run(|mut conn| async move {
+                        redis::pipe()
+                            .hgetall(&all)
+                            .hgetall(&one)
+                            .ignore_errors()
+                            .query_async::<Vec<redis::RedisResult<Vec<(Vec<u8>, Vec<u8>)>>>>(&mut conn)
+                            .await
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|reply| reply.map_err(|e| e.to_string()));
+                let mut next = || replies.next().unwrap_or_else(|| Err("no reply".into()));
+                Ok(RawScopes { all: next(), model: next() })
             }
             Self::Memory { scopes, .. } => {
                 let scopes = scopes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                Ok((scopes.get(&all).cloned().unwrap_or_default(), scopes.get(&one).cloned().unwrap_or_default()))
+                let raw = |key: &str| {
+                    Ok(scopes
+                        .get(key)
+                        .map(|fields| {
+                            fields.iter().map(|(f, v)| (f.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
+                        })
+                        .unwrap_or_default())
+                };
+                Ok(RawScopes { all: raw(&all), model: raw(&one) })
             }
         }
     }
 
     /// Checks both scopes' raw fields (as [`OverrideStore::read`] returns them);
-    /// a refused field keeps its value from `previous`.
+    /// a refused field keeps its value from `previous`, and a key that is not
+    /// a hash keeps all of its scope's.
     pub fn parse(
         &self,
         model: &str,
-        (all, one): &(HashMap<String, String>, HashMap<String, String>),
+        raw: &RawScopes,
         previous: &ScopedOverrides,
         version_exists: &dyn Fn(&str) -> bool,
     ) -> (ScopedOverrides, Vec<Refusal>) {
-        let (all, mut refused) = Overrides::parse(&self.key(&Scope::All), all, &previous.all, version_exists);
+        let (all, mut refused) = Overrides::parse(&self.key(&Scope::All), &raw.all, &previous.all, version_exists);
         let model_key = self.key(&Scope::Model(model.to_string()));
-        let (model, refused_model) = Overrides::parse(&model_key, one, &previous.model, version_exists);
+        let (model, refused_model) = Overrides::parse(&model_key, &raw.model, &previous.model, version_exists);
         refused.extend(refused_model);
         (ScopedOverrides { all, model }, refused)
     }
@@ -107,14 +136,16 @@ impl OverrideStore {
         match self {
             Self::Redis { link, keys } => {
                 let channel = keys.channel();
+                let name = key.clone();
                 link.run(|mut conn| async move {
                     redis::pipe()
-                        .hset(&key, field, value)
+                        .hset(&name, field, value)
                         .publish(&channel, NOTIFY_OVERRIDES)
                         .query_async::<()>(&mut conn)
                         .await
                 })
                 .await
+                .map_err(|e| wrong_type(&key, e))
             }
             Self::Memory { scopes, changed, .. } => {
                 scopes
@@ -135,11 +166,17 @@ impl OverrideStore {
         match self {
             Self::Redis { link, keys } => {
                 let channel = keys.channel();
+                let name = key.clone();
                 let (removed, _): (u32, u32) = link
                     .run(|mut conn| async move {
-                        redis::pipe().hdel(&key, field).publish(&channel, NOTIFY_OVERRIDES).query_async(&mut conn).await
+                        redis::pipe()
+                            .hdel(&name, field)
+                            .publish(&channel, NOTIFY_OVERRIDES)
+                            .query_async(&mut conn)
+                            .await
                     })
-                    .await?;
+                    .await
+                    .map_err(|e| wrong_type(&key, e))?;
                 Ok(removed > 0)
             }
             Self::Memory { scopes, changed, .. } => {
@@ -153,5 +190,16 @@ impl OverrideStore {
                 Ok(removed)
             }
         }
+    }
+}
+
+/// Names the key when Redis refuses a hash command on it because it holds
+/// another type, and says how to recover.
+fn wrong_type(key: &str, e: ControlError) -> ControlError {
+    match e {
+        ControlError::Redis(message) if message.contains("WRONGTYPE") => ControlError::Redis(format!(
+            "key {key} is not a hash ({message}); delete it (`redis-cli DEL {key}`) and set the overrides again"
+        )),
+        other => other,
     }
 }

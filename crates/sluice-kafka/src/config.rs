@@ -113,7 +113,10 @@ impl KafkaConfig {
             // acknowledgements, so lingering batches nothing more; it only adds
             // to every hop's latency (5 ms here cost about 20 ms end to end).
             .set("linger.ms", "1")
-            .set("queue.buffering.max.messages", "200000");
+            .set("queue.buffering.max.messages", "200000")
+            // Bytes waiting in the producer (librdkafka's default is 1 GiB): part
+            // of a stage's memory bound; when full, the stage waits to enqueue.
+            .set("queue.buffering.max.kbytes", "65536");
         for (k, v) in &self.producer_properties {
             config.set(k, v);
         }
@@ -147,9 +150,11 @@ impl KafkaConfig {
             // end-to-end p50 about 130 ms through tansu, 10 ms about 30 ms.
             .set("fetch.wait.max.ms", "10")
             // Bound what librdkafka prefetches for this consumer (KiB, all
-            // partitions together): with the runtime's bounded queues this
-            // bounds the process's memory.
-            .set("queued.max.messages.kbytes", "65536")
+            // partitions together), overshot by at most one fetch response
+            // (`fetch.max.bytes`; a single larger message still comes through):
+            // with the runtime's byte budget this bounds the process's memory.
+            .set("queued.max.messages.kbytes", "32768")
+            .set("fetch.max.bytes", "16777216")
             // Consumer lag per partition (`sluice_kafka_consumer_lag`) comes
             // from librdkafka's statistics, read by the stage's consumer
             // context; `consumer_properties."statistics.interval.ms" = "0"`

@@ -52,6 +52,11 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Messages buffered between the consumer and the batcher.
     pub queue_capacity: usize,
+    /// Bytes of message payloads held between the consumer and the producer
+    /// (queued, batched, being processed), whatever their count: the consumer
+    /// waits while they are over this. A message larger than this still
+    /// passes, alone.
+    pub queue_max_bytes: usize,
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
@@ -94,7 +99,9 @@ pub async fn run_stage<S: Stage>(
     let (ack_tx, ack_rx) = mpsc::channel(4);
     let input_topic: Arc<str> = options.input_topic.as_str().into();
 
-    let consume = tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, shutdown.clone(), name));
+    let budget = ByteBudget::new(options.queue_max_bytes);
+    let consume =
+        tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, budget, shutdown.clone(), name));
     tokio::spawn(run_batcher(item_rx, batch_tx, options.policy));
     let acknowledge =
         tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone(), shutdown.clone()));
@@ -239,10 +246,36 @@ fn describe(tpl: &TopicPartitionList) -> String {
     tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>().join(",")
 }
 
+/// Bounds the payload bytes in flight between consume and produce: each
+/// consumed message holds permits for its size until its batch's outputs are
+/// handed to the producer (whose own queue is bounded in bytes too).
+#[derive(Debug, Clone)]
+struct ByteBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    max: u32,
+}
+
+impl ByteBudget {
+    fn new(max_bytes: usize) -> Self {
+        let max = u32::try_from(max_bytes.max(1)).unwrap_or(u32::MAX).min(tokio::sync::Semaphore::MAX_PERMITS as u32);
+        Self { permits: Arc::new(tokio::sync::Semaphore::new(max as usize)), max }
+    }
+
+    /// Waits until `bytes` fit (a message over the whole budget waits for all of it).
+    async fn hold(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max);
+        self.permits.clone().acquire_many_owned(n).await.expect("the budget's semaphore is never closed")
+    }
+}
+
+/// A consumed message and the bytes it holds of the [`ByteBudget`].
+type Held = (Incoming, tokio::sync::OwnedSemaphorePermit);
+
 async fn consume_loop(
     consumer: Arc<StreamConsumer<StageContext>>,
     topic: Arc<str>,
-    items: mpsc::Sender<Incoming>,
+    items: mpsc::Sender<Held>,
+    budget: ByteBudget,
     shutdown: CancellationToken,
     stage: &'static str,
 ) -> Result<(), KafkaRuntimeError> {
@@ -273,9 +306,13 @@ async fn consume_loop(
                 continue;
             }
         };
+        let held = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            held = budget.hold(incoming.payload.len()) => held,
+        };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            sent = items.send(incoming) => if sent.is_err() { return Ok(()) },
+            sent = items.send((incoming, held)) => if sent.is_err() { return Ok(()) },
         }
     }
 }
@@ -296,7 +333,7 @@ struct PendingAck {
 
 async fn process_loop<S: Stage>(
     stage: &mut S,
-    mut batches: mpsc::Receiver<Batch<Incoming>>,
+    mut batches: mpsc::Receiver<Batch<Held>>,
     producer: &FutureProducer,
     acks: mpsc::Sender<PendingAck>,
     dead_letter_topic: &str,
@@ -306,6 +343,9 @@ async fn process_loop<S: Stage>(
     let dead_letter_topic: Arc<str> = dead_letter_topic.into();
     while let Some(batch) = batches.recv().await {
         let started = Instant::now();
+        // The batch's bytes stay held until its outputs are in the producer's queue.
+        let (items, _held): (Vec<Incoming>, Vec<_>) = batch.items.into_iter().unzip();
+        let batch = Batch { items, waited: batch.waited };
         // A batch given up on (shutdown during retries) must stop the loop: a
         // later batch's offsets would commit past it.
         let Some(outputs) = process_with_retry(stage, &batch.items, shutdown).await? else {

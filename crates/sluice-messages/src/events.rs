@@ -110,6 +110,13 @@ impl RequestEvent {
             Self::Query(q) if q.text.trim().is_empty() => {
                 Err(MessageError::InvalidField { field: "text", reason: "empty".into() })
             }
+            // JSON may carry it (`\u0000`), but no text column of PostgreSQL
+            // can hold it: refused here, where the producer learns why, rather
+            // than at the sink. Other control characters are kept.
+            Self::Query(q) if q.text.contains('\0') => Err(MessageError::InvalidField {
+                field: "text",
+                reason: "holds U+0000 (NUL), which text sinks such as PostgreSQL cannot store".into(),
+            }),
             Self::Query(_) => Ok(()),
         }
     }
@@ -262,6 +269,9 @@ mod tests {
         );
         assert_eq!(reason(r#"{"kind":"stock","event_id":"","symbol":"A","as_of":"2024-01-01"}"#), "invalid_field");
         assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"  "}"#), "invalid_field");
+        assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"what is my balance\u0000"}"#), "invalid_field");
+        let tabbed = RequestEvent::from_json(br#"{"kind":"query","event_id":"q","text":"balance\tplease\n"}"#);
+        assert!(tabbed.is_ok(), "other control characters are kept: {tabbed:?}");
         let latin1 = b"{\"kind\":\"query\",\"event_id\":\"q\",\"text\":\"caf\xe9\"}";
         let e = RequestEvent::from_json(latin1).expect_err("not UTF-8");
         assert_eq!((e.reason(), e.to_string().as_str()), ("invalid_utf8", "invalid UTF-8 at byte 42"));

@@ -10,6 +10,9 @@ pub struct ModelConfig {
     /// `model.pt` (TorchScript) and `metadata.json`.
     pub dir: PathBuf,
     /// The version to serve (a subdirectory of `dir`); Redis can switch it.
+    /// A number is taken as its digits: versions are usually numbered
+    /// directories, and `SLUICE_INFERRER__MODEL__VERSION=2` reads as a number.
+    #[serde(deserialize_with = "version_name")]
     pub version: String,
     /// `auto` (CUDA when a GPU is usable, else CPU), `cpu` or `cuda`.
     pub device: DeviceChoice,
@@ -93,4 +96,31 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda,
+}
+
+/// A version name given as a string or as a whole number.
+fn version_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct Name;
+
+    impl serde::de::Visitor<'_> for Name {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a version name (a string, or a whole number)")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_string())
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<String, E> {
+            Ok(n.to_string())
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<String, E> {
+            Ok(n.to_string())
+        }
+    }
+
+    deserializer.deserialize_any(Name)
 }

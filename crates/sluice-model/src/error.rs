@@ -27,6 +27,10 @@ pub enum ModelError {
     /// The model's output is not `[rows, outputs]`.
     #[error("model returned shape {got:?}, expected [{rows}, {outputs}]")]
     OutputShape { got: Vec<i64>, rows: usize, outputs: usize },
+    /// The version answered outside its declared output ranges while warming
+    /// up: it is refused (the serving version stays).
+    #[error("warm-up: {0}")]
+    WarmUp(String),
     /// The model thread is gone (it panicked or the worker was dropped).
     #[error("the model thread has stopped")]
     WorkerGone,

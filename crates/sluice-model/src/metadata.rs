@@ -78,12 +78,24 @@ pub struct Normalization {
     pub std: Vec<f32>,
 }
 
-/// What one output column means.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What one output column means, and the values it may take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputSpec {
     pub name: String,
     pub meaning: String,
+    /// The least valid value (inclusive); absent: no lower bound. A stock
+    /// model's `confidence` is always within 0..=1 (the prediction schema's
+    /// promise): its bounds default to those and may only narrow them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f32>,
+    /// The greatest valid value (inclusive); absent: no upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f32>,
 }
+
+/// Outputs whose range the output records promise whatever the metadata says
+/// (`schemas/prediction.schema.json`): (kind, output, min, max).
+const PROMISED_RANGES: [(&str, &str, f32, f32); 1] = [("stock", "confidence", 0.0, 1.0)];
 
 /// Raw little-endian f32 files, relative to the model directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +141,22 @@ impl ModelMetadata {
                 }
             }
             other => return Err(format!("kind {other:?} is not one of {KINDS:?}")),
+        }
+        for (i, output) in self.outputs.iter().enumerate() {
+            let (min, max) = (output.min.unwrap_or(f32::NEG_INFINITY), output.max.unwrap_or(f32::INFINITY));
+            if output.min.is_some_and(|m| !m.is_finite()) || output.max.is_some_and(|m| !m.is_finite()) || min > max {
+                return Err(format!("outputs[{i}] ({}): min and max must be finite numbers, min <= max", output.name));
+            }
+            for (kind, name, least, most) in PROMISED_RANGES {
+                if self.kind == kind
+                    && output.name == name
+                    && (min < least && output.min.is_some() || max > most && output.max.is_some())
+                {
+                    return Err(format!(
+                        "outputs[{i}] ({name}): the range {min}..={max} goes beyond {least}..={most}, which the prediction records promise"
+                    ));
+                }
+            }
         }
         if let Some(n) = &self.normalization {
             let features = self.features();
@@ -183,6 +211,31 @@ impl ModelMetadata {
             return Err(ModelError::Metadata { path, message });
         }
         Ok(phrases)
+    }
+
+    /// The valid range of output `index` (inclusive; infinite where unbounded),
+    /// with the bounds the output records promise. A model with labels has one
+    /// output, whose range applies to every column.
+    pub fn output_range(&self, index: usize) -> (f32, f32) {
+        let Some(output) = self.outputs.get(index) else { return (f32::NEG_INFINITY, f32::INFINITY) };
+        let (mut min, mut max) = (output.min.unwrap_or(f32::NEG_INFINITY), output.max.unwrap_or(f32::INFINITY));
+        for (kind, name, least, most) in PROMISED_RANGES {
+            if self.kind == kind && output.name == name {
+                (min, max) = (min.max(least), max.min(most));
+            }
+        }
+        (min, max)
+    }
+
+    /// The first value of one answer row (`output_width` values) that is not
+    /// finite or outside its output's range: (output name, value, min, max).
+    pub fn invalid_value(&self, row: &[f32]) -> Option<(&str, f32, f32, f32)> {
+        row.iter().enumerate().find_map(|(column, &value)| {
+            let index = if self.labels.is_empty() { column } else { 0 };
+            let (min, max) = self.output_range(index);
+            let name = self.outputs.get(index).map_or("output", |o| o.name.as_str());
+            (!(value.is_finite() && (min..=max).contains(&value))).then_some((name, value, min, max))
+        })
     }
 
     /// Index of the output named `name`.

@@ -18,6 +18,8 @@ pub struct Model {
     /// once (grown when a batch needs more) and reused, so that each batch
     /// goes to the GPU with one asynchronous copy.
     pinned: RefCell<Vec<Tensor>>,
+    /// The version's directory (its reference files).
+    dir: std::path::PathBuf,
 }
 
 impl Model {
@@ -52,7 +54,7 @@ impl Model {
             // Casts floating-point weights only; token ids stay integers.
             module.to(device, Kind::BFloat16, false);
         }
-        Ok(Self { module, device, metadata, precision: config.precision, pinned: RefCell::new(Vec::new()) })
+        Ok(Self { module, device, metadata, precision: config.precision, pinned: RefCell::new(Vec::new()), dir })
     }
 
     /// Sets libtorch's CPU threads for the calling thread (the model's).
@@ -137,10 +139,30 @@ impl Model {
     }
 
     /// Runs a full batch (and a batch of one) so that the first real batch
-    /// does not pay for lazy initialisation and graph optimisation.
+    /// does not pay for lazy initialisation and graph optimisation, and checks
+    /// every answer, and the answers to the reference inputs the model ships,
+    /// against the outputs' declared ranges: a version that answers outside
+    /// them is refused before it serves anything.
     pub fn warm_up(&self, batch_size: usize) -> Result<(), ModelError> {
+        let width = self.metadata.output_width();
+        let check = |outputs: &[f32], what: &str| match outputs
+            .chunks_exact(width)
+            .find_map(|row| self.metadata.invalid_value(row))
+        {
+            Some((output, value, min, max)) => Err(ModelError::WarmUp(format!(
+                "on {what} the model answered {output} = {value}, outside its declared range {min}..={max}"
+            ))),
+            None => Ok(()),
+        };
         for rows in [batch_size.max(1), 1] {
-            self.forward(&self.sample_batch(rows), rows)?;
+            check(&self.forward(&self.sample_batch(rows), rows)?, "the warm-up batch")?;
+        }
+        if let Some(reference) = self.metadata.load_reference(&self.dir)? {
+            let len = self.metadata.sample_len();
+            for chunk in reference.inputs.chunks(len * 64) {
+                let rows = chunk.len() / len;
+                check(&self.forward(&Batch::Windows(chunk.to_vec()), rows)?, "its reference inputs")?;
+            }
         }
         Ok(())
     }

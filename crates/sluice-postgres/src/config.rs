@@ -1,12 +1,18 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::future::Future;
+use std::pin::Pin;
+
+use deadpool_postgres::{Connect, Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::NoTls;
+use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, NoTls, Socket};
 
 use crate::PostgresError;
+use crate::error::describe;
 
 /// How to reach PostgreSQL.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,13 +92,46 @@ impl PostgresConfig {
             if self.tls_ca_file.is_some() {
                 pg.ssl_mode(SslMode::Require);
             }
-            Manager::from_config(pg, crate::tls::connector(self.tls_ca_file.as_deref())?, config)
+            Manager::from_connect(pg, Connector(crate::tls::connector(self.tls_ca_file.as_deref())?), config)
         } else {
-            Manager::from_config(pg, NoTls, config)
+            Manager::from_connect(pg, Connector(NoTls), config)
         };
         Pool::builder(manager)
             .max_size(self.pool_size)
             .build()
             .map_err(|e| PostgresError::Config { key: "postgres.pool_size", message: e.to_string() })
+    }
+}
+
+/// Connects as deadpool's own connector does, but logs a connection that ends
+/// in error with its SQLSTATE and message (deadpool logs only "db error", so a
+/// terminated backend, a shutdown and a network cut looked the same).
+struct Connector<T>(T);
+
+impl<T> Connect for Connector<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> Pin<Box<dyn Future<Output = Result<(Client, JoinHandle<()>), tokio_postgres::Error>> + Send + '_>> {
+        let tls = self.0.clone();
+        let pg_config = pg_config.clone();
+        Box::pin(async move {
+            let (client, connection) = pg_config.connect(tls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(
+                        error = describe(&e),
+                        "postgres connection closed on an error; the pool opens another"
+                    );
+                }
+            });
+            Ok((client, task))
+        })
     }
 }

@@ -10,13 +10,13 @@ use sluice_kafka::BatchFailure;
 use sluice_stages::StageError;
 use sluice_stages::fetcher::{FetchResults, HistorySource, WindowRequest, WindowShape};
 
-use crate::PostgresError;
 use crate::packed::unpack_into;
+use crate::{PostgresError, Retry};
 
 /// The last `$3` days up to each request's date, newest first, tagged with the
 /// request's position (1-based).
 const WINDOWS: &str = "\
-SELECT r.req, f.features
+SELECT r.req, f.trade_date, f.features
 FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS r(symbol, as_of, req)
 CROSS JOIN LATERAL (
     SELECT trade_date, features FROM features
@@ -43,11 +43,11 @@ impl PgHistory {
         let statement = client.prepare_cached(WINDOWS).await?;
         let rows = client.query(&statement, &[&symbols, &dates, &(shape.days as i64)]).await?;
         // Each request's days, newest first, borrowed from the rows.
-        let mut days: Vec<Vec<&[u8]>> = vec![Vec::with_capacity(shape.days); requests.len()];
+        let mut days: Vec<Vec<(NaiveDate, &[u8])>> = vec![Vec::with_capacity(shape.days); requests.len()];
         for row in &rows {
             let req: i64 = row.get(0);
             if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
-                slot.push(row.get(1));
+                slot.push((row.get(1), row.get(2)));
             }
         }
         Ok(requests.iter().zip(days).map(|(request, packed)| window(request, shape, &packed)).collect())
@@ -55,7 +55,7 @@ impl PgHistory {
 }
 
 /// One request's window, oldest day first, from its packed days newest first.
-fn window(request: &WindowRequest, shape: WindowShape, packed: &[&[u8]]) -> Result<Vec<f32>, StageError> {
+fn window(request: &WindowRequest, shape: WindowShape, packed: &[(NaiveDate, &[u8])]) -> Result<Vec<f32>, StageError> {
     if packed.len() < shape.days {
         return Err(StageError::InsufficientHistory {
             symbol: request.symbol.clone(),
@@ -65,14 +65,14 @@ fn window(request: &WindowRequest, shape: WindowShape, packed: &[&[u8]]) -> Resu
         });
     }
     let mut values = Vec::with_capacity(shape.days * shape.features);
-    for day in packed.iter().rev() {
+    for (date, day) in packed.iter().rev() {
         let before = values.len();
         if day.len() != shape.features * 4 || unpack_into(day, &mut values).is_none() {
-            return Err(StageError::WindowShape {
-                rows: packed.len(),
-                cols: day.len() / 4,
-                want_rows: shape.days,
-                want_cols: shape.features,
+            return Err(StageError::HistoryRow {
+                symbol: request.symbol.clone(),
+                date: *date,
+                bytes: day.len(),
+                want: shape.features,
             });
         }
         debug_assert_eq!(values.len() - before, shape.features);
@@ -93,7 +93,9 @@ impl HistorySource for PgHistory {
         Box::pin(async move {
             self.windows(requests, shape).await.map_err(|e| {
                 // The runtime retries retryable failures with backoff and reports them.
-                BatchFailure { retryable: e.retryable(), message: e.to_string() }
+                // A read has no rows to isolate: only a statement that cannot
+                // work (class 42) stops the stage.
+                BatchFailure { retryable: e.retry() != Retry::Never, message: e.to_string() }
             })
         })
     }

@@ -12,4 +12,4 @@ pub mod sink;
 mod tls;
 
 pub use config::PostgresConfig;
-pub use error::PostgresError;
+pub use error::{PostgresError, Retry};

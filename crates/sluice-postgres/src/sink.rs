@@ -6,11 +6,12 @@ use std::pin::Pin;
 
 use chrono::NaiveDate;
 use deadpool_postgres::Pool;
-use sluice_kafka::BatchFailure;
 use sluice_messages::prediction::{IntentRecord, PredictionRecord};
 use sluice_stages::PredictionSink;
+use sluice_stages::writer::SinkError;
 
 use crate::PostgresError;
+use crate::error::Retry;
 
 /// All rows of a batch in one statement (so one implicit transaction); an event
 /// id already saved is left as it is, so a re-delivered batch adds nothing.
@@ -89,12 +90,16 @@ impl PredictionSink for PgPredictions {
         &'a self,
         stocks: &'a [PredictionRecord],
         intents: &'a [IntentRecord],
-    ) -> Pin<Box<dyn Future<Output = Result<(), BatchFailure>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>> {
         Box::pin(async move {
-            self.insert(stocks, intents)
-                .await
-                .map(|_| ())
-                .map_err(|e| BatchFailure { retryable: e.retryable(), message: format!("saving predictions: {e}") })
+            self.insert(stocks, intents).await.map(|_| ()).map_err(|e| {
+                let message = format!("saving predictions: {e}");
+                match e.retry() {
+                    Retry::Later => SinkError::Retryable(message),
+                    Retry::RowsRefused => SinkError::Refused(e.to_string()),
+                    Retry::Never => SinkError::Fatal(message),
+                }
+            })
         })
     }
 }

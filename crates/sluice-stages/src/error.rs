@@ -9,6 +9,9 @@ pub enum StageError {
     /// The input could not be read (bad JSON, bad envelope, bad field).
     #[error(transparent)]
     Message(#[from] MessageError),
+    /// A request larger than `fetcher.max_request_bytes`, refused unread.
+    #[error("the request is {bytes} bytes; at most {max} are accepted (fetcher.max_request_bytes)")]
+    RequestTooLarge { bytes: usize, max: usize },
     /// The history source has no such symbol.
     #[error("unknown symbol {0}")]
     UnknownSymbol(String),
@@ -18,12 +21,18 @@ pub enum StageError {
     /// A window (inline or fetched) of the wrong shape.
     #[error("window is {rows} x {cols}; the model needs {want_rows} x {want_cols}")]
     WindowShape { rows: usize, cols: usize, want_rows: usize, want_cols: usize },
+    /// One day of stored history whose features are not the model's number.
+    #[error("{symbol}'s history row of {date} holds {bytes} bytes ({} features); the model needs {want} features", .bytes / 4)]
+    HistoryRow { symbol: String, date: NaiveDate, bytes: usize, want: usize },
     /// NaN or infinity in the input (or produced by normalising it).
     #[error("non-finite {what} at day {day}, feature {feature}")]
     NonFiniteInput { what: &'static str, day: usize, feature: usize },
     /// NaN or infinity in the model's answer.
     #[error("the model returned a non-finite {output} ({value})")]
     NonFinitePrediction { output: &'static str, value: f32 },
+    /// An answer outside the range its output declares (`metadata.json`).
+    #[error("the model returned {output} = {value}, outside its declared range {min}..={max}")]
+    OutOfRange { output: String, value: f32, min: f32, max: f32 },
     /// A query with nothing but white space.
     #[error("the query text is empty")]
     EmptyText,
@@ -45,6 +54,9 @@ pub enum StageError {
     /// A sink could not be written (the whole batch; retried).
     #[error("sink {sink}: {message}")]
     Sink { sink: &'static str, message: String },
+    /// A sink refuses this row and would refuse it again (bad data).
+    #[error("{sink} refused the row: {message}")]
+    SinkRefused { sink: &'static str, message: String },
 }
 
 impl StageError {
@@ -52,11 +64,13 @@ impl StageError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Message(e) => e.reason(),
+            Self::RequestTooLarge { .. } => "request_too_large",
             Self::UnknownSymbol(_) => "unknown_symbol",
             Self::InsufficientHistory { .. } => "insufficient_history",
-            Self::WindowShape { .. } => "invalid_window_shape",
+            Self::WindowShape { .. } | Self::HistoryRow { .. } => "invalid_window_shape",
             Self::NonFiniteInput { .. } => "non_finite_input",
             Self::NonFinitePrediction { .. } => "non_finite_prediction",
+            Self::OutOfRange { .. } => "prediction_out_of_range",
             Self::UnsupportedKind { .. } => "unsupported_kind",
             Self::EmptyText => "empty_text",
             Self::TokenCount { .. } => "invalid_token_count",
@@ -64,6 +78,7 @@ impl StageError {
             Self::UnexpectedPayload { .. } => "unexpected_payload",
             Self::Model(_) => "model_error",
             Self::Sink { .. } => "sink_error",
+            Self::SinkRefused { .. } => "sink_refused",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod fetcher;
 pub mod generate;
 pub mod inferrer;
 pub mod normalizer;
+mod telemetry;
 pub mod writer;
 
 pub use error::StageError;

@@ -1,6 +1,8 @@
 //! The writer: drops stock predictions and query intents under
 //! `min_confidence` (counted, not saved) and writes the rest, in batches, to the
-//! `predictions` topic (JSON, `kind` says which), a JSON-lines file and the sink.
+//! sink (PostgreSQL), then a JSON-lines file, then the `predictions` topic
+//! (JSON, `kind` says which). Rows the sink refuses for good are isolated and
+//! dead-lettered; the rest of their batch is saved and published.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::counter;
 use sluice_control::Settings;
 use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
-use sluice_messages::envelope::Payload;
+use sluice_messages::envelope::{Envelope, Payload};
 use sluice_messages::prediction::{IntentRecord, ModelRef, PredictionRecord};
 use tokio::sync::watch;
 
@@ -24,20 +26,27 @@ use crate::common::{dead_letter, decode};
 pub trait PredictionSink: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
-    /// Writes a batch's stock predictions and query intents in one
-    /// transaction; an `Err` fails the whole batch (retried by the runtime
-    /// when retryable).
+    /// Writes stock predictions and query intents in one transaction: all of
+    /// them, or none.
     fn write<'a>(
         &'a self,
         stocks: &'a [PredictionRecord],
         intents: &'a [IntentRecord],
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BatchFailure>> + Send + 'a>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SinkError>> + Send + 'a>>;
 }
 
-/// One saved answer and its JSON.
-enum Record {
-    Stock(PredictionRecord, Vec<u8>),
-    Intent(IntentRecord, Vec<u8>),
+/// Why a sink did not save a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkError {
+    /// The same write may succeed later (connection trouble, a timeout, a
+    /// lock, a read-only database): the batch is retried with backoff.
+    Retryable(String),
+    /// The sink refuses some of these rows and will refuse them again (bad
+    /// data): the writer splits the write until the rows refused alone are
+    /// found, dead-letters them (`sink_refused`) and saves the rest.
+    Refused(String),
+    /// Only a fix of the deployment can help (a missing table): the stage stops.
+    Fatal(String),
 }
 
 /// Counts shared with whoever reports on the writer (the demo's summary).
@@ -68,8 +77,14 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     /// The dead-letter reasons this stage gives (docs/instrumentation.md).
-    pub const DEAD_LETTER_REASONS: &[&str] =
-        &["unknown_envelope_version", "undecodable_envelope", "unexpected_payload", "non_finite_prediction"];
+    pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "unknown_envelope_version",
+        "undecodable_envelope",
+        "unexpected_payload",
+        "non_finite_prediction",
+        "prediction_out_of_range",
+        "sink_refused",
+    ];
 
     /// Drops predictions under the live `min_confidence`; appends the others
     /// to `file` (JSON lines) if one is given, and publishes them to `output_topic`.
@@ -101,6 +116,151 @@ fn open_append(path: &Path) -> Result<File, StageError> {
         .map_err(|e| StageError::Sink { sink: "file", message: format!("{}: {e}", path.display()) })
 }
 
+/// One answer to save: the input it came from, its key and its JSON.
+struct Saved {
+    source: usize,
+    event_id: String,
+    key: Vec<u8>,
+    json: Vec<u8>,
+    stock: bool,
+}
+
+/// A batch's answers, before anything is written.
+#[derive(Default)]
+struct Answers {
+    saved: Vec<Saved>,
+    /// The sink's rows (with a sink only), and the index in `saved` of each
+    /// (the stocks first, then the intents).
+    stocks: Vec<PredictionRecord>,
+    intents: Vec<IntentRecord>,
+    sink_rows: Vec<usize>,
+}
+
+impl Writer {
+    /// The record for one decoded answer, or why it is not publishable.
+    fn record(envelope: Envelope, written_at_ms: i64) -> Result<(f32, Record), (StageError, String)> {
+        let model = |name: &str, version: &str| ModelRef { name: name.to_string(), version: version.to_string() };
+        let event_id = envelope.event_id;
+        let bad = |e: StageError, id: String| Err((e, id));
+        match envelope.payload {
+            Payload::Prediction(p) => {
+                if let Some((output, value)) = [("predicted_return", p.predicted_return), ("confidence", p.confidence)]
+                    .into_iter()
+                    .find(|(_, v)| !v.is_finite())
+                {
+                    return bad(StageError::NonFinitePrediction { output, value }, event_id);
+                }
+                if !(0.0..=1.0).contains(&p.confidence) {
+                    let e =
+                        StageError::OutOfRange { output: "confidence".into(), value: p.confidence, min: 0.0, max: 1.0 };
+                    return bad(e, event_id);
+                }
+                let record = PredictionRecord {
+                    event_id,
+                    kind: "stock".into(),
+                    symbol: p.symbol,
+                    as_of: p.as_of,
+                    predicted_return: p.predicted_return,
+                    confidence: p.confidence,
+                    model: model(&p.model_name, &p.model_version),
+                    batch_size: p.batch_size,
+                    cached: p.cached,
+                    requested_at_ms: envelope.requested_at_ms,
+                    inferred_at_ms: p.inferred_at_ms,
+                    written_at_ms,
+                };
+                Ok((record.confidence, Record::Stock(record)))
+            }
+            Payload::Intent(q) => {
+                if let Some(value) =
+                    std::iter::once(q.confidence).chain(q.top.iter().map(|t| t.score)).find(|v| !v.is_finite())
+                {
+                    return bad(StageError::NonFinitePrediction { output: "confidence or scores", value }, event_id);
+                }
+                if let Some(value) = std::iter::once(q.confidence)
+                    .chain(q.top.iter().map(|t| t.score))
+                    .find(|v| !(0.0..=1.0).contains(v))
+                {
+                    let e = StageError::OutOfRange { output: "confidence or scores".into(), value, min: 0.0, max: 1.0 };
+                    return bad(e, event_id);
+                }
+                let record = IntentRecord {
+                    event_id,
+                    kind: "query".into(),
+                    text: q.text,
+                    label: q.label,
+                    confidence: q.confidence,
+                    top: q.top,
+                    model: model(&q.model_name, &q.model_version),
+                    batch_size: q.batch_size,
+                    cached: q.cached,
+                    requested_at_ms: envelope.requested_at_ms,
+                    inferred_at_ms: q.inferred_at_ms,
+                    written_at_ms,
+                };
+                Ok((record.confidence, Record::Intent(record)))
+            }
+            other => {
+                bad(StageError::UnexpectedPayload { expected: "prediction or intent", got: other.kind() }, event_id)
+            }
+        }
+    }
+}
+
+/// A stock prediction or a query intent, ready to save.
+enum Record {
+    Stock(PredictionRecord),
+    Intent(IntentRecord),
+}
+
+/// Writes `stocks` then `intents` to `sink` in one write; where the sink
+/// refuses rows, splits the write in halves until the rows it refuses alone
+/// are found (as a failing model call is bisected). Returns the sink's reason
+/// for each row it refused (indices: the stocks, then the intents). Rows saved
+/// by a part that succeeded stay saved when a later part fails: the sink is
+/// idempotent, so the retried batch adds nothing twice.
+async fn save_isolating(
+    sink: &dyn PredictionSink,
+    stocks: &[PredictionRecord],
+    intents: &[IntentRecord],
+) -> Result<Vec<Option<String>>, BatchFailure> {
+    let (ns, n) = (stocks.len(), stocks.len() + intents.len());
+    let mut refused = vec![None; n];
+    // Ranges still to write, as a stack: a split pushes its second half first.
+    let mut pending = Vec::with_capacity(8);
+    pending.push(0..n);
+    while let Some(range) = pending.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        let part_stocks = &stocks[range.start.min(ns)..range.end.min(ns)];
+        let part_intents = &intents[range.start.saturating_sub(ns)..range.end.saturating_sub(ns)];
+        match sink.write(part_stocks, part_intents).await {
+            Ok(()) => {}
+            Err(SinkError::Refused(reason)) if range.len() == 1 => refused[range.start] = Some(reason),
+            Err(SinkError::Refused(reason)) => {
+                tracing::warn!(
+                    sink = sink.name(),
+                    rows = range.len(),
+                    reason,
+                    "the sink refused rows of a batch: isolating them"
+                );
+                counter!("sluice_writer_sink_bisections_total", "sink" => sink.name()).increment(1);
+                let mid = range.start + range.len() / 2;
+                pending.push(mid..range.end);
+                pending.push(range.start..mid);
+            }
+            Err(SinkError::Retryable(message)) => {
+                return Err(BatchFailure { retryable: true, message: format!("sink {}: {message}", sink.name()) });
+            }
+            Err(SinkError::Fatal(message)) => {
+                return Err(BatchFailure { retryable: false, message: format!("sink {}: {message}", sink.name()) });
+            }
+        }
+    }
+    Ok(refused)
+}
+
 impl Stage for Writer {
     fn name(&self) -> &'static str {
         "writer"
@@ -112,9 +272,8 @@ impl Stage for Writer {
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut outputs = Vec::with_capacity(batch.len());
-        let mut lines = Vec::new();
         let mut below = 0;
-        let (mut stocks, mut intents) = (Vec::new(), Vec::new());
+        let mut answers = Answers::default();
         let written_at_ms = sluice_messages::now_ms();
         let min_confidence = self.settings.borrow().min_confidence;
         for (i, input) in batch.iter().enumerate() {
@@ -125,60 +284,13 @@ impl Stage for Writer {
                     continue;
                 }
             };
-            let model = |name: &str, version: &str| ModelRef { name: name.to_string(), version: version.to_string() };
-            let (confidence, json) = match &envelope.payload {
-                Payload::Prediction(p) if p.confidence.is_finite() && p.predicted_return.is_finite() => {
-                    let record = PredictionRecord {
-                        event_id: envelope.event_id.clone(),
-                        kind: "stock".into(),
-                        symbol: p.symbol.clone(),
-                        as_of: p.as_of,
-                        predicted_return: p.predicted_return,
-                        confidence: p.confidence,
-                        model: model(&p.model_name, &p.model_version),
-                        batch_size: p.batch_size,
-                        cached: p.cached,
-                        requested_at_ms: envelope.requested_at_ms,
-                        inferred_at_ms: p.inferred_at_ms,
-                        written_at_ms,
-                    };
-                    let json = serde_json::to_vec(&record).expect("a PredictionRecord always serialises");
-                    (p.confidence, Record::Stock(record, json))
-                }
-                Payload::Intent(q) if q.confidence.is_finite() && q.top.iter().all(|t| t.score.is_finite()) => {
-                    let record = IntentRecord {
-                        event_id: envelope.event_id.clone(),
-                        kind: "query".into(),
-                        text: q.text.clone(),
-                        label: q.label.clone(),
-                        confidence: q.confidence,
-                        top: q.top.clone(),
-                        model: model(&q.model_name, &q.model_version),
-                        batch_size: q.batch_size,
-                        cached: q.cached,
-                        requested_at_ms: envelope.requested_at_ms,
-                        inferred_at_ms: q.inferred_at_ms,
-                        written_at_ms,
-                    };
-                    let json = serde_json::to_vec(&record).expect("an IntentRecord always serialises");
-                    (q.confidence, Record::Intent(record, json))
-                }
-                Payload::Prediction(p) => {
-                    let e = StageError::NonFinitePrediction {
-                        output: "confidence or predicted_return",
-                        value: p.confidence,
-                    };
-                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
-                    continue;
-                }
-                Payload::Intent(q) => {
-                    let e = StageError::NonFinitePrediction { output: "confidence or scores", value: q.confidence };
-                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
-                    continue;
-                }
-                other => {
-                    let e = StageError::UnexpectedPayload { expected: "prediction or intent", got: other.kind() };
-                    outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+            // Keyed like the input, as every stage keys its outputs: the
+            // producer's key, else the event id.
+            let key = input.key.clone().unwrap_or_else(|| envelope.event_id.as_bytes().to_vec());
+            let (confidence, record) = match Self::record(envelope, written_at_ms) {
+                Ok(answer) => answer,
+                Err((e, event_id)) => {
+                    outputs.push(dead_letter(i, &e, Some(event_id)));
                     continue;
                 }
             };
@@ -186,30 +298,51 @@ impl Stage for Writer {
                 below += 1;
                 continue;
             }
-            let json = match json {
-                Record::Stock(record, json) => {
-                    if self.sink.is_some() {
-                        stocks.push(record);
-                    }
-                    json
+            let (event_id, json, stock) = match &record {
+                Record::Stock(r) => {
+                    (r.event_id.clone(), serde_json::to_vec(r).expect("a PredictionRecord always serialises"), true)
                 }
-                Record::Intent(record, json) => {
-                    if self.sink.is_some() {
-                        intents.push(record);
-                    }
-                    json
+                Record::Intent(r) => {
+                    (r.event_id.clone(), serde_json::to_vec(r).expect("an IntentRecord always serialises"), false)
                 }
             };
-            if self.file.is_some() {
-                lines.extend_from_slice(&json);
-                lines.push(b'\n');
+            if self.sink.is_some() {
+                match record {
+                    Record::Stock(r) => answers.stocks.push(r),
+                    Record::Intent(r) => answers.intents.push(r),
+                }
             }
-            outputs.push(Output::Send {
-                source: i,
-                topic: self.output.clone(),
-                key: Some(envelope.event_id.into_bytes()),
-                payload: json,
-            });
+            answers.saved.push(Saved { source: i, event_id, key, json, stock });
+        }
+        // The sink's rows in its order (the stocks, then the intents) -> their index in `saved`.
+        if self.sink.is_some() {
+            let (stocks, intents): (Vec<usize>, Vec<usize>) =
+                (0..answers.saved.len()).partition(|i| answers.saved[*i].stock);
+            answers.sink_rows = stocks.into_iter().chain(intents).collect();
+        }
+
+        // 1. The sink, committed before the batch's offsets can be: a
+        //    re-delivery re-writes the same event ids, which the sink ignores.
+        //    Rows it refuses for good are dead letters; the rest are saved.
+        let mut refused: Vec<Option<String>> = vec![None; answers.saved.len()];
+        if let Some(sink) = &self.sink
+            && !answers.sink_rows.is_empty()
+        {
+            let by_row = save_isolating(sink.as_ref(), &answers.stocks, &answers.intents).await?;
+            for (row, reason) in by_row.into_iter().enumerate() {
+                refused[answers.sink_rows[row]] = reason;
+            }
+        }
+        // 2. The file, last: a retried batch (a sink failure above) has not
+        //    written it yet, so each batch is appended once.
+        let mut lines = Vec::new();
+        if self.file.is_some() {
+            for (saved, refused) in answers.saved.iter().zip(&refused) {
+                if refused.is_none() {
+                    lines.extend_from_slice(&saved.json);
+                    lines.push(b'\n');
+                }
+            }
         }
         if let Some((path, file)) = &mut self.file
             && !lines.is_empty()
@@ -231,18 +364,186 @@ impl Stage for Writer {
                 return Err(BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) });
             }
         }
-        if let Some(sink) = &self.sink
-            && !(stocks.is_empty() && intents.is_empty())
-        {
-            // Committed before the batch's offsets can be: a re-delivery
-            // re-writes the same event ids, which the sink ignores.
-            sink.write(&stocks, &intents).await?;
+        // 3. The topic.
+        let sink_name = self.sink.as_ref().map_or("sink", |s| s.name());
+        let mut written = 0;
+        for (saved, refused) in answers.saved.into_iter().zip(refused) {
+            match refused {
+                None => {
+                    written += 1;
+                    outputs.push(Output::Send {
+                        source: saved.source,
+                        topic: self.output.clone(),
+                        key: Some(saved.key),
+                        payload: saved.json,
+                    });
+                }
+                Some(message) => {
+                    let e = StageError::SinkRefused { sink: sink_name, message };
+                    outputs.push(dead_letter(saved.source, &e, Some(saved.event_id)));
+                }
+            }
         }
-        let written = outputs.iter().filter(|o| matches!(o, Output::Send { .. })).count() as u64;
         self.stats.written.fetch_add(written, Ordering::Relaxed);
         self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
         counter!("sluice_writer_predictions_written_total").increment(written);
         counter!("sluice_writer_below_min_confidence_total").increment(below);
         Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU32;
+
+    use sluice_messages::codec;
+    use sluice_messages::envelope::{LabelScore, QueryIntent};
+
+    use super::*;
+
+    /// Refuses (for good) any write holding a text with "poison" in it; fails
+    /// the first `flaky` writes as retryable.
+    #[derive(Default)]
+    struct FakeSink {
+        flaky: AtomicU32,
+        writes: AtomicU32,
+        saved: Mutex<Vec<String>>,
+    }
+
+    impl PredictionSink for Arc<FakeSink> {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+
+        fn write<'a>(
+            &'a self,
+            _: &'a [PredictionRecord],
+            intents: &'a [IntentRecord],
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SinkError>> + Send + 'a>> {
+            Box::pin(async move {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                if self.flaky.load(Ordering::Relaxed) > 0 {
+                    self.flaky.fetch_sub(1, Ordering::Relaxed);
+                    return Err(SinkError::Retryable("connection reset".into()));
+                }
+                if intents.iter().any(|i| i.text.contains("poison")) {
+                    return Err(SinkError::Refused("SQLSTATE 22021: invalid byte sequence".into()));
+                }
+                self.saved.lock().expect("lock").extend(intents.iter().map(|i| i.event_id.clone()));
+                Ok(())
+            })
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            max_batch_size: 64,
+            max_batch_tokens: 512,
+            max_wait_ms: 0,
+            min_confidence: 0.0,
+            model_version: "1".into(),
+            cache_enabled: false,
+            cache_ttl_s: 60,
+            intra_op_threads: 1,
+        }
+    }
+
+    fn intent(offset: i64, text: &str, key: Option<&str>) -> Incoming {
+        let envelope = Envelope {
+            event_id: format!("q-{offset}"),
+            traceparent: None,
+            requested_at_ms: 1,
+            updated_at_ms: 2,
+            attempt: 0,
+            payload: Payload::Intent(QueryIntent {
+                text: text.into(),
+                label: "check_balance".into(),
+                confidence: 0.9,
+                top: vec![LabelScore { label: "check_balance".into(), score: 0.9 }],
+                model_name: "query-intent".into(),
+                model_version: "1".into(),
+                batch_size: 8,
+                padded_length: 6,
+                cached: false,
+                inferred_at_ms: 3,
+            }),
+        };
+        Incoming {
+            key: key.map(|k| k.as_bytes().to_vec()),
+            payload: codec::encode(&envelope),
+            topic: "inferred".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            traceparent: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_the_sink_refuses_are_isolated_and_the_file_gets_each_batch_once() {
+        let dir = std::env::temp_dir().join(format!("sluice-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("predictions.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let sink = Arc::new(FakeSink { flaky: AtomicU32::new(2), ..FakeSink::default() });
+        let (_tx, rx) = watch::channel(settings());
+        let mut writer = Writer::new(rx, Some(&file), "predictions", Arc::default())
+            .expect("writer")
+            .with_sink(Box::new(sink.clone()));
+        let batch: Vec<Incoming> = (0..8)
+            .map(|i| {
+                let text = if i == 2 || i == 5 { "poison\u{0}" } else { "what is my balance" };
+                intent(i, text, (i == 0).then_some("customer-7"))
+            })
+            .collect();
+
+        // A retryable failure writes nothing to the file, however often it happens.
+        for _ in 0..2 {
+            let failure = writer.process(&batch).await.expect_err("retryable");
+            assert!(failure.retryable, "{}", failure.message);
+            assert!(std::fs::read_to_string(&file).unwrap_or_default().is_empty());
+        }
+        let outputs = writer.process(&batch).await.expect("processed");
+        let dead: Vec<(usize, &str, &str)> = outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
+                Output::Send { .. } => None,
+            })
+            .collect();
+        assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(2, "sink_refused"), (5, "sink_refused")]);
+        assert!(dead[0].2.contains("SQLSTATE 22021"), "{}", dead[0].2);
+        let mut saved = sink.saved.lock().expect("lock").clone();
+        saved.sort();
+        assert_eq!(saved, ["q-0", "q-1", "q-3", "q-4", "q-6", "q-7"]);
+        let lines = std::fs::read_to_string(&file).expect("file");
+        assert_eq!(lines.lines().count(), 6, "{lines}");
+        assert!(!lines.contains("poison"));
+        // Outputs are keyed like their input: the producer's key, else the event id.
+        let keys: Vec<Option<&[u8]>> = outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { key, .. } => Some(key.as_deref()),
+                Output::DeadLetter { .. } => None,
+            })
+            .collect();
+        assert_eq!(keys[0], Some(&b"customer-7"[..]));
+        assert_eq!(keys[1], Some(&b"q-1"[..]));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[tokio::test]
+    async fn answers_outside_the_published_range_are_dead_letters() {
+        let (_tx, rx) = watch::channel(settings());
+        let mut writer = Writer::new(rx, None, "predictions", Arc::default()).expect("writer");
+        let mut input = intent(0, "hello", None);
+        let mut envelope = codec::decode(&input.payload).expect("envelope");
+        if let Payload::Intent(q) = &mut envelope.payload {
+            q.confidence = 1.5;
+        }
+        input.payload = codec::encode(&envelope);
+        let outputs = writer.process(&[input]).await.expect("processed");
+        assert!(matches!(&outputs[..], [Output::DeadLetter { reason: "prediction_out_of_range", .. }]), "{outputs:?}");
     }
 }

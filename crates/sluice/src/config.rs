@@ -131,6 +131,9 @@ pub struct RuntimeConfig {
     pub drain_timeout_ms: u64,
     /// Messages buffered between a stage's consumer and its batcher.
     pub queue_capacity: usize,
+    /// Bytes of consumed messages a stage holds at most between its consumer
+    /// and its producer (queued, batched, in process), whatever their count.
+    pub queue_max_bytes: usize,
 }
 
 /// Where history comes from.
@@ -146,6 +149,8 @@ pub enum SourceKind {
 #[serde(deny_unknown_fields)]
 pub struct FetcherConfig {
     pub source: SourceKind,
+    /// Larger requests are dead letters (`request_too_large`), never parsed.
+    pub max_request_bytes: usize,
     pub batch: BatchPolicy,
     pub synthetic: SyntheticConfig,
 }
@@ -316,6 +321,12 @@ impl SluiceConfig {
         }
         if self.runtime.queue_capacity == 0 {
             return Err(invalid("runtime.queue_capacity", "must be above 0"));
+        }
+        if !(1 << 20..=1 << 31).contains(&self.runtime.queue_max_bytes) {
+            return Err(invalid("runtime.queue_max_bytes", "outside 1048576..=2147483648 (1 MiB to 2 GiB)"));
+        }
+        if !(1024..=64 << 20).contains(&self.fetcher.max_request_bytes) {
+            return Err(invalid("fetcher.max_request_bytes", "outside 1024..=67108864 (1 KiB to 64 MiB)"));
         }
         let c = self.writer.min_confidence;
         if !(c.is_finite() && (0.0..=1.0).contains(&c)) {

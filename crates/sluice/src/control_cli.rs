@@ -7,14 +7,14 @@ use clap::Subcommand;
 use serde_json::json;
 use sluice_control::admin;
 use sluice_control::link::RedisLink;
-use sluice_control::overrides::FIELDS;
-use sluice_control::store::{OverrideStore, Scope, ScopedOverrides};
+use sluice_control::overrides::{self, FIELDS};
+use sluice_control::store::{OverrideStore, RawHash, Scope, ScopedOverrides};
 use sluice_control::{Overrides, Settings};
 use sluice_model::ModelConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
-use crate::launch::{cancel_on_signals, model_name, override_store, start_control};
+use crate::launch::{batch_size_choice, cancel_on_signals, model_name, override_store, start_control};
 
 #[derive(Debug, Subcommand)]
 pub enum OverridesAction {
@@ -65,6 +65,16 @@ fn redis_store(config: &SluiceConfig) -> anyhow::Result<(OverrideStore, Arc<Redi
     }
 }
 
+/// A raw hash as JSON: its fields (bytes that are not UTF-8 shown lossily,
+/// long values cut), or why the key is not a hash.
+fn shown(raw: &RawHash) -> serde_json::Value {
+    let text = |bytes: &[u8]| overrides::shown(&String::from_utf8_lossy(bytes));
+    match raw {
+        Ok(fields) => fields.iter().map(|(f, v)| (text(f), json!(text(v)))).collect::<serde_json::Map<_, _>>().into(),
+        Err(why) => json!({ "error": why }),
+    }
+}
+
 fn scope(model: Option<String>) -> Scope {
     model.map_or(Scope::All, Scope::Model)
 }
@@ -86,21 +96,30 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
             let (store, _) = redis_store(&config)?;
             let model = asked.unwrap_or(model);
             let raw = store.read(&model).await?;
-            let (served, base) = model_of(&config, &model);
+            let (served, mut base) = model_of(&config, &model);
+            // 0 leaves the batch size to the device: show what the stages use.
+            let query_model = served == &config.inferrer.query.model;
+            let choice = batch_size_choice(served, base.max_batch_size, query_model, false).await?;
+            base.max_batch_size = choice.batch_size;
+            let by = if choice.by == "device" && served.autotune_p99_ms > 0 {
+                "autotune (measured by each inferrer at start, see its /status; the device default is shown)"
+            } else {
+                choice.by
+            };
             let versions = |v: &str| served.has_version(v);
             let (overrides, refused) = store.parse(&model, &raw, &ScopedOverrides::default(), &versions);
             let effective = overrides.effective(&base);
-            let (all, one) = raw;
             let refused: Vec<_> = refused
                 .iter()
                 .map(|r| json!({"key": r.key, "field": r.field, "value": r.value, "reason": r.reason}))
                 .collect();
             out(&serde_json::to_string_pretty(&json!({
                 "model": model,
-                store.key(&Scope::All): all,
-                store.key(&Scope::Model(model.clone())): one,
+                store.key(&Scope::All): shown(&raw.all),
+                store.key(&Scope::Model(model.clone())): shown(&raw.model),
                 "refused": refused,
                 "effective": effective,
+                "max_batch_size_by": by,
             }))?)
         }
         OverridesAction::Set { field, value, model } => {

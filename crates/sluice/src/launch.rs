@@ -99,19 +99,29 @@ pub fn model_name(model: &sluice_model::ModelConfig) -> String {
 /// The batch size a model starts with: the configured one, the device's
 /// default (`max_batch_size = 0`), or, with `autotune_p99_ms` in a process
 /// that runs the model (`tune`), the largest that meets the latency target,
-/// measured now. Logged and exported (`sluice_model_batch_size_chosen`).
+/// measured now.
+pub async fn batch_size_choice(
+    model: &sluice_model::ModelConfig,
+    configured: usize,
+    query_model: bool,
+    tune: bool,
+) -> anyhow::Result<sluice_model::BatchSizeChoice> {
+    let autotune_p99_ms = if tune { model.autotune_p99_ms } else { 0 };
+    let model = sluice_model::ModelConfig { autotune_p99_ms, ..model.clone() };
+    tokio::task::spawn_blocking(move || sluice_model::choose_batch_size(&model, configured, query_model))
+        .await?
+        .context("choosing the batch size")
+}
+
+/// [`batch_size_choice`], logged and exported (`sluice_model_batch_size_chosen`).
 async fn starting_batch_size(
     model: &sluice_model::ModelConfig,
     configured: usize,
     query_model: bool,
     tune: bool,
 ) -> anyhow::Result<usize> {
-    let autotune_p99_ms = if tune { model.autotune_p99_ms } else { 0 };
-    let model = sluice_model::ModelConfig { autotune_p99_ms, ..model.clone() };
-    let name = model_name(&model);
-    let choice = tokio::task::spawn_blocking(move || sluice_model::choose_batch_size(&model, configured, query_model))
-        .await?
-        .context("choosing the batch size")?;
+    let name = model_name(model);
+    let choice = batch_size_choice(model, configured, query_model, tune).await?;
     let measured: Vec<String> =
         choice.measured.iter().map(|(rows, p99)| format!("{rows}: {:.2} ms", p99.as_secs_f64() * 1e3)).collect();
     tracing::info!(
@@ -153,7 +163,8 @@ pub async fn start_control(
         let model = &config.inferrer.query.model;
         let max_batch_size = starting_batch_size(model, config.inferrer.query.batch.max_batch_size, true, tune).await?;
         let base = Settings { max_batch_size, ..config.query_base_settings() };
-        Some(follow(model, base).start(shutdown).await)
+        // The stock model's controller reports refusals in the shared hash.
+        Some(follow(model, base).leave_all_scope_reports().start(shutdown).await)
     } else {
         None
     };
@@ -230,6 +241,7 @@ async fn run(
         policy,
         drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
         queue_capacity: config.runtime.queue_capacity,
+        queue_max_bytes: config.runtime.queue_max_bytes,
     };
     let model = &config.inferrer.model;
     let model_dir = model.version_dir(&model.version);
@@ -247,7 +259,8 @@ async fn run(
                 // One pool per stage process; the first connection is made lazily.
                 SourceKind::Postgres => Box::new(PgHistory::new(config.postgres.pool()?)),
             };
-            let stage = Fetcher::new(source, shape, &topics.fetched);
+            let stage =
+                Fetcher::new(source, shape, &topics.fetched).with_max_request_bytes(config.fetcher.max_request_bytes);
             status.set_warmed_up();
             run_stage(kafka, options(&topics.requests, config.fetcher.batch.fixed()), stage, status, shutdown).await?;
         }

@@ -55,6 +55,8 @@ pub struct Fetcher {
     source: Box<dyn HistorySource>,
     shape: WindowShape,
     output: Arc<str>,
+    /// Larger requests are dead letters, unparsed.
+    max_request_bytes: usize,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// The dead-letter reasons this stage gives (docs/instrumentation.md).
     pub const DEAD_LETTER_REASONS: &[&str] = &[
+        "request_too_large",
         "malformed_json",
         "invalid_utf8",
         "invalid_event",
@@ -75,8 +78,18 @@ impl Fetcher {
         "invalid_window_shape",
     ];
 
+    /// The default `fetcher.max_request_bytes`: a full inline window of the
+    /// stock model is about 80 KB of JSON.
+    pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+
     pub fn new(source: Box<dyn HistorySource>, shape: WindowShape, output_topic: &str) -> Self {
-        Self { source, shape, output: output_topic.into() }
+        Self { source, shape, output: output_topic.into(), max_request_bytes: Self::DEFAULT_MAX_REQUEST_BYTES }
+    }
+
+    /// Refuses requests over `bytes` (dead letters, `request_too_large`).
+    pub fn with_max_request_bytes(mut self, bytes: usize) -> Self {
+        self.max_request_bytes = bytes;
+        self
     }
 
     fn inline_window(&self, request: &StockRequest, rows: &[Vec<f64>]) -> Result<StockWindow, StageError> {
@@ -114,6 +127,11 @@ impl Stage for Fetcher {
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut pending = Vec::with_capacity(batch.len());
         for (i, input) in batch.iter().enumerate() {
+            if input.payload.len() > self.max_request_bytes {
+                let e = StageError::RequestTooLarge { bytes: input.payload.len(), max: self.max_request_bytes };
+                pending.push(Pending::Done(dead_letter(i, &e, None)));
+                continue;
+            }
             let event = match RequestEvent::from_json(&input.payload) {
                 Ok(event) => event,
                 Err(e) => {

@@ -12,6 +12,7 @@ use sluice_model::ModelError;
 
 use super::InferrerStats;
 use super::served::RowAnswer;
+use crate::telemetry;
 
 /// One row's answer.
 #[derive(Debug, Clone)]
@@ -41,16 +42,20 @@ pub(crate) struct Answers {
 
 impl Answers {
     /// Groups `rows` rows by `key` when there is a cache (otherwise one group
-    /// per row) and answers the groups the cache holds. A cached value of
-    /// another width than `width` (corrupt, or another model's) is a miss.
+    /// per row) and answers the groups the cache holds. A cached value that is
+    /// not a valid answer (another width, a non-finite value, or one outside
+    /// its output's declared range: corrupt, or written by someone else) is
+    /// not trusted: it is a miss, recomputed, and counted.
+    #[allow(clippy::too_many_arguments, reason = "one call per batch, each argument distinct")]
     pub(crate) async fn look_up(
         cache: Option<&PredictionCache>,
         model: &str,
         version: &str,
         rows: usize,
         key: impl Fn(usize) -> CacheKey,
-        width: usize,
+        valid: impl Fn(&[f32]) -> bool,
         ttl: Duration,
+        stats: &InferrerStats,
     ) -> Self {
         let mut answers = Self { rows: vec![None; rows], to_compute: Vec::new(), hits_by_tier: [0; 2] };
         let Some(cache) = cache else {
@@ -69,29 +74,40 @@ impl Answers {
         }
         let keys: Vec<CacheKey> = groups.iter().filter_map(|g| g.key).collect();
         let found = cache.get_many(model, version, &keys, ttl).await;
+        let mut invalid = 0;
         for (group, found) in groups.into_iter().zip(found) {
             match found {
-                Some((values, tier)) if values.len() == width => {
+                Some((values, tier)) if valid(&values) => {
                     answers.hits_by_tier[usize::from(tier == Tier::Redis)] += group.rows.len() as u64;
                     for row in group.rows {
                         let answer = Answer { values: values.clone(), cached: true, call_rows: 0, padded_length: 0 };
                         answers.rows[row] = Some(Ok(answer));
                     }
                 }
-                _ => answers.to_compute.push(group),
+                Some(_) => {
+                    invalid += 1;
+                    answers.to_compute.push(group);
+                }
+                None => answers.to_compute.push(group),
             }
+        }
+        if invalid > 0 {
+            stats.invalid_cache_entries.fetch_add(invalid, Ordering::Relaxed);
+            telemetry::invalid_cache_entries(model, invalid);
         }
         answers
     }
 
     /// Takes the model's answers for [`Self::to_compute`] (one per group, in
-    /// order), caches the finite ones, and records the counts.
+    /// order), caches the valid ones, and records the counts.
+    #[allow(clippy::too_many_arguments, reason = "one call per batch, each argument distinct")]
     pub(crate) async fn fill(
         &mut self,
         cache: Option<&PredictionCache>,
         model: &str,
         version: &str,
         computed: Vec<Result<RowAnswer, ModelError>>,
+        valid: impl Fn(&[f32]) -> bool,
         ttl: Duration,
         stats: &Arc<InferrerStats>,
     ) {
@@ -101,7 +117,7 @@ impl Answers {
             let answer = result.map(|a| {
                 model_rows += 1;
                 if let Some(key) = group.key
-                    && a.values.iter().all(|v| v.is_finite())
+                    && valid(&a.values)
                 {
                     fresh.push((key, a.values.clone()));
                 }

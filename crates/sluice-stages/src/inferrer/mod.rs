@@ -39,6 +39,8 @@ pub struct InferrerStats {
     pub model_rows: AtomicU64,
     /// Events answered from the cache.
     pub cache_hits: AtomicU64,
+    /// Cache entries that were not valid answers, ignored and recomputed.
+    pub invalid_cache_entries: AtomicU64,
     /// Model versions swapped in.
     pub switches: AtomicU64,
     /// The version answering now (which may lag the requested one while it
@@ -75,6 +77,7 @@ impl Inferrer {
         "invalid_window_shape",
         "model_error",
         "non_finite_prediction",
+        "prediction_out_of_range",
     ];
 
     /// Takes a started (warmed-up) model worker whose outputs include
@@ -185,7 +188,9 @@ impl Stage for Inferrer {
         let ttl = Duration::from_secs(settings.cache_ttl_s);
         let width = metadata.output_width();
         let key = |row: usize| CacheKey::of(&metadata.name, &version, window(row));
-        let mut answers = Answers::look_up(cache, &metadata.name, &version, rows.len(), key, width, ttl).await;
+        let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+        let mut answers =
+            Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, &self.served.stats).await;
 
         // The model on what is left: one call, split only if it fails.
         let groups = &answers.to_compute;
@@ -202,7 +207,7 @@ impl Stage for Inferrer {
             })
             .await
             .map_err(|e| BatchFailure { retryable: false, message: StageError::from(e).to_string() })?;
-        answers.fill(cache, &metadata.name, &version, computed, ttl, &self.served.stats).await;
+        answers.fill(cache, &metadata.name, &version, computed, valid, ttl, &self.served.stats).await;
 
         let inferred_at_ms = sluice_messages::now_ms();
         for ((i, envelope), answer) in rows.into_iter().zip(answers.rows) {
@@ -220,6 +225,11 @@ impl Stage for Inferrer {
                 .find(|(_, v)| !v.is_finite());
             if let Some((output, value)) = bad {
                 let e = StageError::NonFinitePrediction { output, value };
+                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                continue;
+            }
+            if let Some((output, value, min, max)) = metadata.invalid_value(&answer.values) {
+                let e = StageError::OutOfRange { output: output.to_string(), value, min, max };
                 outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
                 continue;
             }

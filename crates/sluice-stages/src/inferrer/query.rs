@@ -43,6 +43,7 @@ impl QueryInferrer {
         "invalid_token_count",
         "model_error",
         "non_finite_prediction",
+        "prediction_out_of_range",
     ];
 
     /// Takes a started (warmed-up) query model worker, the configuration it was
@@ -156,7 +157,9 @@ impl Stage for QueryInferrer {
         let ttl = Duration::from_secs(settings.cache_ttl_s);
         let width = metadata.output_width();
         let key = |row: usize| CacheKey::of_tokens(&metadata.name, &version, ids(row));
-        let mut answers = Answers::look_up(cache, &metadata.name, &version, rows.len(), key, width, ttl).await;
+        let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+        let mut answers =
+            Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, &self.served.stats).await;
 
         // Model calls over what is left, shortest sequences first; a call that
         // fails is split until only what fails alone is left.
@@ -183,7 +186,7 @@ impl Stage for QueryInferrer {
             }
         }
         let computed = computed.into_iter().map(|c| c.expect("every group is in one call")).collect();
-        answers.fill(cache, &metadata.name, &version, computed, ttl, &self.served.stats).await;
+        answers.fill(cache, &metadata.name, &version, computed, valid, ttl, &self.served.stats).await;
 
         let inferred_at_ms = sluice_messages::now_ms();
         for ((i, envelope), answer) in rows.into_iter().zip(answers.rows) {
@@ -197,6 +200,11 @@ impl Stage for QueryInferrer {
             };
             if let Some(bad) = answer.values.iter().find(|v| !v.is_finite()) {
                 let e = StageError::NonFinitePrediction { output: "logits", value: *bad };
+                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                continue;
+            }
+            if let Some((output, value, min, max)) = metadata.invalid_value(&answer.values) {
+                let e = StageError::OutOfRange { output: output.to_string(), value, min, max };
                 outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
                 continue;
             }

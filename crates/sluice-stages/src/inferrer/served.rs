@@ -75,7 +75,29 @@ impl ServedModel {
             && let Some((version, task)) = self.loading.take()
         {
             let loaded = task.await.unwrap_or_else(|e| Err(ModelError::Torch(format!("loading task: {e}"))));
-            match loaded.and_then(|w| (self.compatible)(&self.model, &self.worker, &w).map(|()| w)) {
+            let same_model = |w: &ModelWorker| {
+                let (serving, new) = (&self.worker.metadata().name, &w.metadata().name);
+                if serving == new {
+                    return Ok(());
+                }
+                Err(ModelError::Metadata {
+                    path: self.model.version_dir(w.version()).join("metadata.json"),
+                    message: format!(
+                        "it names the model {new:?}, not {serving:?}: another model is not a version of this one"
+                    ),
+                })
+            };
+            let checked = loaded.and_then(|w| {
+                match same_model(&w).and_then(|()| (self.compatible)(&self.model, &self.worker, &w)) {
+                    Ok(()) => Ok(w),
+                    Err(e) => {
+                        // Joining its model thread blocks: not on the async runtime.
+                        drop(tokio::task::spawn_blocking(move || drop(w)));
+                        Err(e)
+                    }
+                }
+            });
+            match checked {
                 Ok(worker) if version == settings.model_version => {
                     tracing::info!(
                         model = self.worker.metadata().name,
