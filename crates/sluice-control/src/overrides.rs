@@ -53,6 +53,15 @@ pub struct Overrides {
     pub intra_op_threads: Option<usize>,
 }
 
+/// Whether `version` can name a model version (a directory): 1 to 64 of
+/// A-Z a-z 0-9 . _ -. The configuration and the override share this rule.
+pub fn check_version_name(version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version.len() <= 64
+        && version.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok { Ok(()) } else { Err("not a version name (1 to 64 of A-Z a-z 0-9 . _ -)".into()) }
+}
+
 /// A refused value or field name as logged and shown: cut to a sane length
 /// (a megabyte value must not make megabyte log lines), with its size.
 pub fn shown(text: &str) -> String {
@@ -106,9 +115,7 @@ impl Overrides {
             }
             "model_version" => {
                 let v = value.trim();
-                if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                    return Err("not a version name (1 to 64 of A-Z a-z 0-9 . _ -)".into());
-                }
+                check_version_name(v)?;
                 if !version_exists(v) {
                     return Err("no such model version is installed".into());
                 }

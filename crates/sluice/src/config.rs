@@ -333,8 +333,11 @@ impl SluiceConfig {
             return Err(invalid("writer.min_confidence", format!("{c} is outside 0..=1")));
         }
         let name_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !name_ok(&self.inferrer.model.version) {
-            return Err(invalid("inferrer.model.version", "not a version name (A-Z a-z 0-9 . _ -)"));
+        for (key, version) in [
+            ("inferrer.model.version", &self.inferrer.model.version),
+            ("inferrer.query.model.version", &self.inferrer.query.model.version),
+        ] {
+            sluice_control::overrides::check_version_name(version).map_err(|message| invalid(key, message))?;
         }
         if !name_ok(&self.control.prefix) {
             return Err(invalid("control.prefix", "not a key prefix (A-Z a-z 0-9 . _ -)"));
@@ -467,6 +470,24 @@ mod tests {
         assert!(e.to_string().contains("kafka.consumer_properties.enable.auto.commit"), "{e}");
         let e = load_with("[kafka]\nsession_timeout_ms = 10\n").expect_err("range");
         assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_numeric_model_version_from_the_environment_or_a_file_is_a_version_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_INFERRER__MODEL__VERSION", "2");
+            jail.set_env("SLUICE_INFERRER__QUERY__MODEL__VERSION", "3");
+            let config = SluiceConfig::load(None, &Figment::new()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                (config.inferrer.model.version.as_str(), config.inferrer.query.model.version.as_str()),
+                ("2", "3")
+            );
+            Ok(())
+        });
+        let config = load_with("[inferrer.model]\nversion = 7\n").expect("a number");
+        assert_eq!(config.inferrer.model.version, "7");
+        let e = load_with("[inferrer.model]\nversion = 1.5\n").expect_err("not a whole number");
+        assert!(e.to_string().contains("inferrer.model.version"), "{e}");
     }
 
     #[test]
