@@ -18,6 +18,11 @@ pub struct KafkaConfig {
     /// librdkafka `session.timeout.ms`. tansu makes a first group join wait for
     /// half of it, hence the short default.
     pub session_timeout_ms: u32,
+    /// A name this member keeps across restarts (a pod's name): static group
+    /// membership (`group.instance.id`). A member restarted under the same
+    /// name takes its partitions back at once instead of waiting for the
+    /// dead one's session to expire; empty: dynamic membership.
+    pub instance_id: String,
     /// Extra librdkafka properties for every client (security settings:
     /// `security.protocol`, `sasl.*`, `ssl.*`). Values are never logged.
     pub properties: BTreeMap<String, String>,
@@ -33,6 +38,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_prefix: "sluice".into(),
             session_timeout_ms: 6000,
+            instance_id: String::new(),
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
@@ -47,6 +53,7 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group_prefix", &self.group_prefix)
             .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("instance_id", &self.instance_id)
             .field("properties", &self.properties.keys().collect::<Vec<_>>())
             .field("consumer_properties", &self.consumer_properties.keys().collect::<Vec<_>>())
             .field("producer_properties", &self.producer_properties.keys().collect::<Vec<_>>())
@@ -56,7 +63,7 @@ impl fmt::Debug for KafkaConfig {
 
 /// librdkafka properties the delivery guarantee depends on: refused in the
 /// pass-through maps.
-pub const RESERVED_PROPERTIES: [&str; 7] = [
+pub const RESERVED_PROPERTIES: [&str; 8] = [
     "enable.auto.offset.store",
     "enable.auto.commit",
     "group.id",
@@ -64,6 +71,8 @@ pub const RESERVED_PROPERTIES: [&str; 7] = [
     "acks",
     "bootstrap.servers",
     "auto.offset.reset",
+    // kafka.instance_id sets it, validated.
+    "group.instance.id",
 ];
 
 impl KafkaConfig {
@@ -78,16 +87,22 @@ impl KafkaConfig {
                 format!("{} is outside 1000..=300000", self.session_timeout_ms),
             ));
         }
+        let id = &self.instance_id;
+        if id.len() > 249 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            return Err(("kafka.instance_id".into(), "must be at most 249 of A-Z a-z 0-9 . _ - (or empty)".into()));
+        }
         for (section, map) in [
             ("properties", &self.properties),
             ("consumer_properties", &self.consumer_properties),
             ("producer_properties", &self.producer_properties),
         ] {
             if let Some(key) = map.keys().find(|k| RESERVED_PROPERTIES.contains(&k.as_str())) {
-                return Err((
-                    format!("kafka.{section}.{key}"),
-                    "is set by Sluice (at-least-once delivery depends on it) and cannot be overridden".into(),
-                ));
+                let why = if key == "group.instance.id" {
+                    "is set from kafka.instance_id: set that instead"
+                } else {
+                    "is set by Sluice (at-least-once delivery depends on it) and cannot be overridden"
+                };
+                return Err((format!("kafka.{section}.{key}"), why.into()));
             }
         }
         Ok(())
@@ -160,6 +175,9 @@ impl KafkaConfig {
             // context; `consumer_properties."statistics.interval.ms" = "0"`
             // turns them off.
             .set("statistics.interval.ms", "5000");
+        if !self.instance_id.is_empty() {
+            config.set("group.instance.id", &self.instance_id);
+        }
         for (k, v) in &self.consumer_properties {
             config.set(k, v);
         }

@@ -72,25 +72,57 @@ impl LocalCluster {
         kinds: &[StageKind],
         env: &[(String, String)],
     ) -> anyhow::Result<()> {
-        let exe = std::env::current_exe()?;
         for kind in kinds {
             let port = free_port()?;
-            let mut command = Command::new(&exe);
-            command
-                .args(["run", kind.name()])
-                .env("SLUICE_KAFKA__BROKERS", &self.brokers)
-                .env("SLUICE_KAFKA__GROUP_PREFIX", &self.run)
-                .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            for (key, name) in config.topics.names() {
-                command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
-            }
-            command.envs(env.iter().map(|(k, v)| (k, v)));
-            self.children.push((kind.name().into(), command.spawn()?));
+            let child = self.spawn(config, *kind, port, env)?;
+            self.children.push((kind.name().into(), child));
             self.ports.push((*kind, port));
         }
+        self.until_ready().await
+    }
+
+    /// Kills (`kill -9`) the process of `kind` and starts it again at once, on
+    /// the same port, with `env` on top; returns without waiting for it.
+    pub fn kill_and_restart(
+        &mut self,
+        config: &SluiceConfig,
+        kind: StageKind,
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let port = self.ports.iter().find(|(k, _)| *k == kind).map(|(_, p)| *p).context("no such stage")?;
+        let fresh = self.spawn(config, kind, port, env)?;
+        let (_, child) = self.children.iter_mut().find(|(n, _)| n == kind.name()).context("no such stage")?;
+        child.kill()?;
+        child.wait()?;
+        *child = fresh;
+        Ok(())
+    }
+
+    fn spawn(
+        &self,
+        config: &SluiceConfig,
+        kind: StageKind,
+        port: u16,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Child> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["run", kind.name()])
+            .env("SLUICE_KAFKA__BROKERS", &self.brokers)
+            .env("SLUICE_KAFKA__GROUP_PREFIX", &self.run)
+            .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, name) in config.topics.names() {
+            command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        Ok(command.spawn()?)
+    }
+
+    /// Waits until every stage answers `/readyz` with 200.
+    pub async fn until_ready(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         while !self.ports.iter().all(|(_, port)| http_get(*port, "/readyz").is_some_and(|(code, _)| code == 200)) {
             anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the stages did not become ready");

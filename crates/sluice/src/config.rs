@@ -473,6 +473,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err, reason = "figment::Jail's closure returns figment's own error")]
     fn a_numeric_model_version_from_the_environment_or_a_file_is_a_version_name() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SLUICE_INFERRER__MODEL__VERSION", "2");

@@ -6,6 +6,7 @@ mod bench_backlog;
 mod bench_batching;
 mod bench_pg;
 mod bench_query;
+mod bench_recovery;
 mod cluster;
 mod config;
 mod control_cli;
@@ -229,6 +230,15 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// How long answers stop when the inferrer is killed mid-stream and
+    /// restarted at once, with dynamic and with static group membership.
+    Recovery {
+        /// Kills per membership mode.
+        #[arg(long, default_value_t = 3)]
+        kills: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,6 +351,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
             bench_backlog::backlog(config, events, stock_every, &out).await
+        }
+        Command::Bench { what: BenchWhat::Recovery { kills, out } } => {
+            bench_recovery::recovery(config, kills, &out).await
         }
         Command::Config => {
             writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
