@@ -716,3 +716,29 @@ async fn database_errors_say_what_happened() {
     drop(admin);
     schema.drop_it().await;
 }
+
+/// A stored day of the wrong width names its symbol and date, not the window.
+#[tokio::test]
+async fn a_history_row_of_the_wrong_width_names_its_symbol_and_date() {
+    let schema = Schema::new("pg_short_row").await;
+    seed(&schema.pool, 1, 40, date(2024, 5, 31), SHAPE.features).await.expect("seed");
+    let client = schema.pool.get().await.expect("client");
+    let short = sluice_postgres::packed::pack(&[0.5; 104]);
+    client
+        .execute("UPDATE features SET features = $1 WHERE symbol = 'S0000' AND trade_date = '2024-05-28'", &[&short])
+        .await
+        .expect("a short row");
+    let history = PgHistory::new(schema.pool.clone());
+    let requests = [WindowRequest { symbol: "S0000".into(), as_of: date(2024, 5, 31) }];
+    let results = history.fetch(&requests, SHAPE).await.expect("fetch");
+    let e = results[0].as_ref().expect_err("a short row");
+    assert_eq!(e.reason(), "invalid_window_shape");
+    assert!(
+        e.to_string().contains("S0000")
+            && e.to_string().contains("2024-05-28")
+            && e.to_string().contains("104 features"),
+        "{e}"
+    );
+    drop(client);
+    schema.drop_it().await;
+}
