@@ -30,6 +30,114 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// Why an event is a dead letter: a bounded set, so that a typo does not
+/// compile, and each is also a metric label. `docs/instrumentation.md` lists
+/// them with the stages that give them (a unit test of sluice-stages checks
+/// the list against this enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// A request over `fetcher.max_request_bytes`.
+    RequestTooLarge,
+    MalformedJson,
+    InvalidUtf8,
+    InvalidEvent,
+    InvalidField,
+    UnknownSymbol,
+    InsufficientHistory,
+    InvalidWindowShape,
+    NonFiniteInput,
+    EmptyText,
+    TextTooLong,
+    InvalidTokenCount,
+    UnsupportedKind,
+    UnexpectedPayload,
+    UnknownEnvelopeVersion,
+    UndecodableEnvelope,
+    ModelError,
+    NonFinitePrediction,
+    PredictionOutOfRange,
+    SinkRefused,
+    /// An output larger than the producer may publish (the runtime's own).
+    OutputTooLarge,
+}
+
+impl Reason {
+    /// Every reason, in the order of the documentation's table.
+    pub const ALL: [Self; 21] = [
+        Self::RequestTooLarge,
+        Self::MalformedJson,
+        Self::InvalidUtf8,
+        Self::InvalidEvent,
+        Self::InvalidField,
+        Self::UnknownSymbol,
+        Self::InsufficientHistory,
+        Self::InvalidWindowShape,
+        Self::NonFiniteInput,
+        Self::EmptyText,
+        Self::TextTooLong,
+        Self::InvalidTokenCount,
+        Self::UnsupportedKind,
+        Self::UnexpectedPayload,
+        Self::UnknownEnvelopeVersion,
+        Self::UndecodableEnvelope,
+        Self::ModelError,
+        Self::NonFinitePrediction,
+        Self::PredictionOutOfRange,
+        Self::SinkRefused,
+        Self::OutputTooLarge,
+    ];
+
+    /// The name in dead letters and metric labels (snake_case).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RequestTooLarge => "request_too_large",
+            Self::MalformedJson => "malformed_json",
+            Self::InvalidUtf8 => "invalid_utf8",
+            Self::InvalidEvent => "invalid_event",
+            Self::InvalidField => "invalid_field",
+            Self::UnknownSymbol => "unknown_symbol",
+            Self::InsufficientHistory => "insufficient_history",
+            Self::InvalidWindowShape => "invalid_window_shape",
+            Self::NonFiniteInput => "non_finite_input",
+            Self::EmptyText => "empty_text",
+            Self::TextTooLong => "text_too_long",
+            Self::InvalidTokenCount => "invalid_token_count",
+            Self::UnsupportedKind => "unsupported_kind",
+            Self::UnexpectedPayload => "unexpected_payload",
+            Self::UnknownEnvelopeVersion => "unknown_envelope_version",
+            Self::UndecodableEnvelope => "undecodable_envelope",
+            Self::ModelError => "model_error",
+            Self::NonFinitePrediction => "non_finite_prediction",
+            Self::PredictionOutOfRange => "prediction_out_of_range",
+            Self::SinkRefused => "sink_refused",
+            Self::OutputTooLarge => "output_too_large",
+        }
+    }
+
+    /// The reason named `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<Reason> for &str {
+    fn eq(&self, other: &Reason) -> bool {
+        *self == other.as_str()
+    }
+}
+
 /// Topic, partition and offset of a message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SourceCoordinates {

@@ -23,9 +23,40 @@ pub struct Envelope {
     pub requested_at_ms: i64,
     /// When the last stage wrote this envelope (ms).
     pub updated_at_ms: i64,
-    /// How many times this event has been re-attempted (0 on the first pass).
+    /// How many times this event has been replayed from the dead-letter
+    /// topic (`sluice dlq replay` counts it up; 0 on the first pass).
     pub attempt: u32,
     pub payload: Payload,
+}
+
+/// An envelope's fields but its payload: what a stage keeps of an input to
+/// send the event on with another payload. Not a wire format of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub event_id: String,
+    pub traceparent: Option<String>,
+    pub requested_at_ms: i64,
+    pub attempt: u32,
+}
+
+impl Envelope {
+    /// The header and the payload, to turn the payload into the next one.
+    pub fn into_parts(self) -> (Header, Payload) {
+        let Self { event_id, traceparent, requested_at_ms, updated_at_ms: _, attempt, payload } = self;
+        (Header { event_id, traceparent, requested_at_ms, attempt }, payload)
+    }
+
+    /// The envelope of `payload` under `header`, written now.
+    pub fn from_parts(header: &Header, payload: Payload) -> Self {
+        Self {
+            event_id: header.event_id.clone(),
+            traceparent: header.traceparent.clone(),
+            requested_at_ms: header.requested_at_ms,
+            updated_at_ms: crate::now_ms(),
+            attempt: header.attempt,
+            payload,
+        }
+    }
 }
 
 /// What an envelope carries; the variant says how far the event has come.

@@ -1,5 +1,7 @@
 use thiserror::Error;
 
+use crate::dead_letter::Reason;
+
 /// Why a message could not be read. Every variant is poison (retrying the same
 /// bytes gives the same answer): it goes to the dead-letter topic under
 /// [`MessageError::reason`].
@@ -27,14 +29,14 @@ pub enum MessageError {
 
 impl MessageError {
     /// The bounded dead-letter reason (also a metric label).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::MalformedJson(_) => "malformed_json",
-            Self::InvalidUtf8(_) => "invalid_utf8",
-            Self::InvalidEvent(_) => "invalid_event",
-            Self::InvalidField { .. } => "invalid_field",
-            Self::UnknownEnvelopeVersion(_) => "unknown_envelope_version",
-            Self::Undecodable(_) => "undecodable_envelope",
+            Self::MalformedJson(_) => Reason::MalformedJson,
+            Self::InvalidUtf8(_) => Reason::InvalidUtf8,
+            Self::InvalidEvent(_) => Reason::InvalidEvent,
+            Self::InvalidField { .. } => Reason::InvalidField,
+            Self::UnknownEnvelopeVersion(_) => Reason::UnknownEnvelopeVersion,
+            Self::Undecodable(_) => Reason::UndecodableEnvelope,
         }
     }
 }

@@ -197,7 +197,7 @@ mod tests {
     use super::*;
 
     fn reason(json: &str) -> &'static str {
-        RequestEvent::from_json(json.as_bytes()).expect_err("should be refused").reason()
+        RequestEvent::from_json(json.as_bytes()).expect_err("should be refused").reason().as_str()
     }
 
     #[test]
@@ -274,6 +274,6 @@ mod tests {
         assert!(tabbed.is_ok(), "other control characters are kept: {tabbed:?}");
         let latin1 = b"{\"kind\":\"query\",\"event_id\":\"q\",\"text\":\"caf\xe9\"}";
         let e = RequestEvent::from_json(latin1).expect_err("not UTF-8");
-        assert_eq!((e.reason(), e.to_string().as_str()), ("invalid_utf8", "invalid UTF-8 at byte 42"));
+        assert_eq!((e.reason().as_str(), e.to_string().as_str()), ("invalid_utf8", "invalid UTF-8 at byte 42"));
     }
 }

@@ -21,9 +21,14 @@ pub enum ModelError {
     /// The tokenizer refused a text.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// libtorch failed to load or run the model.
+    /// The backend failed to load or run the model.
     #[error("libtorch: {0}")]
     Torch(String),
+    /// The call needed more memory than the device (or the configured
+    /// `memory_budget_bytes`) has: the caller splits it and lowers its row cap.
+    /// Classified once, where the backend's error is caught.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// The model's output is not `[rows, outputs]`.
     #[error("model returned shape {got:?}, expected [{rows}, {outputs}]")]
     OutputShape { got: Vec<i64>, rows: usize, outputs: usize },
@@ -34,10 +39,4 @@ pub enum ModelError {
     /// The model thread is gone (it panicked or the worker was dropped).
     #[error("the model thread has stopped")]
     WorkerGone,
-}
-
-impl From<tch::TchError> for ModelError {
-    fn from(e: tch::TchError) -> Self {
-        Self::Torch(e.to_string())
-    }
 }

@@ -1,28 +1,29 @@
-//! Sluice's model runtime: a TorchScript model plus its metadata file, loaded
-//! through libtorch (`tch`), owned by one dedicated thread and fed whole batches.
+//! Sluice's model contract, with no engine in it (as text-embeddings-inference's
+//! `backends/core`): what a model is and reads, and the traits a backend
+//! implements. The stages depend on this crate only; `sluice-torch` is the
+//! libtorch backend.
 //!
-//! - [`metadata`]: what ships next to `model.pt` (shape, normalisation
-//!   statistics, the meaning of each output).
-//! - [`Model`]: load, pick the device, warm up, run one batch (synchronous).
-//! - [`Batch`]: a batch's input: stock windows, or padded token ids and masks.
+//! - [`metadata`]: what ships next to a model (`metadata.json`: kind, shape,
+//!   normalisation statistics, the meaning and range of each output).
+//! - [`ModelConfig`]: where a model is and how to run it.
+//! - [`Batch`]: a call's input: stock windows, or padded token ids and masks.
+//! - [`ModelRunner`] and [`ModelLoader`]: a loaded version, and how versions
+//!   are loaded.
 //! - [`QueryTokenizer`]: a query model's `tokenizer.json`.
-//! - [`ModelWorker`]: the thread that owns a [`Model`], and its async handle.
-//! - [`choose_batch_size`]: the batch size by device, or tuned to a latency target.
+//! - [`device_default`]: the batch size by device.
 
+mod batch;
 mod config;
-mod device;
 mod error;
 pub mod metadata;
-mod model;
+mod runner;
 mod tokenizer;
 mod tune;
-mod worker;
 
+pub use batch::Batch;
 pub use config::{DeviceChoice, ModelConfig, Precision};
-pub use device::allow_tf32;
 pub use error::ModelError;
-pub use metadata::ModelMetadata;
-pub use model::{Batch, Model};
+pub use metadata::{ModelKind, ModelMetadata};
+pub use runner::{Inference, ModelLoader, ModelRunner};
 pub use tokenizer::QueryTokenizer;
-pub use tune::{BatchSizeChoice, choose_batch_size};
-pub use worker::{Inference, ModelWorker};
+pub use tune::{BatchSizeChoice, device_default};

@@ -13,8 +13,8 @@ use crate::ModelError;
 pub struct ModelMetadata {
     pub name: String,
     pub version: String,
-    /// The event kind it serves: `stock` or `query`.
-    pub kind: String,
+    /// The event kind it serves.
+    pub kind: ModelKind,
     /// One sample's shape, without the batch dimension: `[days, features]`
     /// (stock) or `[max_length]` (query).
     pub input_shape: Vec<usize>,
@@ -38,8 +38,25 @@ pub struct ModelMetadata {
     pub reference_phrases: Option<PhraseReference>,
 }
 
-/// The event kinds a model can serve.
-pub const KINDS: [&str; 2] = ["stock", "query"];
+/// The event kind a model serves; `kind` in `metadata.json`, and the names
+/// `inferrer.serve` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// A window of days x features in, a prediction (return, confidence) out.
+    Stock,
+    /// Token ids in, an intent (label, confidence) out.
+    Query,
+}
+
+impl ModelKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Stock => "stock",
+            Self::Query => "query",
+        }
+    }
+}
 
 /// `tokenizer.json` (Hugging Face format) beside the model, and how to apply it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +112,7 @@ pub struct OutputSpec {
 
 /// Outputs whose range the output records promise whatever the metadata says
 /// (`schemas/prediction.schema.json`): (kind, output, min, max).
-const PROMISED_RANGES: [(&str, &str, f32, f32); 1] = [("stock", "confidence", 0.0, 1.0)];
+const PROMISED_RANGES: [(ModelKind, &str, f32, f32); 1] = [(ModelKind::Stock, "confidence", 0.0, 1.0)];
 
 /// Raw little-endian f32 files, relative to the model directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,12 +138,12 @@ impl ModelMetadata {
         if self.outputs.is_empty() {
             return Err("outputs must name at least one output".into());
         }
-        match self.kind.as_str() {
-            "stock" if self.input_shape.len() != 2 || self.input_shape.contains(&0) => {
+        match self.kind {
+            ModelKind::Stock if self.input_shape.len() != 2 || self.input_shape.contains(&0) => {
                 return Err(format!("input_shape must be [days, features], got {:?}", self.input_shape));
             }
-            "stock" => {}
-            "query" => {
+            ModelKind::Stock => {}
+            ModelKind::Query => {
                 let Some(tokenizer) = &self.tokenizer else {
                     return Err("a query model needs a tokenizer".into());
                 };
@@ -140,7 +157,6 @@ impl ModelMetadata {
                     return Err("a query model needs labels and exactly one output (the logits)".into());
                 }
             }
-            other => return Err(format!("kind {other:?} is not one of {KINDS:?}")),
         }
         for (i, output) in self.outputs.iter().enumerate() {
             let (min, max) = (output.min.unwrap_or(f32::NEG_INFINITY), output.max.unwrap_or(f32::INFINITY));

@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use chrono::NaiveDate;
 use deadpool_postgres::Pool;
-use sluice_kafka::BatchFailure;
+use sluice_core::BatchFailure;
 use sluice_stages::StageError;
 use sluice_stages::fetcher::{FetchResults, HistorySource, WindowRequest, WindowShape};
 

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use sluice_kafka::{Incoming, Output};
+use sluice_core::{Incoming, Output};
 use sluice_messages::codec;
-use sluice_messages::envelope::{Envelope, Payload};
+use sluice_messages::envelope::{Envelope, Header, Payload};
 
 use crate::StageError;
 
@@ -18,24 +18,10 @@ pub(crate) fn decode(source: usize, input: &Incoming) -> Result<Envelope, Output
     codec::decode(&input.payload).map_err(|e| dead_letter(source, &StageError::from(e), None))
 }
 
-/// Wraps `payload` in a copy of `envelope`'s headers and addresses it to `topic`,
-/// keyed like the input (or by event id when the input had no key).
-pub(crate) fn forward(
-    source: usize,
-    input: &Incoming,
-    topic: &Arc<str>,
-    envelope: &Envelope,
-    payload: Payload,
-) -> Output {
-    let next = Envelope {
-        event_id: envelope.event_id.clone(),
-        traceparent: envelope.traceparent.clone(),
-        requested_at_ms: envelope.requested_at_ms,
-        updated_at_ms: sluice_messages::now_ms(),
-        attempt: envelope.attempt,
-        payload,
-    };
-    send(source, input, topic, &next)
+/// Sends `payload` under `header` to `topic`, keyed like the input (or by
+/// event id when the input had no key).
+pub(crate) fn forward(source: usize, input: &Incoming, topic: &Arc<str>, header: &Header, payload: Payload) -> Output {
+    send(source, input, topic, &Envelope::from_parts(header, payload))
 }
 
 /// Addresses an encoded envelope to `topic`.

@@ -1,5 +1,6 @@
 use chrono::NaiveDate;
 use sluice_messages::MessageError;
+use sluice_messages::dead_letter::Reason;
 use sluice_model::ModelError;
 use thiserror::Error;
 
@@ -29,7 +30,7 @@ pub enum StageError {
     NonFiniteInput { what: &'static str, day: usize, feature: usize },
     /// NaN or infinity in the model's answer.
     #[error("the model returned a non-finite {output} ({value})")]
-    NonFinitePrediction { output: &'static str, value: f32 },
+    NonFinitePrediction { output: String, value: f32 },
     /// An answer outside the range its output declares (`metadata.json`).
     #[error("the model returned {output} = {value}, outside its declared range {min}..={max}")]
     OutOfRange { output: String, value: f32, min: f32, max: f32 },
@@ -51,9 +52,6 @@ pub enum StageError {
     /// The model failed (the whole batch).
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// A sink could not be written (the whole batch; retried).
-    #[error("sink {sink}: {message}")]
-    Sink { sink: &'static str, message: String },
     /// A sink refuses this row and would refuse it again (bad data).
     #[error("{sink} refused the row: {message}")]
     SinkRefused { sink: &'static str, message: String },
@@ -61,24 +59,23 @@ pub enum StageError {
 
 impl StageError {
     /// The bounded dead-letter reason (also a metric label).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             Self::Message(e) => e.reason(),
-            Self::RequestTooLarge { .. } => "request_too_large",
-            Self::UnknownSymbol(_) => "unknown_symbol",
-            Self::InsufficientHistory { .. } => "insufficient_history",
-            Self::WindowShape { .. } | Self::HistoryRow { .. } => "invalid_window_shape",
-            Self::NonFiniteInput { .. } => "non_finite_input",
-            Self::NonFinitePrediction { .. } => "non_finite_prediction",
-            Self::OutOfRange { .. } => "prediction_out_of_range",
-            Self::UnsupportedKind { .. } => "unsupported_kind",
-            Self::EmptyText => "empty_text",
-            Self::TokenCount { .. } => "invalid_token_count",
-            Self::TextTooLong { .. } => "text_too_long",
-            Self::UnexpectedPayload { .. } => "unexpected_payload",
-            Self::Model(_) => "model_error",
-            Self::Sink { .. } => "sink_error",
-            Self::SinkRefused { .. } => "sink_refused",
+            Self::RequestTooLarge { .. } => Reason::RequestTooLarge,
+            Self::UnknownSymbol(_) => Reason::UnknownSymbol,
+            Self::InsufficientHistory { .. } => Reason::InsufficientHistory,
+            Self::WindowShape { .. } | Self::HistoryRow { .. } => Reason::InvalidWindowShape,
+            Self::NonFiniteInput { .. } => Reason::NonFiniteInput,
+            Self::NonFinitePrediction { .. } => Reason::NonFinitePrediction,
+            Self::OutOfRange { .. } => Reason::PredictionOutOfRange,
+            Self::UnsupportedKind { .. } => Reason::UnsupportedKind,
+            Self::EmptyText => Reason::EmptyText,
+            Self::TokenCount { .. } => Reason::InvalidTokenCount,
+            Self::TextTooLong { .. } => Reason::TextTooLong,
+            Self::UnexpectedPayload { .. } => Reason::UnexpectedPayload,
+            Self::Model(_) => Reason::ModelError,
+            Self::SinkRefused { .. } => Reason::SinkRefused,
         }
     }
 }

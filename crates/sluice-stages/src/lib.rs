@@ -1,9 +1,12 @@
-//! Sluice's four stages. Each implements [`sluice_kafka::Stage`]: it gets a
+//! Sluice's four stages. Each implements [`sluice_core::Stage`]: it gets a
 //! batch of consumed messages and returns what to publish, dead letters
-//! included. None of them touches rdkafka.
+//! included. None of them touches rdkafka or libtorch: the Kafka runtime
+//! drives them, and the model stage runs any backend that implements
+//! `sluice_model`'s traits.
 //!
 //! ```text
-//! requests ─► fetcher ─► fetched ─► normalizer ─► normalized ─► inferrer ─► predictions-internal ─► writer ─► predictions (JSON) + file
+//! requests ─► fetcher ─► fetched ─► normalizer ─► normalized ─► inferrer ───────┐
+//!                                              └─► tokenized ─► query-inferrer ─┴─► inferred ─► writer ─► predictions (JSON) + file + PostgreSQL
 //! ```
 
 mod common;
@@ -17,14 +20,18 @@ pub mod writer;
 
 pub use error::StageError;
 pub use fetcher::Fetcher;
-pub use inferrer::{Inferrer, InferrerStats, QueryInferrer};
+pub use inferrer::{Inferrer, InferrerStats, ModelStage, QueryInferrer, Task};
 pub use normalizer::Normalizer;
-pub use writer::{PredictionSink, Writer, WriterStats};
+pub use writer::{PredictionSink, SinkError, Writer, WriterStats};
 
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
+    use sluice_messages::dead_letter::Reason;
+
+    use super::inferrer::query::QueryTask;
+    use super::inferrer::stock::StockTask;
     use super::*;
 
     /// docs/instrumentation.md's dead-letter table: reason -> the stages named
@@ -47,12 +54,12 @@ mod tests {
         documented_reasons().into_iter().filter(|(_, stages)| stages.contains(stage)).map(|(r, _)| r).collect()
     }
 
-    fn set(reasons: &[&str]) -> BTreeSet<String> {
+    fn set(reasons: &[Reason]) -> BTreeSet<String> {
         reasons.iter().map(|r| r.to_string()).collect()
     }
 
     /// The reasons each stage declares (their counters start at 0) are those the
-    /// documentation lists for it; the two inferrers share the "inferrer" rows.
+    /// documentation lists for it; the two model stages share the "inferrer" rows.
     #[test]
     fn each_stage_declares_the_dead_letter_reasons_documented_for_it() {
         assert!(documented_reasons().len() >= 15, "the table was not read: {:?}", documented_reasons());
@@ -60,8 +67,15 @@ mod tests {
         assert_eq!(set(Normalizer::DEAD_LETTER_REASONS), documented_for("normalizer"));
         assert_eq!(set(Writer::DEAD_LETTER_REASONS), documented_for("writer"));
         let inferrers: BTreeSet<_> =
-            set(Inferrer::DEAD_LETTER_REASONS).union(&set(QueryInferrer::DEAD_LETTER_REASONS)).cloned().collect();
+            set(StockTask::DEAD_LETTER_REASONS).union(&set(QueryTask::DEAD_LETTER_REASONS)).cloned().collect();
         assert_eq!(inferrers, documented_for("inferrer"));
         assert_eq!(documented_reasons().get("output_too_large").map(|s| s.contains("any")), Some(true));
+    }
+
+    /// Every reason of the enum is documented, and the documentation names no other.
+    #[test]
+    fn the_documented_reasons_are_the_enums() {
+        let documented: BTreeSet<String> = documented_reasons().into_keys().collect();
+        assert_eq!(documented, set(&Reason::ALL));
     }
 }

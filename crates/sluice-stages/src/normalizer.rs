@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
-use sluice_messages::envelope::QueryTokens;
-use sluice_messages::envelope::{Payload, StockWindow};
+use sluice_core::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::dead_letter::Reason;
+use sluice_messages::envelope::{Payload, QueryTokens, StockWindow};
 use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
@@ -37,15 +37,15 @@ pub struct Queries {
 
 impl Normalizer {
     /// The dead-letter reasons this stage gives (docs/instrumentation.md).
-    pub const DEAD_LETTER_REASONS: &[&str] = &[
-        "unknown_envelope_version",
-        "undecodable_envelope",
-        "unexpected_payload",
-        "invalid_window_shape",
-        "non_finite_input",
-        "empty_text",
-        "text_too_long",
-        "unsupported_kind",
+    pub const DEAD_LETTER_REASONS: &[Reason] = &[
+        Reason::UnknownEnvelopeVersion,
+        Reason::UndecodableEnvelope,
+        Reason::UnexpectedPayload,
+        Reason::InvalidWindowShape,
+        Reason::NonFiniteInput,
+        Reason::EmptyText,
+        Reason::TextTooLong,
+        Reason::UnsupportedKind,
     ];
 
     /// `days` and the statistics' length fix the window shape it accepts.
@@ -112,7 +112,7 @@ impl Stage for Normalizer {
         "normalizer"
     }
 
-    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
         Self::DEAD_LETTER_REASONS
     }
 
@@ -121,11 +121,11 @@ impl Stage for Normalizer {
             .iter()
             .enumerate()
             .map(|(i, input)| {
-                let envelope = match decode(i, input) {
-                    Ok(envelope) => envelope,
+                let (header, payload) = match decode(i, input) {
+                    Ok(envelope) => envelope.into_parts(),
                     Err(dead) => return dead,
                 };
-                let result = match (&envelope.payload, &self.queries) {
+                let result = match (&payload, &self.queries) {
                     (Payload::Fetched(window), _) => {
                         self.normalize(window).map(|w| (&self.output, Payload::Normalized(w)))
                     }
@@ -141,8 +141,8 @@ impl Stage for Normalizer {
                     }
                 };
                 match result {
-                    Ok((topic, payload)) => forward(i, input, topic, &envelope, payload),
-                    Err(e) => dead_letter(i, &e, Some(envelope.event_id)),
+                    Ok((topic, payload)) => forward(i, input, topic, &header, payload),
+                    Err(e) => dead_letter(i, &e, Some(header.event_id)),
                 }
             })
             .collect())
@@ -180,7 +180,7 @@ mod tests {
         let n = normalizer();
         let nan = n.normalize(&window(vec![1.0, f32::NAN, 0.0, 0.0])).expect_err("NaN");
         assert_eq!(
-            (nan.reason(), nan.to_string().as_str()),
+            (nan.reason().as_str(), nan.to_string().as_str()),
             ("non_finite_input", "non-finite input at day 0, feature 1")
         );
         let inf = n.normalize(&window(vec![0.0, 0.0, f32::INFINITY, 0.0])).expect_err("inf");

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use metrics::counter;
 use sluice_control::Settings;
-use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
+use sluice_core::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::dead_letter::Reason;
 use sluice_messages::envelope::{Envelope, Payload};
 use sluice_messages::prediction::{IntentRecord, ModelRef, PredictionRecord};
 use tokio::sync::watch;
 
-use crate::StageError;
 use crate::common::{dead_letter, decode};
+use crate::{StageError, telemetry};
 
 /// A durable destination for saved predictions (PostgreSQL). Called once per
 /// batch, before the batch's offsets can be committed; it must be idempotent
@@ -77,13 +77,13 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     /// The dead-letter reasons this stage gives (docs/instrumentation.md).
-    pub const DEAD_LETTER_REASONS: &[&str] = &[
-        "unknown_envelope_version",
-        "undecodable_envelope",
-        "unexpected_payload",
-        "non_finite_prediction",
-        "prediction_out_of_range",
-        "sink_refused",
+    pub const DEAD_LETTER_REASONS: &[Reason] = &[
+        Reason::UnknownEnvelopeVersion,
+        Reason::UndecodableEnvelope,
+        Reason::UnexpectedPayload,
+        Reason::NonFinitePrediction,
+        Reason::PredictionOutOfRange,
+        Reason::SinkRefused,
     ];
 
     /// Drops predictions under the live `min_confidence`; appends the others
@@ -93,7 +93,7 @@ impl Writer {
         file: Option<&Path>,
         output_topic: &str,
         stats: Arc<WriterStats>,
-    ) -> Result<Self, StageError> {
+    ) -> std::io::Result<Self> {
         let file = match file {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
@@ -108,12 +108,12 @@ impl Writer {
     }
 }
 
-fn open_append(path: &Path) -> Result<File, StageError> {
+fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| StageError::Sink { sink: "file", message: format!("{}: {e}", path.display()) })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("the file sink {}: {e}", path.display())))
 }
 
 /// One answer to save: the input it came from, its key and its JSON.
@@ -148,7 +148,7 @@ impl Writer {
                     .into_iter()
                     .find(|(_, v)| !v.is_finite())
                 {
-                    return bad(StageError::NonFinitePrediction { output, value }, event_id);
+                    return bad(StageError::NonFinitePrediction { output: output.into(), value }, event_id);
                 }
                 if !(0.0..=1.0).contains(&p.confidence) {
                     let e =
@@ -175,7 +175,8 @@ impl Writer {
                 if let Some(value) =
                     std::iter::once(q.confidence).chain(q.top.iter().map(|t| t.score)).find(|v| !v.is_finite())
                 {
-                    return bad(StageError::NonFinitePrediction { output: "confidence or scores", value }, event_id);
+                    let e = StageError::NonFinitePrediction { output: "confidence or scores".into(), value };
+                    return bad(e, event_id);
                 }
                 if let Some(value) = std::iter::once(q.confidence)
                     .chain(q.top.iter().map(|t| t.score))
@@ -239,22 +240,16 @@ async fn save_isolating(
             Ok(()) => {}
             Err(SinkError::Refused(reason)) if range.len() == 1 => refused[range.start] = Some(reason),
             Err(SinkError::Refused(reason)) => {
-                tracing::warn!(
-                    sink = sink.name(),
-                    rows = range.len(),
-                    reason,
-                    "the sink refused rows of a batch: isolating them"
-                );
-                counter!("sluice_writer_sink_bisections_total", "sink" => sink.name()).increment(1);
+                telemetry::sink_bisected(sink.name(), range.len(), &reason);
                 let mid = range.start + range.len() / 2;
                 pending.push(mid..range.end);
                 pending.push(range.start..mid);
             }
             Err(SinkError::Retryable(message)) => {
-                return Err(BatchFailure { retryable: true, message: format!("sink {}: {message}", sink.name()) });
+                return Err(BatchFailure::retryable(message).context(&format!("sink {}", sink.name())));
             }
             Err(SinkError::Fatal(message)) => {
-                return Err(BatchFailure { retryable: false, message: format!("sink {}: {message}", sink.name()) });
+                return Err(BatchFailure::fatal(message).context(&format!("sink {}", sink.name())));
             }
         }
     }
@@ -266,7 +261,7 @@ impl Stage for Writer {
         "writer"
     }
 
-    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
         Self::DEAD_LETTER_REASONS
     }
 
@@ -361,7 +356,7 @@ impl Stage for Writer {
                     // writer would flush it after the cut.
                     let _ = std::mem::replace(file, BufWriter::new(f)).into_parts();
                 }
-                return Err(BatchFailure { retryable: true, message: format!("writing {}: {e}", path.display()) });
+                return Err(BatchFailure::retryable(e).context(&format!("writing {}", path.display())));
             }
         }
         // 3. The topic.
@@ -386,8 +381,7 @@ impl Stage for Writer {
         }
         self.stats.written.fetch_add(written, Ordering::Relaxed);
         self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
-        counter!("sluice_writer_predictions_written_total").increment(written);
-        counter!("sluice_writer_below_min_confidence_total").increment(below);
+        telemetry::written(written, below);
         Ok(outputs)
     }
 }
@@ -505,14 +499,14 @@ mod tests {
             assert!(std::fs::read_to_string(&file).unwrap_or_default().is_empty());
         }
         let outputs = writer.process(&batch).await.expect("processed");
-        let dead: Vec<(usize, &str, &str)> = outputs
+        let dead: Vec<(usize, Reason, &str)> = outputs
             .iter()
             .filter_map(|o| match o {
                 Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
                 Output::Send { .. } => None,
             })
             .collect();
-        assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(2, "sink_refused"), (5, "sink_refused")]);
+        assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(2, Reason::SinkRefused), (5, Reason::SinkRefused)]);
         assert!(dead[0].2.contains("SQLSTATE 22021"), "{}", dead[0].2);
         let mut saved = sink.saved.lock().expect("lock").clone();
         saved.sort();
@@ -544,6 +538,6 @@ mod tests {
         }
         input.payload = codec::encode(&envelope);
         let outputs = writer.process(&[input]).await.expect("processed");
-        assert!(matches!(&outputs[..], [Output::DeadLetter { reason: "prediction_out_of_range", .. }]), "{outputs:?}");
+        assert!(matches!(&outputs[..], [Output::DeadLetter { reason: Reason::PredictionOutOfRange, .. }]), "{outputs:?}");
     }
 }

@@ -8,14 +8,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::NaiveDate;
-use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
-use sluice_messages::envelope::{Envelope, Payload, QueryText, StockWindow};
+use sluice_core::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::dead_letter::Reason;
+use sluice_messages::envelope::{Header, Payload, QueryText, StockWindow};
 use sluice_messages::events::{RequestEvent, StockRequest};
 
 pub use synthetic::{SyntheticConfig, SyntheticSource, feature_mean, feature_std, synthetic_row, trading_days_back};
 
 use crate::StageError;
-use crate::common::{dead_letter, send};
+use crate::common::{dead_letter, forward};
 
 /// The shape every window must have: the model's input shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +68,15 @@ impl std::fmt::Debug for Fetcher {
 
 impl Fetcher {
     /// The dead-letter reasons this stage gives (docs/instrumentation.md).
-    pub const DEAD_LETTER_REASONS: &[&str] = &[
-        "request_too_large",
-        "malformed_json",
-        "invalid_utf8",
-        "invalid_event",
-        "invalid_field",
-        "unknown_symbol",
-        "insufficient_history",
-        "invalid_window_shape",
+    pub const DEAD_LETTER_REASONS: &[Reason] = &[
+        Reason::RequestTooLarge,
+        Reason::MalformedJson,
+        Reason::InvalidUtf8,
+        Reason::InvalidEvent,
+        Reason::InvalidField,
+        Reason::UnknownSymbol,
+        Reason::InsufficientHistory,
+        Reason::InvalidWindowShape,
     ];
 
     /// The default `fetcher.max_request_bytes`: a full inline window of the
@@ -112,7 +113,8 @@ fn window(symbol: &str, as_of: NaiveDate, shape: WindowShape, values: Vec<f32>) 
 /// What became of one input (or one step of a backfill) before the source is asked.
 enum Pending {
     Done(Output),
-    Fetch { source: usize, request: WindowRequest, envelope: Envelope },
+    /// A window to fetch, sent on under `header` once it is there.
+    Fetch { source: usize, request: WindowRequest, header: Header },
 }
 
 impl Stage for Fetcher {
@@ -120,7 +122,7 @@ impl Stage for Fetcher {
         "fetcher"
     }
 
-    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
         Self::DEAD_LETTER_REASONS
     }
 
@@ -142,23 +144,20 @@ impl Stage for Fetcher {
             // Request events have no trace field of their own: the request's
             // `traceparent` header is the trace, so the envelope records it and
             // agrees with the headers of every record that follows.
-            let traceparent = input.traceparent.map(|t| t.to_string());
-            let envelope = |event_id: String, payload: Payload| Envelope {
+            let header = |event_id: String| Header {
                 event_id,
-                traceparent: traceparent.clone(),
+                traceparent: input.traceparent.map(|t| t.to_string()),
                 requested_at_ms: input.timestamp_ms.unwrap_or_else(sluice_messages::now_ms),
-                updated_at_ms: sluice_messages::now_ms(),
                 attempt: 0,
-                payload,
             };
             match event {
                 RequestEvent::Query(query) => {
-                    let e = envelope(query.event_id, Payload::Query(QueryText { text: query.text }));
-                    pending.push(Pending::Done(send(i, input, &self.output, &e)));
+                    let payload = Payload::Query(QueryText { text: query.text });
+                    pending.push(Pending::Done(forward(i, input, &self.output, &header(query.event_id), payload)));
                 }
                 RequestEvent::Stock(request) => match &request.window {
                     Some(rows) => pending.push(Pending::Done(match self.inline_window(&request, rows) {
-                        Ok(w) => send(i, input, &self.output, &envelope(request.event_id.clone(), Payload::Fetched(w))),
+                        Ok(w) => forward(i, input, &self.output, &header(request.event_id.clone()), Payload::Fetched(w)),
                         Err(e) => dead_letter(i, &e, Some(request.event_id.clone())),
                     })),
                     // A backfill's steps are fetched in the same query as the rest of the batch.
@@ -167,7 +166,7 @@ impl Stage for Fetcher {
                             pending.push(Pending::Fetch {
                                 source: i,
                                 request: WindowRequest { symbol: request.symbol.clone(), as_of },
-                                envelope: envelope(event_id, Payload::Query(QueryText { text: String::new() })),
+                                header: header(event_id),
                             });
                         }
                     }
@@ -189,17 +188,15 @@ impl Stage for Fetcher {
         for p in pending {
             outputs.push(match p {
                 Pending::Done(output) => output,
-                Pending::Fetch { source, request, mut envelope } => match fetched.next() {
+                Pending::Fetch { source, request, header } => match fetched.next() {
                     Some(Ok(values)) => {
-                        envelope.payload = Payload::Fetched(window(&request.symbol, request.as_of, self.shape, values));
-                        send(source, &batch[source], &self.output, &envelope)
+                        let payload = Payload::Fetched(window(&request.symbol, request.as_of, self.shape, values));
+                        forward(source, &batch[source], &self.output, &header, payload)
                     }
-                    Some(Err(e)) => dead_letter(source, &e, Some(envelope.event_id)),
+                    Some(Err(e)) => dead_letter(source, &e, Some(header.event_id)),
                     None => {
-                        return Err(BatchFailure {
-                            retryable: false,
-                            message: format!("history source {} returned too few results", self.source.name()),
-                        });
+                        let message = format!("history source {} returned too few results", self.source.name());
+                        return Err(BatchFailure::fatal(message));
                     }
                 },
             });

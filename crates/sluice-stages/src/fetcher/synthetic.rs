@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use chrono::{Datelike, NaiveDate, Weekday};
 use serde::{Deserialize, Serialize};
-use sluice_kafka::BatchFailure;
+use sluice_core::BatchFailure;
 
 use super::{FetchResults, HistorySource, WindowRequest, WindowShape};
 use crate::StageError;

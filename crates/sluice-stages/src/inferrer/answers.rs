@@ -10,20 +10,8 @@ use std::time::Duration;
 use sluice_control::cache::{CacheKey, PredictionCache, Tier};
 use sluice_model::ModelError;
 
-use super::InferrerStats;
-use super::served::RowAnswer;
+use super::{Answer, InferrerStats};
 use crate::telemetry;
-
-/// One row's answer.
-#[derive(Debug, Clone)]
-pub(crate) struct Answer {
-    /// The model's output row.
-    pub(crate) values: Vec<f32>,
-    pub(crate) cached: bool,
-    /// Rows and padded length of the model call that computed it (0 when cached).
-    pub(crate) call_rows: u32,
-    pub(crate) padded_length: u32,
-}
 
 /// Rows of a batch with the same input: computed once.
 pub(crate) struct Group {
@@ -106,7 +94,7 @@ impl Answers {
         cache: Option<&PredictionCache>,
         model: &str,
         version: &str,
-        computed: Vec<Result<RowAnswer, ModelError>>,
+        computed: Vec<Result<Answer, ModelError>>,
         valid: impl Fn(&[f32]) -> bool,
         ttl: Duration,
         stats: &Arc<InferrerStats>,
@@ -114,14 +102,13 @@ impl Answers {
         let mut fresh = Vec::new();
         let mut model_rows = 0;
         for (group, result) in self.to_compute.iter().zip(computed) {
-            let answer = result.map(|a| {
+            let answer = result.inspect(|a| {
                 model_rows += 1;
                 if let Some(key) = group.key
                     && valid(&a.values)
                 {
                     fresh.push((key, a.values.clone()));
                 }
-                Answer { values: a.values, cached: false, call_rows: a.call_rows, padded_length: a.padded_length }
             });
             for row in &group.rows {
                 self.rows[*row] = Some(answer.clone());

@@ -1,33 +1,47 @@
-//! The inferrers: each answers the batches the runtime cuts (size, or deadline
-//! from the oldest message) from the prediction cache where it can, and runs
-//! its model on the rest, on the model thread, while the runtime accumulates
-//! the next batch. Identical inputs in a batch share one model row. Non-finite
-//! answers are dead letters. A `model_version` override loads the new version
+//! The model stage: one stage for every model kind. It answers the batches
+//! the runtime cuts (size, or deadline from the oldest message) from the
+//! prediction cache where it can, and runs its model on the rest while the
+//! runtime accumulates the next batch. Identical inputs in a batch share one
+//! model row. An answer that is not finite or outside its output's declared
+//! range is a dead letter. A `model_version` override loads the new version
 //! beside the serving one, warms it up, and swaps it in between two batches.
 //!
-//! [`Inferrer`] serves the stock model (normalised windows, one model call per
-//! batch); [`QueryInferrer`] the query model (token ids, padded per call to the
-//! call's longest sequence, calls capped by rows and by padded tokens). Each
-//! reads its own topic with its own batcher, so one process can run both, or a
-//! deployment one.
+//! What differs between kinds is a [`Task`]: how a payload becomes a row, its
+//! cache key and length, how rows are laid out as one call's input, and what
+//! the answer is. [`stock::StockTask`] serves normalised windows (one call per
+//! batch, unless the row cap splits it); [`query::QueryTask`] serves token
+//! ids, padded per call to the call's longest sequence, calls capped by rows
+//! and by padded tokens. A third kind is one more `Task`.
+//!
+//! - [`plan`]: cutting what the cache did not answer into model calls.
+//! - [`calls`]: running a call, split in halves where it fails, with the row cap.
+//! - [`served`]: the serving version, and switching to another.
+//! - [`answers`]: the cache's part, the same for every kind.
 
 mod answers;
-mod query;
+mod calls;
+mod plan;
+pub mod query;
 mod served;
+pub mod stock;
 
+use std::marker::PhantomData;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sluice_control::Settings;
 use sluice_control::cache::{CacheKey, PredictionCache};
-use sluice_kafka::{BatchFailure, Incoming, Output, Stage};
-use sluice_messages::envelope::{Envelope, Payload, StockPrediction};
-use sluice_model::{Batch, ModelConfig, ModelError, ModelWorker};
+use sluice_core::{BatchFailure, Incoming, Output, Stage};
+use sluice_messages::dead_letter::Reason;
+use sluice_messages::envelope::{Header, Payload};
+use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelLoader, ModelMetadata, ModelRunner};
 use tokio::sync::watch;
 
 use self::answers::Answers;
-pub use self::query::QueryInferrer;
+pub use self::calls::Answer;
+use self::calls::Calls;
 use self::served::ServedModel;
 use crate::StageError;
 use crate::common::{dead_letter, decode, forward};
@@ -58,195 +72,199 @@ impl InferrerStats {
     }
 }
 
-/// The stock inferrer stage.
-#[derive(Debug)]
-pub struct Inferrer {
-    served: ServedModel,
-    cache: Option<Arc<PredictionCache>>,
-    output: Arc<str>,
-    /// Reused across batches: the model input, `rows x sample_len`.
-    input: Vec<f32>,
+/// What one model kind does in the model stage.
+pub trait Task: Send + Sync + 'static {
+    /// The stage's name: its consumer group, metrics and logs.
+    const STAGE: &'static str;
+    /// The `kind` its models declare in `metadata.json`.
+    const KIND: ModelKind;
+    /// The dead-letter reasons the stage gives (docs/instrumentation.md).
+    const DEAD_LETTER_REASONS: &'static [Reason];
+    /// One input the model can take.
+    type Row: Send + Sync;
+
+    /// Whether a model (the one given at start, or a version switched to)
+    /// can serve this task: the outputs it must have, its tokenizer.
+    fn check(metadata: &ModelMetadata, dir: &Path) -> Result<(), ModelError>;
+
+    /// Whether version `new` reads the same input as `serving`: the stages
+    /// upstream prepare inputs for the serving one, so a different input is a
+    /// new model, not a version.
+    fn same_input(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError>;
+
+    /// The row of one input, or why the model cannot take it.
+    fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<Self::Row, StageError>;
+
+    /// The cache key of a row under a model's name and version.
+    fn cache_key(row: &Self::Row, model: &str, version: &str) -> CacheKey;
+
+    /// The row's length in tokens (1 for a window): a call's cost is its rows
+    /// times its longest row.
+    fn length(row: &Self::Row) -> usize;
+
+    /// A call's token budget under `settings` (unbounded for windows).
+    fn max_tokens(settings: &Settings) -> usize;
+
+    /// Lays `rows` out as one call's input, reusing `recycled`'s buffers.
+    fn assemble(rows: &[&Self::Row], metadata: &ModelMetadata, recycled: Option<Batch>) -> Batch;
+
+    /// What is sent on for a row and its answer (finite and within range).
+    fn answer(row: Self::Row, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload;
 }
 
-impl Inferrer {
-    /// The dead-letter reasons this stage gives (docs/instrumentation.md).
-    pub const DEAD_LETTER_REASONS: &[&str] = &[
-        "unknown_envelope_version",
-        "undecodable_envelope",
-        "unexpected_payload",
-        "invalid_window_shape",
-        "model_error",
-        "non_finite_prediction",
-        "prediction_out_of_range",
-    ];
+/// The stock model's stage (`inferrer`).
+pub type Inferrer<L> = ModelStage<stock::StockTask, L>;
+/// The query model's stage (`query-inferrer`).
+pub type QueryInferrer<L> = ModelStage<query::QueryTask, L>;
 
-    /// Takes a started (warmed-up) model worker whose outputs include
-    /// `predicted_return` and `confidence`, the configuration it was started
-    /// from, the live settings, and the prediction cache if there is one.
+/// The model stage for task `T`, with versions loaded by `L`.
+pub struct ModelStage<T: Task, L: ModelLoader> {
+    served: ServedModel<L>,
+    calls: Calls,
+    cache: Option<Arc<PredictionCache>>,
+    output: Arc<str>,
+    /// The last call's input buffers, reused by the next batch's first call.
+    spare: Option<Batch>,
+    task: PhantomData<T>,
+}
+
+impl<T: Task, L: ModelLoader> std::fmt::Debug for ModelStage<T, L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelStage")
+            .field("stage", &T::STAGE)
+            .field("serving", &self.served.runner().version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Task, L: ModelLoader> ModelStage<T, L> {
+    /// Takes a loaded (warmed-up) version of the model, the configuration it
+    /// was loaded from, the loader for other versions, the live settings, and
+    /// the prediction cache if there is one.
     pub fn new(
-        worker: ModelWorker,
+        loader: L,
+        runner: L::Runner,
         model: ModelConfig,
         settings: watch::Receiver<Settings>,
         cache: Option<Arc<PredictionCache>>,
         output_topic: &str,
         stats: Arc<InferrerStats>,
     ) -> Result<Self, ModelError> {
-        output_indices(&worker)?;
+        let metadata = runner.metadata();
+        if metadata.kind != T::KIND {
+            return Err(ModelError::Metadata {
+                path: model.version_dir(runner.version()).join("metadata.json"),
+                message: format!("the {} stage serves {} models, not {}", T::STAGE, T::KIND.as_str(), metadata.kind.as_str()),
+            });
+        }
+        T::check(metadata, &model.version_dir(runner.version()))?;
+        let calls = Calls::new(&metadata.name, model.memory_budget_bytes);
         Ok(Self {
-            served: ServedModel::new(worker, model, settings, compatible, stats),
+            served: ServedModel::new(loader, runner, model, settings, checked::<T>, stats),
+            calls,
             cache,
             output: output_topic.into(),
-            input: Vec::new(),
+            spare: None,
+            task: PhantomData,
         })
     }
 }
 
-/// A new version must take the same input as the serving one: the upstream
-/// stages shape and normalise windows for it.
-fn compatible(_: &ModelConfig, serving: &ModelWorker, new: &ModelWorker) -> Result<(), ModelError> {
-    output_indices(new)?;
-    let (a, b) = (serving.metadata(), new.metadata());
-    if a.kind != b.kind || a.input_shape != b.input_shape || a.normalization != b.normalization {
-        return Err(ModelError::Metadata {
-            path: format!("version {}/metadata.json", new.version()).into(),
-            message: format!(
-                "input shape {:?} or normalisation differs from the serving version {} ({:?}): a different input is a new model, not a version",
-                b.input_shape,
-                serving.version(),
-                a.input_shape
-            ),
-        });
-    }
-    Ok(())
+/// [`Task::check`] and [`Task::same_input`] of a version to switch to.
+fn checked<T: Task>(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError> {
+    T::check(new.0, &config.version_dir(new.1))?;
+    T::same_input(config, serving, new)
 }
 
-fn output_indices(worker: &ModelWorker) -> Result<(usize, usize), ModelError> {
-    let metadata = worker.metadata();
-    let index = |name: &str| {
-        metadata.output_index(name).ok_or_else(|| ModelError::Metadata {
-            path: format!("version {}/metadata.json", worker.version()).into(),
-            message: format!("the model has no output named {name:?}"),
-        })
-    };
-    Ok((index("predicted_return")?, index("confidence")?))
-}
-
-/// Decodes a batch: (input index, envelope) of the rows `check` accepts, and
-/// a dead letter for each of the others.
-fn accept(batch: &[Incoming], check: impl Fn(&Payload) -> Option<StageError>) -> (Vec<(usize, Envelope)>, Vec<Output>) {
-    let mut rows = Vec::with_capacity(batch.len());
-    let mut dead = Vec::new();
-    for (i, incoming) in batch.iter().enumerate() {
-        match decode(i, incoming) {
-            Ok(envelope) => match check(&envelope.payload) {
-                None => rows.push((i, envelope)),
-                Some(e) => dead.push(dead_letter(i, &e, Some(envelope.event_id))),
-            },
-            Err(letter) => dead.push(letter),
-        }
-    }
-    (rows, dead)
-}
-
-impl Stage for Inferrer {
+impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
     fn name(&self) -> &'static str {
-        "inferrer"
+        T::STAGE
     }
 
-    fn dead_letter_reasons(&self) -> &'static [&'static str] {
-        Self::DEAD_LETTER_REASONS
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
+        T::DEAD_LETTER_REASONS
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let settings = self.served.follow_settings().await;
-        let worker = &self.served.worker;
-        let metadata = worker.metadata().clone();
-        let version = worker.version().to_string();
-        let (return_index, confidence_index) =
-            output_indices(worker).map_err(|e| BatchFailure { retryable: false, message: e.to_string() })?;
-        let sample_len = metadata.sample_len();
+        let Self { served, calls, cache, output, spare, .. } = self;
+        let runner = served.runner();
+        let metadata = runner.metadata().clone();
+        let version = runner.version().to_string();
 
-        let (rows, mut outputs) = accept(batch, |payload| match payload {
-            Payload::Normalized(w) if w.values.len() == sample_len && w.rows as usize == metadata.days() => None,
-            Payload::Normalized(w) => Some(StageError::WindowShape {
-                rows: w.rows as usize,
-                cols: w.cols as usize,
-                want_rows: metadata.days(),
-                want_cols: metadata.features(),
-            }),
-            other => Some(StageError::UnexpectedPayload { expected: "normalized", got: other.kind() }),
-        });
+        // The rows the model can take; a dead letter for each of the others.
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut rows: Vec<(usize, Header, T::Row)> = Vec::with_capacity(batch.len());
+        for (i, input) in batch.iter().enumerate() {
+            let (header, payload) = match decode(i, input) {
+                Ok(envelope) => envelope.into_parts(),
+                Err(dead) => {
+                    outputs.push(dead);
+                    continue;
+                }
+            };
+            match T::accept(payload, &metadata) {
+                Ok(row) => rows.push((i, header, row)),
+                Err(e) => outputs.push(dead_letter(i, &e, Some(header.event_id))),
+            }
+        }
         if rows.is_empty() {
             return Ok(outputs);
         }
-        let window = |row: usize| match &rows[row].1.payload {
-            Payload::Normalized(w) => &w.values[..],
-            _ => &[],
-        };
 
-        let cache = self.cache.as_deref().filter(|_| settings.cache_enabled);
+        let cache = cache.as_deref().filter(|_| settings.cache_enabled);
         let ttl = Duration::from_secs(settings.cache_ttl_s);
         let width = metadata.output_width();
-        let key = |row: usize| CacheKey::of(&metadata.name, &version, window(row));
         let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
-        let mut answers =
-            Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, &self.served.stats).await;
+        let key = |row: usize| T::cache_key(&rows[row].2, &metadata.name, &version);
+        let stats = served.stats();
+        let mut answers = Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, stats).await;
 
-        // The model on what is left: one call, split only if it fails.
+        // The model on what is left, in planned calls; a call that fails is
+        // split until only what fails alone is left.
         let groups = &answers.to_compute;
-        let input = &mut self.input;
-        let computed = self
-            .served
-            .infer_rows(groups.len(), width, |range, recycled| {
-                let mut buffer = recycled.map(Batch::into_windows).unwrap_or_else(|| std::mem::take(input));
-                buffer.clear();
-                for group in &groups[range] {
-                    buffer.extend_from_slice(window(group.rows[0]));
-                }
-                Batch::Windows(buffer)
-            })
-            .await
-            .map_err(|e| BatchFailure { retryable: false, message: StageError::from(e).to_string() })?;
-        answers.fill(cache, &metadata.name, &version, computed, valid, ttl, &self.served.stats).await;
+        let row_of = |group: usize| &rows[groups[group].rows[0]].2;
+        let lengths: Vec<usize> = (0..groups.len()).map(|g| T::length(row_of(g))).collect();
+        let mut computed: Vec<Option<Result<Answer, ModelError>>> = vec![None; groups.len()];
+        for call in plan::calls(&lengths, settings.max_batch_size, T::max_tokens(&settings)) {
+            let results = calls
+                .run(runner, call.len(), width, spare, |range, recycled| {
+                    let members: Vec<&T::Row> = call[range].iter().map(|g| row_of(*g)).collect();
+                    T::assemble(&members, &metadata, recycled)
+                })
+                .await
+                .map_err(|e| BatchFailure::fatal(StageError::from(e)))?;
+            for (group, result) in call.iter().zip(results) {
+                computed[*group] = Some(result);
+            }
+        }
+        let computed = computed.into_iter().map(|c| c.expect("every group is in one call")).collect();
+        answers.fill(cache, &metadata.name, &version, computed, valid, ttl, stats).await;
 
         let inferred_at_ms = sluice_messages::now_ms();
-        for ((i, envelope), answer) in rows.into_iter().zip(answers.rows) {
-            let answer = match answer {
-                Some(Ok(answer)) => answer,
-                Some(Err(e)) => {
-                    outputs.push(dead_letter(i, &StageError::Model(e), Some(envelope.event_id)));
+        for ((i, header, row), answer) in rows.into_iter().zip(answers.rows) {
+            let answer = match answer.expect("every row is answered or failed") {
+                Ok(answer) => answer,
+                Err(e) => {
+                    outputs.push(dead_letter(i, &StageError::Model(e), Some(header.event_id)));
                     continue;
                 }
-                None => unreachable!("every row is answered or failed"),
             };
-            let (predicted_return, confidence) = (answer.values[return_index], answer.values[confidence_index]);
-            let bad = [("predicted_return", predicted_return), ("confidence", confidence)]
-                .into_iter()
-                .find(|(_, v)| !v.is_finite());
-            if let Some((output, value)) = bad {
-                let e = StageError::NonFinitePrediction { output, value };
-                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
-                continue;
-            }
             if let Some((output, value, min, max)) = metadata.invalid_value(&answer.values) {
-                let e = StageError::OutOfRange { output: output.to_string(), value, min, max };
-                outputs.push(dead_letter(i, &e, Some(envelope.event_id)));
+                let e = if value.is_finite() {
+                    StageError::OutOfRange { output: output.to_string(), value, min, max }
+                } else {
+                    StageError::NonFinitePrediction { output: output.to_string(), value }
+                };
+                outputs.push(dead_letter(i, &e, Some(header.event_id)));
                 continue;
             }
-            let Payload::Normalized(window) = &envelope.payload else { unreachable!("only normalized rows are kept") };
-            let prediction = StockPrediction {
-                symbol: window.symbol.clone(),
-                as_of: window.as_of,
-                predicted_return,
-                confidence,
-                model_name: metadata.name.clone(),
-                model_version: version.clone(),
-                batch_size: answer.call_rows,
-                cached: answer.cached,
-                inferred_at_ms,
-            };
-            outputs.push(forward(i, &batch[i], &self.output, &envelope, Payload::Prediction(prediction)));
+            let payload = T::answer(row, &answer, &metadata, &version, inferred_at_ms);
+            outputs.push(forward(i, &batch[i], output, &header, payload));
         }
         Ok(outputs)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,22 +6,12 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use sluice_model::{Batch, Inference, ModelConfig, ModelError, ModelMetadata, ModelRunner};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Batch, Model, ModelConfig, ModelError, ModelMetadata};
-
-/// One model run's result.
-#[derive(Debug, Clone)]
-pub struct Inference {
-    /// `rows x outputs` values, row-major.
-    pub outputs: Vec<f32>,
-    /// Time spent in the model call.
-    pub elapsed: Duration,
-    /// The input buffers, handed back so that the caller can reuse them.
-    pub input: Batch,
-}
+use crate::Model;
 
 enum Job {
     Infer {
@@ -59,35 +49,36 @@ impl ModelWorker {
         Ok(Self { jobs: Some(jobs_tx), metadata: Arc::new(metadata), device, version, thread: Some(thread) })
     }
 
-    pub fn metadata(&self) -> &Arc<ModelMetadata> {
+    async fn send(&self, job: Job) -> Result<(), ModelError> {
+        let jobs = self.jobs.as_ref().ok_or(ModelError::WorkerGone)?;
+        jobs.send(job).await.map_err(|_| ModelError::WorkerGone)
+    }
+}
+
+impl ModelRunner for ModelWorker {
+    fn metadata(&self) -> &Arc<ModelMetadata> {
         &self.metadata
     }
 
-    /// `cpu` or `cuda:N`.
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
-    /// The version (subdirectory) it serves.
-    pub fn version(&self) -> &str {
+    fn version(&self) -> &str {
         &self.version
     }
 
+    fn device(&self) -> &str {
+        &self.device
+    }
+
     /// Runs one batch of `rows` samples on the model thread.
-    pub async fn infer(&self, input: Batch, rows: usize) -> Result<Inference, ModelError> {
+    async fn infer(&self, input: Batch, rows: usize) -> Result<Inference, ModelError> {
         let (reply, answer) = oneshot::channel();
         self.send(Job::Infer { input, rows, reply }).await?;
         answer.await.map_err(|_| ModelError::WorkerGone)?
     }
 
-    /// Changes libtorch's CPU threads from the next batch on.
-    pub async fn set_threads(&self, threads: usize) -> Result<(), ModelError> {
+    /// libtorch's CPU threads are a per-thread setting: only the model thread
+    /// can change its own.
+    async fn set_threads(&self, threads: usize) -> Result<(), ModelError> {
         self.send(Job::Threads(threads)).await
-    }
-
-    async fn send(&self, job: Job) -> Result<(), ModelError> {
-        let jobs = self.jobs.as_ref().ok_or(ModelError::WorkerGone)?;
-        jobs.send(job).await.map_err(|_| ModelError::WorkerGone)
     }
 }
 

@@ -1,7 +1,8 @@
+use std::error::Error;
 use std::future::Future;
 use std::sync::Arc;
 
-use sluice_messages::dead_letter::SourceCoordinates;
+use sluice_messages::dead_letter::{Reason, SourceCoordinates};
 use sluice_messages::trace::TraceParent;
 
 /// One consumed message, owned, with its coordinates.
@@ -35,11 +36,12 @@ pub enum Output {
     /// Publish `payload` to `topic`.
     Send { source: usize, topic: Arc<str>, key: Option<Vec<u8>>, payload: Vec<u8> },
     /// The input cannot be processed: publish it to the dead-letter topic.
-    DeadLetter { source: usize, reason: &'static str, detail: String, event_id: Option<String> },
+    DeadLetter { source: usize, reason: Reason, detail: String, event_id: Option<String> },
 }
 
 /// A whole batch failed. Poison inputs are not batch failures (they are
-/// [`Output::DeadLetter`]s); this is for the stage's own troubles.
+/// [`Output::DeadLetter`]s); this is for the stage's own troubles. It keeps
+/// the error it came from, so that a log line can show its causes.
 #[derive(Debug, Clone)]
 pub struct BatchFailure {
     /// Whether processing the same batch again may succeed (a timeout, a
@@ -47,6 +49,43 @@ pub struct BatchFailure {
     /// other failure stops the stage without committing the batch.
     pub retryable: bool,
     pub message: String,
+    source: Option<Arc<dyn Error + Send + Sync>>,
+}
+
+impl BatchFailure {
+    /// A failure that trying the same batch again may cure.
+    pub fn retryable(error: impl Into<Box<dyn Error + Send + Sync>>) -> Self {
+        Self::of(true, error.into())
+    }
+
+    /// A failure that only a fix can cure: the stage stops.
+    pub fn fatal(error: impl Into<Box<dyn Error + Send + Sync>>) -> Self {
+        Self::of(false, error.into())
+    }
+
+    fn of(retryable: bool, error: Box<dyn Error + Send + Sync>) -> Self {
+        Self { retryable, message: error.to_string(), source: Some(Arc::from(error)) }
+    }
+
+    /// The same failure, its message prefixed with what was being done.
+    pub fn context(mut self, doing: &str) -> Self {
+        self.message = format!("{doing}: {}", self.message);
+        self
+    }
+}
+
+impl std::fmt::Display for BatchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Error for BatchFailure {
+    /// The causes of the error it was made from (whose own text is already
+    /// the message).
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.as_deref().and_then(|e| e.source())
+    }
 }
 
 /// A pipeline stage: turns a batch of consumed messages into outputs.
@@ -63,8 +102,23 @@ pub trait Stage: Send + 'static {
     /// The dead-letter reasons this stage gives. Their counters are created at
     /// 0 when the stage starts, so that an alert on `increase()` sees the first
     /// dead letter too (a series that appears at 1 shows no increase). The
-    /// runtime's own reason, `output_too_large`, is added for every stage.
-    fn dead_letter_reasons(&self) -> &'static [&'static str] {
+    /// runtime's own reason, [`Reason::OutputTooLarge`], is added for every stage.
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
         &[]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_its_cause_and_says_what_was_being_done() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let failure = BatchFailure::retryable(io).context("saving predictions");
+        assert!(failure.retryable);
+        assert_eq!(failure.to_string(), "saving predictions: reset by peer");
+        let fatal = BatchFailure::fatal("no such table");
+        assert!(!fatal.retryable);
     }
 }

@@ -2,7 +2,7 @@
 
 use tch::Device;
 
-use crate::{DeviceChoice, ModelError};
+use sluice_model::{DeviceChoice, ModelError};
 
 /// Resolves the configured choice to a device.
 pub(crate) fn select(choice: DeviceChoice) -> Result<Device, ModelError> {

@@ -3,9 +3,31 @@
 use std::cell::RefCell;
 use std::path::Path;
 
-use tch::{CModule, Device, Kind, Tensor};
+use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata, Precision};
+use tch::{CModule, Device, Kind, TchError, Tensor};
 
-use crate::{ModelConfig, ModelError, ModelMetadata, Precision, device};
+use crate::device;
+
+/// libtorch's errors as the model contract's: out of memory (CUDA's or the CPU
+/// allocator's) is recognised here, once, by its message, the only place it
+/// can be; everything else is [`ModelError::Torch`].
+pub(crate) fn model_error(e: TchError) -> ModelError {
+    let message = e.to_string();
+    let lower = message.to_ascii_lowercase();
+    let oom = ["out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory"];
+    if oom.iter().any(|m| lower.contains(m)) { ModelError::OutOfMemory(message) } else { ModelError::Torch(message) }
+}
+
+/// `?` on libtorch results, through [`model_error`].
+trait OrModelError<T> {
+    fn or_model(self) -> Result<T, ModelError>;
+}
+
+impl<T> OrModelError<T> for Result<T, TchError> {
+    fn or_model(self) -> Result<T, ModelError> {
+        self.map_err(model_error)
+    }
+}
 
 /// A TorchScript model on its device, with its metadata.
 #[derive(Debug)]
@@ -48,7 +70,7 @@ impl Model {
         if !Path::new(&path).exists() {
             return Err(ModelError::Read { path, message: "no such file".into() });
         }
-        let mut module = CModule::load_on_device(&path, device)?;
+        let mut module = CModule::load_on_device(&path, device).or_model()?;
         module.set_eval();
         if config.precision == Precision::Bf16 {
             // Casts floating-point weights only; token ids stay integers.
@@ -80,13 +102,13 @@ impl Model {
         let inputs = match batch {
             Batch::Windows(input) => {
                 let row_len = self.metadata.sample_len();
-                if rows == 0 || self.metadata.kind != "stock" || input.len() != rows * row_len {
+                if rows == 0 || self.metadata.kind != ModelKind::Stock || input.len() != rows * row_len {
                     return Err(ModelError::InputShape { got: input.len(), rows, row_len });
                 }
                 let shape = [rows as i64, self.metadata.days() as i64, self.metadata.features() as i64];
-                let mut x = self.to_device(0, &Tensor::f_from_slice(input)?.f_view(shape)?)?;
+                let mut x = self.to_device(0, &Tensor::f_from_slice(input).or_model()?.f_view(shape).or_model()?)?;
                 if self.precision == Precision::Bf16 {
-                    x = x.f_to_kind(Kind::BFloat16)?;
+                    x = x.f_to_kind(Kind::BFloat16).or_model()?;
                 }
                 vec![x]
             }
@@ -97,20 +119,20 @@ impl Model {
                 }
                 let shape = [rows as i64, *len as i64];
                 vec![
-                    self.to_device(0, &Tensor::f_from_slice(ids)?.f_view(shape)?)?,
-                    self.to_device(1, &Tensor::f_from_slice(mask)?.f_view(shape)?)?,
+                    self.to_device(0, &Tensor::f_from_slice(ids).or_model()?.f_view(shape).or_model()?)?,
+                    self.to_device(1, &Tensor::f_from_slice(mask).or_model()?.f_view(shape).or_model()?)?,
                 ]
             }
         };
         let autocast = self.precision == Precision::Fp16;
-        let y = tch::no_grad(|| tch::autocast(autocast, || self.module.forward_ts(&inputs)))?;
+        let y = tch::no_grad(|| tch::autocast(autocast, || self.module.forward_ts(&inputs))).or_model()?;
         let width = self.metadata.output_width();
         if y.size() != [rows as i64, width as i64] {
             return Err(ModelError::OutputShape { got: y.size(), rows, outputs: width });
         }
-        let y = y.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let y = y.f_to_device(Device::Cpu).or_model()?.f_to_kind(Kind::Float).or_model()?.f_contiguous().or_model()?;
         let mut out = vec![0f32; rows * width];
-        y.f_copy_data(&mut out, rows * width)?;
+        y.f_copy_data(&mut out, rows * width).or_model()?;
         Ok(out)
     }
 
@@ -125,17 +147,17 @@ impl Model {
         let numel = host.numel() as i64;
         let mut pinned = self.pinned.borrow_mut();
         while pinned.len() <= index {
-            pinned.push(Tensor::f_empty([0], (host.kind(), Device::Cpu))?);
+            pinned.push(Tensor::f_empty([0], (host.kind(), Device::Cpu)).or_model()?);
         }
         if pinned[index].numel() < host.numel() || pinned[index].kind() != host.kind() {
             // Grown to a power of two, so that a slowly growing batch size
             // does not allocate page-locked memory (slow) at every step.
             let capacity = (numel as u64).next_power_of_two() as i64;
-            pinned[index] = Tensor::f_empty([capacity], (host.kind(), Device::Cpu))?.f_pin_memory(self.device)?;
+            pinned[index] = Tensor::f_empty([capacity], (host.kind(), Device::Cpu)).or_model()?.f_pin_memory(self.device).or_model()?;
         }
-        let mut staging = pinned[index].f_narrow(0, 0, numel)?.f_view(host.size().as_slice())?;
-        staging.f_copy_(host)?;
-        Ok(staging.f_to_device_(self.device, host.kind(), true, false)?)
+        let mut staging = pinned[index].f_narrow(0, 0, numel).or_model()?.f_view(host.size().as_slice()).or_model()?;
+        staging.f_copy_(host).or_model()?;
+        staging.f_to_device_(self.device, host.kind(), true, false).or_model()
     }
 
     /// Runs a full batch (and a batch of one) so that the first real batch
@@ -155,7 +177,7 @@ impl Model {
             None => Ok(()),
         };
         for rows in [batch_size.max(1), 1] {
-            check(&self.forward(&self.sample_batch(rows), rows)?, "the warm-up batch")?;
+            check(&self.forward(&Batch::sample(&self.metadata, rows), rows)?, "the warm-up batch")?;
         }
         if let Some(reference) = self.metadata.load_reference(&self.dir)? {
             let len = self.metadata.sample_len();
@@ -166,95 +188,9 @@ impl Model {
         }
         Ok(())
     }
-
-    /// A batch of `rows` placeholder inputs of the model's shape (query models:
-    /// 16 tokens of padding, a typical short question), for warm-up and tuning.
-    pub fn sample_batch(&self, rows: usize) -> Batch {
-        match &self.metadata.tokenizer {
-            Some(t) => {
-                let len = t.max_length.min(16);
-                Batch::Tokens { ids: vec![i64::from(t.pad_id); rows * len], mask: vec![1; rows * len], len }
-            }
-            None => Batch::Windows(vec![0.0; rows * self.metadata.sample_len()]),
-        }
-    }
-}
-
-/// One batch's input. Its buffers go to the model thread and come back with the
-/// answer, so that the caller reuses them from batch to batch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Batch {
-    /// Windows (`days x features` each) laid end to end.
-    Windows(Vec<f32>),
-    /// Token ids and attention mask, each `rows x len`, row-major, padded.
-    Tokens { ids: Vec<i64>, mask: Vec<i64>, len: usize },
-}
-
-impl Batch {
-    /// Pads `sequences` to `len` (at least the longest) with `pad_id`, mask 0 on
-    /// padding, into `ids` and `mask` (cleared first: their memory is reused).
-    pub fn tokens(sequences: &[&[u32]], len: usize, pad_id: u32, mut ids: Vec<i64>, mut mask: Vec<i64>) -> Self {
-        let len = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(len);
-        ids.clear();
-        mask.clear();
-        ids.reserve(sequences.len() * len);
-        mask.reserve(sequences.len() * len);
-        for sequence in sequences {
-            ids.extend(sequence.iter().map(|&id| i64::from(id)));
-            ids.extend(std::iter::repeat_n(i64::from(pad_id), len - sequence.len()));
-            mask.extend(std::iter::repeat_n(1, sequence.len()));
-            mask.extend(std::iter::repeat_n(0, len - sequence.len()));
-        }
-        Self::Tokens { ids, mask, len }
-    }
-
-    /// The bytes of its input tensors.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Self::Windows(values) => values.len() * 4,
-            Self::Tokens { ids, mask, .. } => (ids.len() + mask.len()) * 8,
-        }
-    }
-
-    /// The windows buffer back (empty if this is a token batch).
-    pub fn into_windows(self) -> Vec<f32> {
-        match self {
-            Self::Windows(values) => values,
-            Self::Tokens { .. } => Vec::new(),
-        }
-    }
-
-    /// The id and mask buffers back (empty if this is a window batch).
-    pub fn into_tokens(self) -> (Vec<i64>, Vec<i64>) {
-        match self {
-            Self::Tokens { ids, mask, .. } => (ids, mask),
-            Self::Windows(_) => (Vec::new(), Vec::new()),
-        }
-    }
 }
 
 fn set_threads(threads: usize) {
     tch::set_num_threads(threads.max(1) as i32);
     tracing::info!(threads, "libtorch CPU intra-op threads");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Batch;
-
-    #[test]
-    fn pads_to_the_longest_or_further_with_a_mask() {
-        let a: &[u32] = &[101, 7, 102];
-        let b: &[u32] = &[101, 102];
-        let Batch::Tokens { ids, mask, len } = Batch::tokens(&[a, b], 0, 0, vec![9; 40], Vec::new()) else {
-            panic!("tokens")
-        };
-        assert_eq!(len, 3);
-        assert_eq!(ids, vec![101, 7, 102, 101, 102, 0]);
-        assert_eq!(mask, vec![1, 1, 1, 1, 1, 0]);
-        let Batch::Tokens { ids, len, .. } = Batch::tokens(&[b], 4, 5, Vec::new(), Vec::new()) else {
-            panic!("tokens")
-        };
-        assert_eq!((ids, len), (vec![101, 102, 5, 5], 4));
-    }
 }

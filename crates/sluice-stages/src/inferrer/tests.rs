@@ -1,0 +1,291 @@
+//! The model stage against a fake backend (no libtorch): bisection of a
+//! failing call, the out-of-memory split and row cap, the memory budget, and
+//! version switching (a good version, one that fails to load, one naming
+//! another model, one reading another input).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use sluice_control::Settings;
+use sluice_core::{Incoming, Output, Stage};
+use sluice_messages::codec;
+use sluice_messages::dead_letter::Reason;
+use sluice_messages::envelope::{Envelope, Payload, StockPrediction, StockWindow};
+use sluice_model::metadata::{Normalization, OutputSpec};
+use sluice_model::{Batch, Inference, ModelConfig, ModelError, ModelKind, ModelLoader, ModelMetadata, ModelRunner};
+use tokio::sync::watch;
+
+use super::{Inferrer, InferrerStats};
+
+/// Days and features of the fake model's windows.
+const DAYS: usize = 2;
+const FEATURES: usize = 3;
+/// A window starting with this value makes the fake model fail its call.
+const POISON: f32 = 999.0;
+
+fn metadata(name: &str, version: &str, days: usize) -> Arc<ModelMetadata> {
+    let output = |name: &str, min: f32, max: f32| OutputSpec {
+        name: name.into(),
+        meaning: String::new(),
+        min: Some(min),
+        max: Some(max),
+    };
+    Arc::new(ModelMetadata {
+        name: name.into(),
+        version: version.into(),
+        kind: ModelKind::Stock,
+        input_shape: vec![days, FEATURES],
+        normalization: Some(Normalization { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] }),
+        tokenizer: None,
+        labels: Vec::new(),
+        outputs: vec![output("predicted_return", -10.0, 10.0), output("confidence", 0.0, 1.0)],
+        reference: None,
+        reference_phrases: None,
+    })
+}
+
+/// A fake model: answers (first value of the window / 100 + version, 0.5),
+/// fails a call holding a window that starts with [`POISON`], and runs out of
+/// memory on calls of more than `oom_above` rows. Records each call's rows.
+struct FakeRunner {
+    metadata: Arc<ModelMetadata>,
+    version: String,
+    offset: f32,
+    oom_above: usize,
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl ModelRunner for FakeRunner {
+    fn metadata(&self) -> &Arc<ModelMetadata> {
+        &self.metadata
+    }
+
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn device(&self) -> &str {
+        "cpu"
+    }
+
+    async fn infer(&self, input: Batch, rows: usize) -> Result<Inference, ModelError> {
+        self.calls.lock().expect("lock").push(rows);
+        if rows > self.oom_above {
+            return Err(ModelError::OutOfMemory(format!("{rows} rows do not fit")));
+        }
+        let Batch::Windows(values) = &input else { return Err(ModelError::Torch("not windows".into())) };
+        let len = values.len() / rows;
+        if values.chunks(len).any(|w| w[0] == POISON) {
+            return Err(ModelError::Torch("a poison window in the call".into()));
+        }
+        let outputs = values.chunks(len).flat_map(|w| [w[0] / 100.0 + self.offset, 0.5]).collect();
+        Ok(Inference { outputs, elapsed: Duration::from_micros(10), input })
+    }
+
+    async fn set_threads(&self, _: usize) -> Result<(), ModelError> {
+        Ok(())
+    }
+}
+
+/// Versions the fake loader knows: version -> (model name, days, answer offset).
+#[derive(Clone)]
+struct FakeLoader {
+    versions: Arc<HashMap<&'static str, (&'static str, usize, f32)>>,
+    oom_above: usize,
+    calls: Arc<Mutex<Vec<usize>>>,
+    loads: Arc<AtomicUsize>,
+}
+
+impl FakeLoader {
+    fn new(oom_above: usize) -> Self {
+        let versions = HashMap::from([
+            ("1", ("fake", DAYS, 0.0)),
+            ("2", ("fake", DAYS, 1.0)),
+            ("renamed", ("other-model", DAYS, 2.0)),
+            ("longer", ("fake", DAYS + 1, 3.0)),
+        ]);
+        Self { versions: Arc::new(versions), oom_above, calls: Arc::default(), loads: Arc::default() }
+    }
+}
+
+impl ModelLoader for FakeLoader {
+    type Runner = FakeRunner;
+
+    fn load(&self, config: ModelConfig) -> impl Future<Output = Result<FakeRunner, ModelError>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            this.loads.fetch_add(1, Ordering::Relaxed);
+            let Some((name, days, offset)) = this.versions.get(config.version.as_str()).copied() else {
+                return Err(ModelError::Read { path: config.version_dir(&config.version), message: "no such version".into() });
+            };
+            Ok(FakeRunner {
+                metadata: metadata(name, &config.version, days),
+                version: config.version.clone(),
+                offset,
+                oom_above: this.oom_above,
+                calls: this.calls.clone(),
+            })
+        }
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        max_batch_size: 64,
+        max_batch_tokens: 512,
+        max_wait_ms: 0,
+        min_confidence: 0.0,
+        model_version: "1".into(),
+        cache_enabled: false,
+        cache_ttl_s: 60,
+        intra_op_threads: 1,
+    }
+}
+
+fn config() -> ModelConfig {
+    ModelConfig { dir: "/nonexistent/fake".into(), version: "1".into(), ..ModelConfig::default() }
+}
+
+async fn stage(loader: &FakeLoader, budget: u64) -> (Inferrer<FakeLoader>, watch::Sender<Settings>, Arc<InferrerStats>) {
+    let runner = loader.load(config()).await.expect("version 1");
+    let (tx, rx) = watch::channel(settings());
+    let stats = Arc::new(InferrerStats::default());
+    let model = ModelConfig { memory_budget_bytes: budget, ..config() };
+    let stage = Inferrer::new(loader.clone(), runner, model, rx, None, "out", stats.clone()).expect("stage");
+    (stage, tx, stats)
+}
+
+/// `n` windows whose first values are `0, 1, ..`; those in `poisoned` start with [`POISON`].
+fn batch(n: usize, poisoned: &[usize]) -> Vec<Incoming> {
+    (0..n)
+        .map(|i| {
+            let mut values = vec![0.25; DAYS * FEATURES];
+            values[0] = if poisoned.contains(&i) { POISON } else { i as f32 };
+            let window = StockWindow {
+                symbol: format!("S{i:04}"),
+                as_of: NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
+                rows: DAYS as u32,
+                cols: FEATURES as u32,
+                values,
+            };
+            let envelope = Envelope {
+                event_id: format!("e{i}"),
+                traceparent: None,
+                requested_at_ms: 1,
+                updated_at_ms: 1,
+                attempt: 0,
+                payload: Payload::Normalized(window),
+            };
+            Incoming {
+                key: None,
+                payload: codec::encode(&envelope),
+                topic: "in".into(),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+                traceparent: None,
+            }
+        })
+        .collect()
+}
+
+/// (input index, prediction) of each answer, and (input index, reason) of each dead letter.
+fn outcome(outputs: &[Output]) -> (Vec<(usize, StockPrediction)>, Vec<(usize, Reason)>) {
+    let (mut answers, mut dead) = (Vec::new(), Vec::new());
+    for output in outputs {
+        match output {
+            Output::Send { source, payload, .. } => match codec::decode(payload).expect("envelope").payload {
+                Payload::Prediction(p) => answers.push((*source, p)),
+                other => panic!("not a prediction: {other:?}"),
+            },
+            Output::DeadLetter { source, reason, .. } => dead.push((*source, *reason)),
+        }
+    }
+    answers.sort_by_key(|a| a.0);
+    dead.sort_unstable();
+    (answers, dead)
+}
+
+#[tokio::test]
+async fn a_failing_call_is_bisected_until_only_the_rows_that_fail_alone_are_left() {
+    let loader = FakeLoader::new(usize::MAX);
+    let (mut stage, _tx, _) = stage(&loader, 0).await;
+    let outputs = stage.process(&batch(10, &[3, 7])).await.expect("the batch succeeds");
+    let (answers, dead) = outcome(&outputs);
+    assert_eq!(dead, vec![(3, Reason::ModelError), (7, Reason::ModelError)]);
+    assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0, 1, 2, 4, 5, 6, 8, 9]);
+    for (i, p) in &answers {
+        assert_eq!(p.predicted_return, *i as f32 / 100.0, "each answer is its own row's");
+    }
+    let calls = loader.calls.lock().expect("lock").clone();
+    assert_eq!(calls[0], 10, "one call first: {calls:?}");
+    assert!(calls.iter().filter(|n| **n == 1).count() >= 2, "the poisoned rows were tried alone: {calls:?}");
+}
+
+#[tokio::test]
+async fn out_of_memory_splits_the_call_and_caps_every_later_one() {
+    let loader = FakeLoader::new(3);
+    let (mut stage, _tx, _) = stage(&loader, 0).await;
+    let outputs = stage.process(&batch(10, &[])).await.expect("the batch succeeds");
+    let (answers, dead) = outcome(&outputs);
+    assert!(dead.is_empty(), "{dead:?}");
+    assert_eq!(answers.len(), 10, "nothing lost to the split");
+    assert!(answers.iter().all(|(_, p)| p.batch_size <= 3));
+    let cap = stage.calls.row_cap().expect("the cap was lowered");
+    assert!(cap <= 3, "cap {cap}");
+    // The next batch goes straight to calls within the cap.
+    loader.calls.lock().expect("lock").clear();
+    stage.process(&batch(10, &[])).await.expect("the next batch");
+    let calls = loader.calls.lock().expect("lock").clone();
+    assert!(calls.iter().all(|n| *n <= cap), "{calls:?} over the cap {cap}");
+}
+
+#[tokio::test]
+async fn a_call_over_the_memory_budget_is_split_before_it_is_made() {
+    let loader = FakeLoader::new(usize::MAX);
+    // Four windows of 6 floats fit in 96 bytes; ten do not.
+    let (mut stage, _tx, _) = stage(&loader, 96).await;
+    let (answers, dead) = outcome(&stage.process(&batch(10, &[])).await.expect("the batch succeeds"));
+    assert!(dead.is_empty() && answers.len() == 10);
+    let calls = loader.calls.lock().expect("lock").clone();
+    assert!(calls.iter().all(|n| *n <= 4), "no call over the budget reached the model: {calls:?}");
+}
+
+/// Serves single-row batches until the serving version is `want` (or gives
+/// up); returns the versions that answered.
+async fn serve_until(stage: &mut Inferrer<FakeLoader>, want: &str, batches: usize) -> Vec<String> {
+    let mut versions = Vec::new();
+    for _ in 0..batches {
+        let (answers, _) = outcome(&stage.process(&batch(1, &[])).await.expect("process"));
+        versions.extend(answers.into_iter().map(|(_, p)| p.model_version));
+        if versions.last().is_some_and(|v| v == want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    versions
+}
+
+#[tokio::test]
+async fn a_new_version_is_switched_in_and_bad_ones_are_refused() {
+    let loader = FakeLoader::new(usize::MAX);
+    let (mut stage, tx, stats) = stage(&loader, 0).await;
+    for refused in ["no-such-version", "renamed", "longer"] {
+        tx.send_modify(|s| s.model_version = refused.into());
+        let served = serve_until(&mut stage, refused, 40).await;
+        assert!(served.iter().all(|v| v == "1"), "{refused} was switched in: {served:?}");
+    }
+    assert_eq!(stats.switches.load(Ordering::Relaxed), 0);
+    let loads = loader.loads.load(Ordering::Relaxed);
+    assert_eq!(loads, 4, "each refused version was tried once, not again and again");
+
+    tx.send_modify(|s| s.model_version = "2".into());
+    let served = serve_until(&mut stage, "2", 200).await;
+    assert_eq!(served.last().map(String::as_str), Some("2"), "{served:?}");
+    assert_eq!((stats.switches.load(Ordering::Relaxed), stats.serving_version()), (1, "2".to_string()));
+    let (answers, _) = outcome(&stage.process(&batch(1, &[])).await.expect("process"));
+    assert_eq!(answers[0].1.predicted_return, 1.0, "version 2 answers");
+}
