@@ -14,7 +14,7 @@ use sluice_control::controller::Controller;
 use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
 use sluice_control::store::{OverrideStore, Scope};
-use sluice_tests::{LOCAL_REDIS, RedisServer, settings, unique};
+use sluice_testkit::{LOCAL_REDIS, RedisServer, settings, unique};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -15,7 +15,7 @@ use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
-use sluice_tests::{
+use sluice_testkit::{
     Broker, RedisServer, StageProcess, heavy_test_lock, reference_predictions, sluice, tail, temp_dir, unique,
     write_config,
 };
@@ -172,7 +172,7 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
 async fn garbage_in_the_override_hashes_is_refused_field_by_field_and_reported_once() {
-    use sluice_tests::{LOCAL_REDIS, free_port, http_get};
+    use sluice_testkit::{LOCAL_REDIS, free_port, http_get};
 
     let _heavy = heavy_test_lock();
     let dir = temp_dir("override-garbage");
@@ -256,7 +256,7 @@ async fn garbage_in_the_override_hashes_is_refused_field_by_field_and_reported_o
     assert!(got[&model_key]["error"].as_str().is_some_and(|e| e.contains("WRONGTYPE")), "{got:#}");
     assert_eq!(got["effective"]["max_wait_ms"], 9);
     assert_eq!(got["effective"]["max_batch_size"], 64, "the device's batch size, not 0: {got:#}");
-    let set = std::process::Command::new(sluice_tests::sluice_bin())
+    let set = std::process::Command::new(sluice_testkit::sluice_bin())
         .arg("--config")
         .arg(&config)
         .args(["overrides", "set", "max_batch_size", "8", "--model", "stock-lstm"])

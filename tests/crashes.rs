@@ -12,7 +12,7 @@ use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_postgres::PostgresConfig;
 use sluice_stages::generate::{Expected, generate};
-use sluice_tests::{
+use sluice_testkit::{
     Broker, LOCAL_POSTGRES, StageProcess, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, unique_schema,
     write_config, write_events,
 };

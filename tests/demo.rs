@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use sluice_tests::{heavy_test_lock, sluice_bin};
+use sluice_testkit::{heavy_test_lock, sluice_bin};
 
 #[test]
 fn the_demo_runs_and_loses_nothing() {

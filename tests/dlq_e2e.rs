@@ -10,7 +10,7 @@ use sluice_kafka::client::TopicReader;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::IntentRecord;
 use sluice_stages::generate::{generate, generate_queries};
-use sluice_tests::{
+use sluice_testkit::{
     Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
 };
 

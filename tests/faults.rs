@@ -8,12 +8,13 @@ use std::sync::atomic::Ordering;
 
 use chrono::NaiveDate;
 use sluice_control::Settings;
-use sluice_kafka::{Incoming, Output, Stage};
+use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, StockPrediction, StockWindow};
-use sluice_model::{ModelConfig, ModelWorker};
+use sluice_model::ModelConfig;
 use sluice_stages::{Inferrer, InferrerStats};
-use sluice_tests::{cache_dir, model_config, settings};
+use sluice_testkit::{cache_dir, model_config, settings};
+use sluice_torch::{ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
 /// The value that makes the poisoned fixture raise (deploy/models/export_test_fixtures.py).
@@ -55,11 +56,11 @@ fn batch(poisoned: &[usize]) -> Vec<Incoming> {
         .collect()
 }
 
-async fn inferrer(model: ModelConfig) -> (Inferrer, Arc<InferrerStats>) {
+async fn inferrer(model: ModelConfig) -> (Inferrer<TorchLoader>, Arc<InferrerStats>) {
     let (_, settings) = watch::channel(Settings { cache_enabled: false, ..settings() });
     let stats = Arc::new(InferrerStats::default());
     let worker = ModelWorker::start(model.clone()).await.expect("model");
-    let inferrer = Inferrer::new(worker, model, settings, None, "out", stats.clone()).expect("inferrer");
+    let inferrer = Inferrer::new(TorchLoader, worker, model, settings, None, "out", stats.clone()).expect("inferrer");
     (inferrer, stats)
 }
 
@@ -107,7 +108,7 @@ async fn one_bad_item_does_not_sink_its_batch() {
     assert_eq!(stats.model_rows.load(Ordering::Relaxed), 8);
 }
 
-async fn inferrer_plain() -> (Inferrer, Arc<InferrerStats>) {
+async fn inferrer_plain() -> (Inferrer<TorchLoader>, Arc<InferrerStats>) {
     inferrer(model_config("1")).await
 }
 

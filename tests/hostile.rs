@@ -65,7 +65,7 @@ proptest! {
 }
 
 fn reason(json: &str) -> &'static str {
-    RequestEvent::from_json(json.as_bytes()).map(|_| "accepted").unwrap_or_else(|e| e.reason())
+    RequestEvent::from_json(json.as_bytes()).map(|_| "accepted").unwrap_or_else(|e| e.reason().as_str())
 }
 
 #[test]

@@ -20,7 +20,7 @@ use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
-use sluice_tests::{
+use sluice_testkit::{
     Broker, heavy_test_lock, sluice, sluice_bin, start_stages, tail, temp_dir, unique, write_config, write_events,
 };
 
@@ -124,7 +124,8 @@ async fn the_pipeline_runs_over_tls_and_a_broker_certificate_from_another_ca_is_
 
     let events = generate("tls", 200, 0, SyntheticConfig::default().universe);
     let stages = start_stages(&config, &dir);
-    let kafka = KafkaConfig { brokers: advertised.clone(), properties: properties.clone(), ..KafkaConfig::default() };
+    let secrets = properties.iter().map(|(k, v)| (k.clone(), v.as_str().into())).collect();
+    let kafka = KafkaConfig { brokers: advertised.clone(), properties: secrets, ..KafkaConfig::default() };
     let predictions_topic = format!("{prefix}.predictions");
     let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions_topic]).expect("reader");
     let published = sluice(
@@ -185,6 +186,7 @@ fn sasl_settings_reach_librdkafka() {
             ("sasl.username".to_string(), "sluice".to_string()),
             ("sasl.password".to_string(), "not-a-real-password".to_string()),
         ]);
+        let properties = properties.into_iter().map(|(k, v)| (k, v.into())).collect();
         let kafka = KafkaConfig { brokers: "127.0.0.1:1".into(), properties, ..KafkaConfig::default() };
         Publisher::new(&kafka, "sasl-check").map(drop).map_err(|e| e.to_string())
     };

@@ -27,8 +27,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
+use clap::ValueEnum;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
+use sluice_model::DeviceChoice;
 
 /// The stages, each a Deployment running `sluice run <stage>`.
 const STAGES: [&str; 4] = ["fetcher", "normalizer", "inferrer", "writer"];
@@ -38,10 +42,6 @@ const OVERLAYS: [(&str, bool); 2] = [("dev", false), ("prod", true)];
 const SECRET_VARIABLES: [&str; 2] = ["SLUICE_POSTGRES__DSN", "SLUICE_CONTROL__REDIS_URL"];
 /// Parts of a variable or property name that mark a credential.
 const SECRET_WORDS: [&str; 5] = ["password", "secret", "token", "credential", "private"];
-/// Configuration keys that may be absent from default.toml (commented there) or
-/// are free-form maps (librdkafka properties).
-const OPTIONAL_KEYS: [&str; 2] = ["writer.file", "postgres.tls_ca_file"];
-const FREE_MAPS: [&str; 3] = ["kafka.properties", "kafka.consumer_properties", "kafka.producer_properties"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -479,80 +479,6 @@ fn schema_errors(objects: &[Value]) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // Sluice's configuration, as a pod will load it
 
-fn default_config() -> toml::Table {
-    let path = repo_root().join("crates/sluice/src/default.toml");
-    fs::read_to_string(&path).expect("default.toml").parse().expect("default.toml parses")
-}
-
-fn merge_toml(base: &mut toml::Table, overlay: toml::Table) {
-    for (key, value) in overlay {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(base)), toml::Value::Table(overlay)) => merge_toml(base, overlay),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
-/// Keys that Sluice would refuse at start (unknown) or read as another type.
-fn config_key_errors(file: &str, table: &toml::Table) -> Vec<String> {
-    fn walk(file: &str, prefix: &str, table: &toml::Table, defaults: &toml::Table, errors: &mut Vec<String>) {
-        for (key, value) in table {
-            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-            if FREE_MAPS.contains(&path.as_str()) {
-                if !value.as_table().is_some_and(|t| t.values().all(toml::Value::is_str)) {
-                    errors.push(format!("{file}: {path} must be a table of strings"));
-                }
-                continue;
-            }
-            match (defaults.get(key), value) {
-                (Some(toml::Value::Table(defaults)), toml::Value::Table(table)) => {
-                    walk(file, &path, table, defaults, errors);
-                }
-                (Some(default), value) if default.type_str() != value.type_str() => errors.push(format!(
-                    "{file}: {path} has type {}, Sluice expects {}",
-                    value.type_str(),
-                    default.type_str()
-                )),
-                (Some(_), _) => {}
-                (None, _) if OPTIONAL_KEYS.contains(&path.as_str()) => {}
-                (None, _) => errors.push(format!("{file}: unknown key {path} (see crates/sluice/src/default.toml)")),
-            }
-        }
-    }
-    let mut errors = Vec::new();
-    walk(file, "", table, &default_config(), &mut errors);
-    errors
-}
-
-/// An environment value as Sluice's configuration reads it (figment's syntax:
-/// booleans, numbers, `[..]` lists and `{k = v}` tables of strings).
-fn env_value(raw: &str) -> toml::Value {
-    let raw = raw.trim();
-    if let Ok(b) = raw.parse::<bool>() {
-        return toml::Value::Boolean(b);
-    }
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    // figment reads a number with a '.' as a float (min_confidence = 0.5).
-    if raw.contains('.')
-        && let Ok(f) = raw.parse::<f64>()
-    {
-        return toml::Value::Float(f);
-    }
-    let unquote = |s: &str| s.trim().trim_matches('"').to_string();
-    if let Some(inner) = raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        let items = inner.split(',').map(unquote).filter(|s| !s.is_empty()).map(toml::Value::String).collect();
-        return toml::Value::Array(items);
-    }
-    if let Some(table) = figment_table(raw) {
-        return toml::Value::Table(table.into_iter().map(|(k, v)| (k, toml::Value::String(v))).collect());
-    }
-    toml::Value::String(raw.to_string())
-}
-
 /// `{"a.b"="x", c="y"}` (values without `,` or `}`), as figment parses a table.
 fn figment_table(raw: &str) -> Option<BTreeMap<String, String>> {
     let inner = raw.trim().strip_prefix('{')?.strip_suffix('}')?;
@@ -562,24 +488,6 @@ fn figment_table(raw: &str) -> Option<BTreeMap<String, String>> {
         table.insert(key.trim().trim_matches('"').to_string(), value.trim().trim_matches('"').to_string());
     }
     Some(table)
-}
-
-fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    match path {
-        [] => {}
-        [last] => match (table.get_mut(last), value) {
-            (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => merge_toml(existing, new),
-            (_, value) => {
-                table.insert(last.clone(), value);
-            }
-        },
-        [first, rest @ ..] => {
-            let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(inner) = entry {
-                insert_path(inner, rest, value);
-            }
-        }
-    }
 }
 
 /// The first container of a Deployment (the Sluice one; the check for the
@@ -632,76 +540,54 @@ fn mounted_config<'a>(objects: &'a [Value], deployment: &'a Value) -> Result<(St
     Err(format!("{id}: SLUICE_CONFIG={path} is not inside a mounted volume"))
 }
 
-/// default.toml, then the mounted sluice.toml, then the container's
-/// `SLUICE_<SECTION>__<KEY>` variables (a `secretKeyRef` reads as `<secret>`).
-fn effective_config(objects: &[Value], deployment: &Value) -> Result<toml::Table, Vec<String>> {
+/// What the pod's `sluice` loads: default.toml, then the mounted sluice.toml,
+/// then the container's `SLUICE_<SECTION>__<KEY>` variables (a `secretKeyRef`
+/// reads as `<secret>`), through Sluice's own loader, so an unknown key or a
+/// value of the wrong type is refused here as it would be at start.
+fn effective_config(objects: &[Value], deployment: &Value) -> Result<SluiceConfig, Vec<String>> {
     let (file, text) = mounted_config(objects, deployment).map_err(|e| vec![e])?;
-    let table: toml::Table = text.parse().map_err(|e| vec![format!("{file}: not TOML: {e}")])?;
-    let mut errors = config_key_errors(&file, &table);
-    let mut config = default_config();
-    merge_toml(&mut config, table);
-    for var in env_list(container(deployment)) {
-        let name = var["name"].as_str().unwrap_or_default();
-        let Some(key) = name.strip_prefix("SLUICE_").filter(|k| k.contains("__")) else { continue };
-        let path: Vec<String> = key.to_lowercase().split("__").map(str::to_string).collect();
-        let value = match var["value"].as_str() {
-            Some(raw) => env_value(raw),
-            None => toml::Value::String("<secret>".into()),
-        };
-        let mut single = toml::Table::new();
-        insert_path(&mut single, &path, value.clone());
-        errors.extend(config_key_errors(&format!("{} env {name}", object_id(deployment)), &single));
-        insert_path(&mut config, &path, value);
+    let variables: Vec<(String, String)> = env_list(container(deployment))
+        .into_iter()
+        .map(|var| {
+            // What Kubernetes puts there: a pod's name (`sluice-fetcher-` and a
+            // hash), or a Secret's value.
+            let value = match (var["value"].as_str(), var["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+                (Some(value), _) => value.to_string(),
+                (None, Some("metadata.name")) => {
+                    format!("{}-7d9f8b6c5-x2x7q", deployment["metadata"]["name"].as_str().unwrap_or("pod"))
+                }
+                (None, _) => secret_placeholder(var["name"].as_str().unwrap_or_default()).to_string(),
+            };
+            (var["name"].as_str().unwrap_or_default().to_string(), value)
+        })
+        .collect();
+    let id = object_id(deployment);
+    SluiceConfig::from_text(text, &variables)
+        .map_err(|errors| errors.iter().map(|e| format!("{id} ({file} and its environment): {e}")).collect())
+}
+
+/// A value of the form a Secret holds for `variable`, so that the loader
+/// checks the rest of the configuration as it would in the cluster.
+fn secret_placeholder(variable: &str) -> &'static str {
+    match variable {
+        "SLUICE_CONTROL__REDIS_URL" => "rediss://:secret@redis.example:6379",
+        "SLUICE_POSTGRES__DSN" => "host=postgres.example user=sluice password=secret dbname=sluice",
+        _ => "<secret>",
     }
-    if errors.is_empty() { Ok(config) } else { Err(errors) }
 }
 
-fn get<'a>(config: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
-    let mut parts = path.split('.');
-    let mut value = config.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_table()?.get(part)?;
-    }
-    Some(value)
+/// The port of `observe.listen` (metrics, probes).
+fn listen_port(config: &SluiceConfig) -> i64 {
+    i64::from(config.observe.listen.port())
 }
 
-fn get_str<'a>(config: &'a toml::Table, path: &str) -> &'a str {
-    get(config, path).and_then(toml::Value::as_str).unwrap_or_default()
-}
-
-/// The port of `observe.listen` (metrics, probes); 0 if it has none.
-fn listen_port(config: &toml::Table) -> i64 {
-    get_str(config, "observe.listen").rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
-}
-
-/// The consumer groups and input topics of `sluice run <stage>`, as
-/// crates/sluice/src/launch.rs forms them: `{kafka.group_prefix}-{name}`, and the
-/// inferrer one per kind it serves.
-fn consumers(stage: &str, config: &toml::Table) -> BTreeSet<(String, String)> {
-    let prefix = get_str(config, "kafka.group_prefix");
-    let topic = |key: &str| get_str(config, &format!("topics.{key}")).to_string();
-    let serves = |kind: &str| {
-        get(config, "inferrer.serve")
-            .and_then(toml::Value::as_array)
-            .is_some_and(|a| a.iter().any(|k| k.as_str() == Some(kind)))
-    };
-    let runtimes: Vec<(&str, String)> = match stage {
-        "fetcher" => vec![("fetcher", topic("requests"))],
-        "normalizer" => vec![("normalizer", topic("fetched"))],
-        "inferrer" => {
-            let mut r = Vec::new();
-            if serves("stock") {
-                r.push(("inferrer", topic("normalized")));
-            }
-            if serves("query") {
-                r.push(("query-inferrer", topic("tokenized")));
-            }
-            r
-        }
-        "writer" => vec![("writer", topic("inferred"))],
-        _ => Vec::new(),
-    };
-    runtimes.into_iter().map(|(name, topic)| (format!("{prefix}-{name}"), topic)).collect()
+/// The (consumer group, input topic) pairs of `sluice run <stage>`, as Sluice forms them.
+fn consumers(stage: &str, config: &SluiceConfig) -> BTreeSet<(String, String)> {
+    let Ok(kind) = StageKind::from_str(stage, true) else { return BTreeSet::new() };
+    StageKind::expand(&[kind], config)
+        .into_iter()
+        .map(|k| (k.group_id(&config.kafka), k.input_topic(config).to_string()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -770,7 +656,7 @@ fn check_all(objects: &[Value], expect: &Expect) -> Vec<String> {
     for (stage, deployment) in stage_deployments(objects) {
         match effective_config(objects, deployment) {
             Ok(config) => {
-                errors.extend(check_deployment(stage, deployment, &config));
+                errors.extend(check_deployment(deployment, &config));
                 errors.extend(check_scaling(objects, stage, deployment, &config));
                 errors.extend(check_disruption_and_service(objects, stage, deployment, &config));
                 errors.extend(check_network_policy(objects, deployment, &config));
@@ -813,7 +699,7 @@ fn check_stages(objects: &[Value]) -> Vec<String> {
 /// A stage's pod: the probes on observe.listen, the grace period above the drain
 /// timeout, the security context, resources, the DSN where PostgreSQL is used,
 /// and no `replicas` (KEDA owns it).
-fn check_deployment(stage: &str, deployment: &Value, config: &toml::Table) -> Vec<String> {
+fn check_deployment(deployment: &Value, config: &SluiceConfig) -> Vec<String> {
     let id = object_id(deployment);
     let pod = &deployment["spec"]["template"]["spec"];
     let c = container(deployment);
@@ -833,7 +719,7 @@ fn check_deployment(stage: &str, deployment: &Value, config: &toml::Table) -> Ve
         }
     }
 
-    let drain = get(config, "runtime.drain_timeout_ms").and_then(toml::Value::as_integer).unwrap_or(i64::MAX);
+    let drain = config.runtime.drain_timeout_ms as i64;
     match pod["terminationGracePeriodSeconds"].as_i64() {
         Some(grace) if grace * 1000 > drain => {}
         grace => errors.push(format!(
@@ -881,15 +767,6 @@ fn check_deployment(stage: &str, deployment: &Value, config: &toml::Table) -> Ve
         }
     }
 
-    // Sluice refuses to start without a DSN when PostgreSQL is in use
-    // (SluiceConfig::validate); the DSN comes from a Secret.
-    let uses_postgres = get_str(config, "fetcher.source") == "postgres"
-        || get(config, "writer.postgres").and_then(toml::Value::as_bool) == Some(true);
-    if uses_postgres && get_str(config, "postgres.dsn").is_empty() {
-        errors.push(format!(
-            "{id}: the {stage} uses PostgreSQL but postgres.dsn is empty (SLUICE_POSTGRES__DSN from a Secret)"
-        ));
-    }
     if deployment["spec"]["replicas"].is_number() {
         errors
             .push(format!("{id}: spec.replicas is set; the ScaledObject owns it (kubectl apply would fight the HPA)"));
@@ -945,6 +822,21 @@ fn check_secrets(deployment: &Value) -> Vec<String> {
     errors
 }
 
+/// A raw value of a TOML table by its dotted path (the file as written, before
+/// Sluice reads it: a credential must not be in it at all).
+fn raw<'a>(table: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let mut parts = path.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(value)
+}
+
+fn raw_str<'a>(table: &'a toml::Table, path: &str) -> &'a str {
+    raw(table, path).and_then(toml::Value::as_str).unwrap_or_default()
+}
+
 /// No Secret objects in the manifests, and no credentials in a ConfigMap.
 fn check_no_secret_material(objects: &[Value]) -> Vec<String> {
     let mut errors = Vec::new();
@@ -957,16 +849,16 @@ fn check_no_secret_material(objects: &[Value]) -> Vec<String> {
         for (key, text) in config_map["data"].as_object().into_iter().flatten() {
             let Ok(table) = text.as_str().unwrap_or_default().parse::<toml::Table>() else { continue };
             let id = format!("{} {key}", object_id(config_map));
-            if get_str(&table, "postgres.dsn").to_lowercase().contains("password") {
+            if raw_str(&table, "postgres.dsn").to_lowercase().contains("password") {
                 errors.push(format!("{id}: postgres.dsn holds a password; use SLUICE_POSTGRES__DSN from a Secret"));
             }
-            if get_str(&table, "control.redis_url").contains('@') {
+            if raw_str(&table, "control.redis_url").contains('@') {
                 errors.push(format!(
                     "{id}: control.redis_url holds credentials; use SLUICE_CONTROL__REDIS_URL from a Secret"
                 ));
             }
-            for map in FREE_MAPS {
-                for property in get(&table, map).and_then(toml::Value::as_table).into_iter().flat_map(|t| t.keys()) {
+            for map in ["kafka.properties", "kafka.consumer_properties", "kafka.producer_properties"] {
+                for property in raw(&table, map).and_then(toml::Value::as_table).into_iter().flat_map(|t| t.keys()) {
                     if is_secret_word(property) {
                         errors.push(format!("{id}: {map}.{property} is a credential; set it from a Secret"));
                     }
@@ -980,7 +872,7 @@ fn check_no_secret_material(objects: &[Value]) -> Vec<String> {
 /// The stage's one ScaledObject: replicas bounded by the partitions, and kafka
 /// triggers on exactly the (group, topic) pairs the stage consumes, at Sluice's
 /// brokers, with Sluice's TLS and SASL settings.
-fn check_scaling(objects: &[Value], stage: &str, deployment: &Value, config: &toml::Table) -> Vec<String> {
+fn check_scaling(objects: &[Value], stage: &str, deployment: &Value, config: &SluiceConfig) -> Vec<String> {
     let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
     let scaled: Vec<_> =
         of_kind(objects, "ScaledObject").filter(|s| s["spec"]["scaleTargetRef"]["name"] == name).collect();
@@ -990,7 +882,7 @@ fn check_scaling(objects: &[Value], stage: &str, deployment: &Value, config: &to
     let id = object_id(scaled);
     let spec = &scaled["spec"];
     let mut errors = Vec::new();
-    let partitions = get(config, "topics.partitions").and_then(toml::Value::as_integer).unwrap_or(0);
+    let partitions = i64::from(config.topics.partitions);
     let max = spec["maxReplicaCount"].as_i64().unwrap_or(100); // KEDA's default
     let min = spec["minReplicaCount"].as_i64().unwrap_or(0);
     if max > partitions {
@@ -1002,9 +894,8 @@ fn check_scaling(objects: &[Value], stage: &str, deployment: &Value, config: &to
         errors.push(format!("{id}: minReplicaCount {min} is above maxReplicaCount {max}"));
     }
 
-    let brokers = get_str(config, "kafka.brokers");
-    let properties = get(config, "kafka.properties").and_then(toml::Value::as_table);
-    let property = |key: &str| properties.and_then(|p| p.get(key)).and_then(toml::Value::as_str).unwrap_or_default();
+    let brokers = config.kafka.brokers.as_str();
+    let property = |key: &str| config.kafka.properties.get(key).map(|v| v.expose()).unwrap_or_default();
     let protocol = property("security.protocol").to_uppercase();
     let mechanism =
         if property("sasl.mechanisms").is_empty() { property("sasl.mechanism") } else { property("sasl.mechanisms") };
@@ -1072,7 +963,7 @@ fn check_disruption_and_service(
     objects: &[Value],
     stage: &str,
     deployment: &Value,
-    config: &toml::Table,
+    config: &SluiceConfig,
 ) -> Vec<String> {
     let labels = pod_labels(deployment);
     let others: Vec<_> =
@@ -1127,7 +1018,7 @@ fn check_disruption_and_service(
 
 /// Ingress only from namespaces (the monitoring one) to the metrics port; egress
 /// to DNS, the brokers, Redis and PostgreSQL.
-fn check_network_policy(objects: &[Value], deployment: &Value, config: &toml::Table) -> Vec<String> {
+fn check_network_policy(objects: &[Value], deployment: &Value, config: &SluiceConfig) -> Vec<String> {
     let id = object_id(deployment);
     let labels = pod_labels(deployment);
     let policies: Vec<_> = of_kind(objects, "NetworkPolicy")
@@ -1173,7 +1064,7 @@ fn check_network_policy(objects: &[Value], deployment: &Value, config: &toml::Ta
     if !egress.contains(&("UDP".to_string(), 53)) || !egress.contains(&tcp(53)) {
         errors.push(format!("{id}: egress to DNS (53/UDP and 53/TCP) is not allowed"));
     }
-    for broker in get_str(config, "kafka.brokers").split(',') {
+    for broker in config.kafka.brokers.split(',') {
         let broker_port = broker.rsplit_once(':').and_then(|(_, p)| p.trim().parse().ok()).unwrap_or(0);
         if !egress.contains(&tcp(broker_port)) {
             errors.push(format!("{id}: egress to Kafka ({broker}) is not allowed"));
@@ -1189,14 +1080,14 @@ fn check_network_policy(objects: &[Value], deployment: &Value, config: &toml::Ta
 
 /// The GPU variant's inferrer: a GPU limit, the toleration, a nodeSelector, both
 /// models on `cuda` and the CUDA image. Elsewhere no GPU is asked for.
-fn check_gpu(stage: &str, deployment: &Value, config: &toml::Table, gpu: bool) -> Vec<String> {
+fn check_gpu(stage: &str, deployment: &Value, config: &SluiceConfig, gpu: bool) -> Vec<String> {
     let id = object_id(deployment);
     let pod = &deployment["spec"]["template"]["spec"];
     let c = container(deployment);
     let limit = c["resources"]["limits"]["nvidia.com/gpu"]
         .as_i64()
         .or_else(|| c["resources"]["limits"]["nvidia.com/gpu"].as_str().and_then(|s| s.parse().ok()));
-    let devices = [get_str(config, "inferrer.model.device"), get_str(config, "inferrer.query.model.device")];
+    let devices = [config.inferrer.model.device, config.inferrer.query.model.device];
     let mut errors = Vec::new();
     if !(gpu && stage == "inferrer") {
         if limit.is_some() {
@@ -1218,7 +1109,7 @@ fn check_gpu(stage: &str, deployment: &Value, config: &toml::Table, gpu: bool) -
     if pod["nodeSelector"].as_object().is_none_or(serde_json::Map::is_empty) {
         errors.push(format!("{id}: the GPU inferrer needs a nodeSelector for GPU nodes"));
     }
-    if devices != ["cuda", "cuda"] {
+    if devices != [DeviceChoice::Cuda, DeviceChoice::Cuda] {
         errors.push(format!("{id}: the GPU inferrer must set inferrer.model.device and inferrer.query.model.device to cuda, has {devices:?}"));
     }
     if !c["image"].as_str().unwrap_or_default().contains("cuda") {
@@ -1562,7 +1453,8 @@ const BREAKAGES: &[Breakage] = &[
         },
         "Secrets are created by the operator",
     ),
-    ("the writer's DSN", "dev", |o| remove_env(o, "writer", "SLUICE_POSTGRES__DSN"), "postgres.dsn is empty"),
+    // Sluice's own loader refuses it (SluiceConfig::validate), naming the key.
+    ("the writer's DSN", "dev", |o| remove_env(o, "writer", "SLUICE_POSTGRES__DSN"), "key `postgres.dsn`: empty"),
     (
         "an unknown key in sluice.toml",
         "dev",
@@ -2105,25 +1997,29 @@ fn check_compose(compose: &Value, dir: &Path) -> Vec<String> {
     errors
 }
 
-/// Compose's sluice.toml: known keys, and the services it names exist.
+/// Compose's sluice.toml: Sluice loads it (known keys, right types), and the
+/// services it names exist.
 fn check_compose_config(compose: &Value, text: &str) -> Vec<String> {
-    let table: toml::Table = match text.parse() {
-        Ok(t) => t,
-        Err(e) => return vec![format!("compose sluice.toml: {e}")],
+    let config = match SluiceConfig::from_text(text, &[]) {
+        Ok(config) => config,
+        Err(errors) => return errors.iter().map(|e| format!("deploy/compose/sluice.toml: {e}")).collect(),
     };
-    let mut errors = config_key_errors("deploy/compose/sluice.toml", &table);
     let host = |value: &str| -> String {
         let value = value.split("://").last().unwrap_or_default();
         value.split([':', '/']).next().unwrap_or_default().to_string()
     };
-    let dsn_host = get_str(&table, "postgres.dsn")
+    let dsn_host = config
+        .postgres
+        .dsn
+        .expose()
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("host="))
         .unwrap_or_default()
         .to_string();
+    let mut errors = Vec::new();
     for (key, service) in [
-        ("kafka.brokers", host(get_str(&table, "kafka.brokers"))),
-        ("control.redis_url", host(get_str(&table, "control.redis_url"))),
+        ("kafka.brokers", host(&config.kafka.brokers)),
+        ("control.redis_url", host(config.control.redis_url.expose())),
         ("postgres.dsn", dsn_host),
     ] {
         if !compose["services"][&service].is_object() {
@@ -2157,8 +2053,7 @@ fn the_compose_stack_is_complete() {
     assert_no_errors("deploy/compose/docker-compose.yml", &check_compose(&compose, &compose_dir()));
     let text = fs::read_to_string(compose_dir().join("sluice.toml")).expect("compose sluice.toml");
     assert_no_errors("deploy/compose/sluice.toml", &check_compose_config(&compose, &text));
-    let mut config = default_config();
-    merge_toml(&mut config, text.parse().expect("toml"));
+    let config = SluiceConfig::from_text(&text, &[]).expect("compose's sluice.toml loads");
     let port = listen_port(&config);
     let prometheus = read_one_yaml(&repo_root().join("deploy/prometheus/prometheus.yml"));
     assert_no_errors("deploy/prometheus/prometheus.yml", &check_prometheus(&prometheus, port));

@@ -11,7 +11,7 @@ use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_postgres::PostgresConfig;
-use sluice_tests::{
+use sluice_testkit::{
     Broker, LOCAL_POSTGRES, StageProcess, heavy_test_lock, peak_rss_bytes, sluice, tail, temp_dir, unique,
     unique_schema, write_config,
 };
@@ -64,7 +64,7 @@ async fn a_stalled_stage_holds_a_bounded_number_of_bytes_whatever_the_message_si
 
     let kafka = KafkaConfig {
         brokers: broker.addr.clone(),
-        producer_properties: BTreeMap::from([("message.max.bytes".to_string(), "8000000".to_string())]),
+        producer_properties: BTreeMap::from([("message.max.bytes".to_string(), "8000000".into())]),
         ..KafkaConfig::default()
     };
     let requests = format!("{prefix}.requests");

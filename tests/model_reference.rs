@@ -2,8 +2,9 @@
 //! export time (deploy/models/export_stock_lstm.py), batched and one at a
 //! time, directly and through the model thread.
 
-use sluice_model::{Batch, Model, ModelConfig, ModelWorker};
-use sluice_tests::{model_config, model_dir};
+use sluice_model::{Batch, ModelConfig, ModelKind, ModelRunner};
+use sluice_testkit::{model_config, model_dir};
+use sluice_torch::{Model, ModelWorker};
 
 const TOLERANCE: f32 = 1e-5;
 
@@ -72,24 +73,25 @@ fn a_missing_model_is_a_clear_error() {
 /// at 0, or tuned on the device to a p99 latency target.
 #[test]
 fn the_batch_size_is_chosen_by_device_or_tuned_to_a_latency_target() {
-    use sluice_model::choose_batch_size;
-    let configured = choose_batch_size(&config(), 48, false).expect("choose");
+    use sluice_torch::choose_batch_size;
+    let configured = choose_batch_size(&config(), 48, ModelKind::Stock).expect("choose");
     assert_eq!((configured.batch_size, configured.by), (48, "configured"));
-    let by_device = choose_batch_size(&config(), 0, false).expect("choose");
+    let by_device = choose_batch_size(&config(), 0, ModelKind::Stock).expect("choose");
     assert_eq!((by_device.batch_size, by_device.by, by_device.device.as_str()), (64, "device", "cpu"));
-    let query = choose_batch_size(&sluice_tests::query_model_config("1"), 0, true).expect("choose");
+    let query = choose_batch_size(&sluice_testkit::query_model_config("1"), 0, ModelKind::Query).expect("choose");
     assert_eq!(query.batch_size, 32);
 
     // A target no call misses: the ceiling, every power of two up to it measured.
     let generous = ModelConfig { autotune_p99_ms: 60_000, ..config() };
-    let tuned = choose_batch_size(&generous, 16, false).expect("tune");
+    let tuned = choose_batch_size(&generous, 16, ModelKind::Stock).expect("tune");
     assert_eq!((tuned.batch_size, tuned.by), (16, "autotune"));
     assert_eq!(tuned.measured.iter().map(|(rows, _)| *rows).collect::<Vec<_>>(), vec![1, 2, 4, 8, 16]);
 
     // A real target: the choice is the largest measured size within it, and
     // the search stopped at the first size that missed (or at the ceiling).
     let target = std::time::Duration::from_millis(2);
-    let tuned = choose_batch_size(&ModelConfig { autotune_p99_ms: 2, ..config() }, 512, false).expect("tune");
+    let tuned =
+        choose_batch_size(&ModelConfig { autotune_p99_ms: 2, ..config() }, 512, ModelKind::Stock).expect("tune");
     let within: Vec<usize> = tuned.measured.iter().filter(|(_, p99)| *p99 <= target).map(|(rows, _)| *rows).collect();
     assert_eq!(tuned.batch_size, within.last().copied().unwrap_or(1), "{:?}", tuned.measured);
     let (last, last_p99) = *tuned.measured.last().expect("measured");

@@ -14,12 +14,13 @@ use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::envelope::StockWindow;
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::{Batch, Model, ModelConfig};
+use sluice_model::{Batch, ModelConfig};
 use sluice_stages::Normalizer;
 use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_tests::{
+use sluice_testkit::{
     Broker, StageProcess, heavy_test_lock, model_config, python, sluice, tail, temp_dir, unique, write_config,
 };
+use sluice_torch::Model;
 
 /// The first fenced block of `language` after `heading` in docs/models.md.
 fn code_block(heading: &str, language: &str) -> String {

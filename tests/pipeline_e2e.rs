@@ -15,9 +15,9 @@ use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
-use sluice_tests::{
-    Broker, StageProcess, heavy_test_lock, peak_rss_bytes, reference_predictions, sluice, start_stages, tail, temp_dir,
-    unique, write_config, write_events,
+use sluice_testkit::{
+    Processes, StageProcess, TestPipeline, peak_rss_bytes, reference_predictions, sluice, start_stages, tail, unique,
+    write_events,
 };
 
 /// Predictions must equal the reference computation to this absolute tolerance.
@@ -95,14 +95,11 @@ fn reader(brokers: &str, prefix: &str) -> TopicReader {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn ten_thousand_events_through_four_processes() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("e2e");
-    let prefix = unique("e2e");
-    let config = write_config(&dir, &broker.addr, &prefix, 4, "");
-    sluice(&config, &["topics", "create"]);
+    let pipeline = TestPipeline::start("e2e", 4, "", Processes::None);
+    let (broker, dir, prefix, config) =
+        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
 
     // About 1% invalid, of eight different kinds.
     let events = generate("e2e", 10_000, 100, SyntheticConfig::default().universe);
@@ -191,17 +188,18 @@ async fn ten_thousand_events_through_four_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn killing_the_inferrer_mid_stream_loses_nothing() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("restart");
-    let prefix = unique("restart");
     // Small batches and a slow deadline keep the inferrer busy long enough to be
     // killed in the middle of the stream.
-    let config =
-        write_config(&dir, &broker.addr, &prefix, 4, "[inferrer]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n");
-    sluice(&config, &["topics", "create"]);
+    let pipeline = TestPipeline::start(
+        "restart",
+        4,
+        "[inferrer]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+        Processes::None,
+    );
+    let (broker, dir, prefix, config) =
+        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("restart", 4000, 0, SyntheticConfig::default().universe);
 
     let mut stages = start_stages(&config, &dir);
@@ -248,20 +246,16 @@ async fn killing_the_inferrer_mid_stream_loses_nothing() {
 /// partitions pause; nothing is lost, nothing stalls, and the duplicates (work
 /// in flight for a partition that moved) are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("rebalance");
-    let prefix = unique("rebalance");
-    let config = write_config(
-        &dir,
-        &broker.addr,
-        &prefix,
+    let pipeline = TestPipeline::start(
+        "rebalance",
         4,
         "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+        Processes::None,
     );
-    sluice(&config, &["topics", "create"]);
+    let (broker, dir, prefix, config) =
+        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("rebalance", 4000, 0, SyntheticConfig::default().universe);
     let mut stages = start_stages(&config, &dir);
     let reader = reader(&broker.addr, &prefix);
@@ -314,20 +308,15 @@ async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
 /// commit, the producer flush, leaving the group), so each exits instead of
 /// waiting on a broker that will not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("drain");
-    let prefix = unique("drain");
-    let config = write_config(
-        &dir,
-        &broker.addr,
-        &prefix,
+    let mut pipeline = TestPipeline::start(
+        "drain",
         2,
         "[runtime]\ndrain_timeout_ms = 2000\n\n[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+        Processes::None,
     );
-    sluice(&config, &["topics", "create"]);
+    let (dir, prefix, config) = (pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let mut stages = start_stages(&config, &dir);
     let events = generate("drain", 3000, 0, SyntheticConfig::default().universe);
     sluice(
@@ -335,7 +324,7 @@ async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
         &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
     );
     // Mid-stream: some predictions are out, the rest is in flight.
-    let reader = reader(&broker.addr, &prefix);
+    let reader = reader(&pipeline.broker.addr, &prefix);
     let mut seen = Seen::default();
     let predictions_topic = format!("{prefix}.predictions");
     read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(120), Duration::ZERO, |s| {
@@ -343,7 +332,7 @@ async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
     })
     .await;
     assert!(seen.predictions.len() < events.len(), "the stream was over before the broker went: make it longer");
-    drop(broker);
+    pipeline.broker.kill();
     std::thread::sleep(Duration::from_millis(300));
     let stopping = Instant::now();
     for stage in &stages {
@@ -376,20 +365,16 @@ async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
 /// stage rides it out with retries and backoff, none exits, memory stays
 /// bounded, and every event comes out once the broker answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn a_broker_outage_mid_stream_is_ridden_out_and_loses_nothing() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("outage");
-    let prefix = unique("outage");
-    let config = write_config(
-        &dir,
-        &broker.addr,
-        &prefix,
+    let pipeline = TestPipeline::start(
+        "outage",
         4,
         "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
+        Processes::None,
     );
-    sluice(&config, &["topics", "create"]);
+    let (broker, dir, prefix, config) =
+        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("outage", 4000, 0, SyntheticConfig::default().universe);
     let (first, second) = events.split_at(2500);
     let mut stages = start_stages(&config, &dir);

@@ -8,9 +8,9 @@ use sluice_postgres::history::PgHistory;
 use sluice_postgres::migrate::migrate;
 use sluice_postgres::seed::seed;
 use sluice_stages::fetcher::{HistorySource, SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_tests::{
-    Broker, LOCAL_POSTGRES, StageProcess, free_port, heavy_test_lock, http_get, sluice, temp_dir, unique,
-    unique_schema, write_config,
+use sluice_testkit::{
+    Broker, LOCAL_POSTGRES, StageProcess, free_port, heavy_test_lock, sluice, temp_dir, unique, unique_schema,
+    wait_for_http, write_config,
 };
 
 const SHAPE: WindowShape = WindowShape { days: 30, features: 105 };
@@ -143,7 +143,7 @@ async fn the_pipeline_predicts_from_postgres_history() {
     use sluice_kafka::client::TopicReader;
     use sluice_messages::prediction::PredictionRecord;
     use sluice_stages::generate::generate;
-    use sluice_tests::{
+    use sluice_testkit::{
         Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
         write_events,
     };
@@ -251,14 +251,14 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
     use std::sync::Arc;
 
     use sluice_control::Settings;
-    use sluice_kafka::{Incoming, Stage};
+    use sluice_core::{Incoming, Stage};
     use sluice_messages::codec;
     use sluice_messages::envelope::{Envelope, Payload, StockPrediction};
     use sluice_postgres::sink::PgPredictions;
     use sluice_stages::{Writer, WriterStats};
 
     let schema = Schema::new("pg_twice").await;
-    let settings = Settings { min_confidence: 0.5, ..sluice_tests::settings() };
+    let settings = Settings { min_confidence: 0.5, ..sluice_testkit::settings() };
     let mut writer =
         Writer::new(tokio::sync::watch::channel(settings).1, None, "out", Arc::new(WriterStats::default()))
             .expect("writer")
@@ -320,7 +320,7 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_tests::{
+    use sluice_testkit::{
         Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
     };
 
@@ -389,7 +389,7 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_tests::{Broker, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events};
+    use sluice_testkit::{Broker, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events};
 
     let _heavy = heavy_test_lock();
     let broker = Broker::start();
@@ -422,8 +422,9 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
         let row = row.expect("count");
         (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
     };
-    let logs =
-        || stages.iter().map(|s| format!("--- {}\n{}", s.stage, sluice_tests::tail(&s.logs(), 20))).collect::<String>();
+    let logs = || {
+        stages.iter().map(|s| format!("--- {}\n{}", s.stage, sluice_testkit::tail(&s.logs(), 20))).collect::<String>()
+    };
     let mut killed = 0;
     let started = Instant::now();
     for at in [150, 600, 1200] {
@@ -461,7 +462,7 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
 #[tokio::test]
 async fn tls_is_used_when_asked_and_verified_against_a_ca_file() {
     let ssl_of = |dsn: String, ca: Option<std::path::PathBuf>| async move {
-        let config = PostgresConfig { dsn, tls_ca_file: ca, ..PostgresConfig::default() };
+        let config = PostgresConfig { dsn: dsn.into(), tls_ca_file: ca, ..PostgresConfig::default() };
         let pool = config.pool().map_err(|e| e.to_string())?;
         let client = pool.get().await.map_err(|e| format!("{e:?}"))?;
         let row = client
@@ -518,17 +519,11 @@ async fn a_writer_is_ready_only_while_postgres_answers() {
 
     // Each until its stage has joined the group, whatever PostgreSQL says.
     let joined = |port: u16| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            if let Some((code, body)) = http_get(port, "/readyz")
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
-                && v["stages"]["writer"]["ready"] == true
-            {
-                return (code, v);
-            }
-            assert!(std::time::Instant::now() < deadline, "the writer on {port} never joined its group");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        let ready = |_: u16, body: &str| {
+            serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| v["stages"]["writer"]["ready"] == true)
+        };
+        let (code, body) = wait_for_http(port, "/readyz", std::time::Duration::from_secs(60), ready);
+        (code, serde_json::from_str::<serde_json::Value>(&body).expect("JSON"))
     };
     let (code, body) = joined(good_port);
     assert_eq!(code, 200, "{body}\n{}", good.logs());
@@ -546,7 +541,7 @@ async fn a_writer_is_ready_only_while_postgres_answers() {
 async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
     use std::sync::Arc;
 
-    use sluice_kafka::{Incoming, Output, Stage};
+    use sluice_core::{Incoming, Output, Stage};
     use sluice_messages::codec;
     use sluice_messages::envelope::{Envelope, LabelScore, Payload, QueryIntent, StockPrediction};
     use sluice_postgres::sink::PgPredictions;
@@ -560,7 +555,7 @@ async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
         .expect("constraint");
     let dir = temp_dir("pg-refused");
     let file = dir.join("predictions.jsonl");
-    let settings = sluice_tests::settings();
+    let settings = sluice_testkit::settings();
     let mut writer = Writer::new(tokio::sync::watch::channel(settings).1, Some(&file), "out", Arc::default())
         .expect("writer")
         .with_sink(Box::new(PgPredictions::new(schema.pool.clone())));
@@ -616,7 +611,7 @@ async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
     let mut dead: Vec<(usize, &str, &str)> = outputs
         .iter()
         .filter_map(|o| match o {
-            Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
+            Output::DeadLetter { source, reason, detail, .. } => Some((*source, reason.as_str(), detail.as_str())),
             Output::Send { .. } => None,
         })
         .collect();
@@ -690,9 +685,11 @@ async fn database_errors_say_what_happened() {
         ))
         .await
         .expect("read-only role");
-    let read_only =
-        insert(PostgresConfig { dsn: format!("host=127.0.0.1 user={role} dbname=test"), ..schema.config.clone() })
-            .await;
+    let read_only = insert(PostgresConfig {
+        dsn: format!("host=127.0.0.1 user={role} dbname=test").into(),
+        ..schema.config.clone()
+    })
+    .await;
     assert!(
         read_only.to_string().contains("SQLSTATE 25006") && read_only.to_string().contains("read-only"),
         "{read_only}"

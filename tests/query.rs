@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use sluice_control::Settings;
 use sluice_control::cache::{LruConfig, PredictionCache};
-use sluice_kafka::{Incoming, Output, Stage};
+use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, QueryTokens};
-use sluice_model::{Batch, Model, ModelMetadata, ModelWorker, QueryTokenizer};
+use sluice_model::{Batch, ModelMetadata, QueryTokenizer};
 use sluice_stages::{InferrerStats, QueryInferrer};
-use sluice_tests::{query_model_config, query_model_dir};
+use sluice_testkit::{query_model_config, query_model_dir};
+use sluice_torch::{Model, ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
 const LOGIT_TOLERANCE: f32 = 1e-4;
@@ -122,13 +123,14 @@ fn intents(outputs: Vec<Output>) -> Vec<sluice_messages::envelope::QueryIntent> 
 #[tokio::test]
 async fn the_query_inferrer_answers_repeats_from_the_cache_within_its_caps() {
     let (_, tokenizer, metadata) = load();
-    let settings = Settings { max_batch_size: 3, max_batch_tokens: 40, ..sluice_tests::settings() };
+    let settings = Settings { max_batch_size: 3, max_batch_tokens: 40, ..sluice_testkit::settings() };
     let (tx, rx) = watch::channel(settings);
     let cache = Arc::new(PredictionCache::new(LruConfig { max_entries: 1000, max_bytes: 1 << 20 }, None));
     let stats = Arc::new(InferrerStats::default());
     let worker = ModelWorker::start(query_model_config("1")).await.expect("model");
     let mut inferrer =
-        QueryInferrer::new(worker, query_model_config("1"), rx, Some(cache), "inferred", stats.clone()).expect("stage");
+        QueryInferrer::new(TorchLoader, worker, query_model_config("1"), rx, Some(cache), "inferred", stats.clone())
+            .expect("stage");
 
     let texts = [
         "what is my balance",

@@ -7,32 +7,22 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sluice_kafka::KafkaConfig;
-use sluice_kafka::client::TopicReader;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::{IntentRecord, PredictionRecord};
 use sluice_postgres::PostgresConfig;
 use sluice_stages::generate::{Expected, generate, generate_queries};
-use sluice_tests::{
-    Broker, LOCAL_POSTGRES, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, unique_schema, write_config,
-    write_events,
-};
+use sluice_testkit::{LOCAL_POSTGRES, Processes, TestPipeline, start_stages, unique_schema};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
 async fn a_mixed_stream_of_stock_and_query_events_end_to_end() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("query-e2e");
-    let prefix = unique("mixed");
     let schema = unique_schema("query_e2e");
     let extra = format!(
         "[writer]\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n\
          [postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
-    sluice(&config, &["db", "migrate"]);
+    let mut pipeline = TestPipeline::start("query-e2e", 2, &extra, Processes::None);
+    pipeline.sluice(&["db", "migrate"]);
 
     // 300 stock events (every 10th invalid, of every kind, an oversized query
     // among them), 120 queries (12 texts, so most are repeats), and two bad
@@ -51,13 +41,11 @@ async fn a_mixed_stream_of_stock_and_query_events_end_to_end() {
     lines.push(latin1.to_vec());
     lines.push(br#"{"kind":"query","event_id":"blank","text":"   "}"#.to_vec());
     assert_eq!(lines.len(), stocks.len() + queries.len() + 2);
-    let file = write_events(&dir, &lines);
 
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader");
-    let mut stages = start_stages(&config, &dir);
-    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+    let dead = pipeline.topic("dead-letters");
+    let reader = pipeline.reader(&["predictions", "dead-letters"]);
+    pipeline.stages = start_stages(&pipeline.config, &pipeline.dir);
+    pipeline.produce("events", &lines);
 
     let expected_dead: Vec<&str> = stocks
         .iter()
@@ -90,8 +78,7 @@ async fn a_mixed_stream_of_stock_and_query_events_end_to_end() {
             stock_seen.insert(p.event_id.clone(), p);
         }
     }
-    let logs =
-        || stages.iter().map(|s| format!("--- {}\n{}", s.stage, tail(&s.logs(), 15))).collect::<Vec<_>>().join("\n");
+    let logs = || pipeline.logs(15);
     assert_eq!(stock_seen.len(), valid_stocks, "stock predictions\n{}", logs());
     assert_eq!(intents.len(), queries.len(), "one intent per query\n{}", logs());
 
@@ -138,10 +125,10 @@ async fn a_mixed_stream_of_stock_and_query_events_end_to_end() {
     assert_eq!(letter.stage, "fetcher");
     assert_eq!(letter.payload().expect("base64"), latin1, "the original bytes, as sent");
 
-    for stage in &mut stages {
+    for stage in &mut pipeline.stages {
         stage.signal("TERM");
     }
-    for stage in &mut stages {
+    for stage in &mut pipeline.stages {
         assert!(stage.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{} did not drain", stage.stage);
     }
 

@@ -3,23 +3,15 @@
 //! line, no `/status` or `/metrics` answer, no `sluice config` output and no
 //! error message, while the pipeline runs and while Redis is unreachable.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sluice_tests::{Broker, StageProcess, heavy_test_lock, sluice, sluice_bin, temp_dir, unique, write_config};
+use sluice_testkit::{
+    Broker, StageProcess, heavy_test_lock, http_response, sluice, sluice_bin, temp_dir, unique, write_config,
+};
 
 const SECRETS: [&str; 3] = ["PgSecret-7f3a", "RedisSecret-91bc", "KafkaSecret-4d2e"];
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    Some(text)
-}
 
 fn assert_no_secret(what: &str, text: &str) {
     for secret in SECRETS {
@@ -40,7 +32,7 @@ fn secrets_never_appear_in_logs_status_or_errors() {
          [control]\nredis_url = \"redis://:{}@127.0.0.1:1\"\n",
         SECRETS[2],
         SECRETS[0],
-        sluice_tests::unique_schema("secrets"),
+        sluice_testkit::unique_schema("secrets"),
         SECRETS[1]
     );
     let config = write_config(&dir, &broker.addr, &unique("secrets"), 1, &extra);
@@ -58,13 +50,13 @@ fn secrets_never_appear_in_logs_status_or_errors() {
     let started = Instant::now();
     let mut status = None;
     while status.is_none() && started.elapsed() < Duration::from_secs(60) {
-        status = get(port, "/status").filter(|s| s.contains("\"stages\""));
+        status = http_response(port, "/status").filter(|s| s.contains("\"stages\""));
         std::thread::sleep(Duration::from_millis(200));
     }
     let status = status.expect("/status answers");
     assert!(status.contains("<redacted>") && status.contains("***"), "redaction markers in /status:\n{status}");
     assert_no_secret("/status", &status);
-    assert_no_secret("/metrics", &get(port, "/metrics").expect("/metrics"));
+    assert_no_secret("/metrics", &http_response(port, "/metrics").expect("/metrics"));
     pipeline.wait_for_log("redis is unreachable", 1, Duration::from_secs(30));
     pipeline.signal("TERM");
     assert!(pipeline.wait(Duration::from_secs(30)).is_some(), "the pipeline did not stop");

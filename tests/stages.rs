@@ -10,13 +10,14 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use sluice_control::Settings;
 use sluice_control::cache::{CacheKey, LruConfig, PredictionCache};
-use sluice_kafka::{Incoming, Output, Stage};
+use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, QueryText, StockPrediction, StockWindow};
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::{Batch, Model, ModelWorker};
+use sluice_model::Batch;
 use sluice_stages::{Inferrer, InferrerStats, Writer, WriterStats};
-use sluice_tests::{model_config, settings, temp_dir};
+use sluice_testkit::{model_config, settings, temp_dir};
+use sluice_torch::{Model, ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
 fn envelope(id: &str, payload: Payload) -> Envelope {
@@ -44,10 +45,11 @@ fn window(value: f32) -> Payload {
 async fn inferrer(
     settings: watch::Receiver<Settings>,
     cache: Option<Arc<PredictionCache>>,
-) -> (Inferrer, Arc<InferrerStats>) {
+) -> (Inferrer<TorchLoader>, Arc<InferrerStats>) {
     let worker = ModelWorker::start(model_config("1")).await.expect("model");
     let stats = Arc::new(InferrerStats::default());
-    let inferrer = Inferrer::new(worker, model_config("1"), settings, cache, "out", stats.clone()).expect("inferrer");
+    let inferrer =
+        Inferrer::new(TorchLoader, worker, model_config("1"), settings, cache, "out", stats.clone()).expect("inferrer");
     (inferrer, stats)
 }
 
@@ -255,21 +257,25 @@ async fn the_writer_filters_by_the_live_confidence_and_appends_to_the_file() {
 /// Versions of the stock fixture a switch must watch (deploy/models/export_test_fixtures.py).
 fn variant(version: &str) -> sluice_model::ModelConfig {
     sluice_model::ModelConfig {
-        dir: sluice_tests::cache_dir().join("models/fixtures/stock-variants"),
+        dir: sluice_testkit::cache_dir().join("models/fixtures/stock-variants"),
         ..model_config(version)
     }
 }
 
-async fn variant_inferrer(version: &str, settings: watch::Receiver<Settings>) -> (Inferrer, Arc<InferrerStats>) {
+async fn variant_inferrer(
+    version: &str,
+    settings: watch::Receiver<Settings>,
+) -> (Inferrer<TorchLoader>, Arc<InferrerStats>) {
     let worker = ModelWorker::start(variant(version)).await.expect("model");
     let stats = Arc::new(InferrerStats::default());
-    let inferrer = Inferrer::new(worker, variant(version), settings, None, "out", stats.clone()).expect("inferrer");
+    let inferrer =
+        Inferrer::new(TorchLoader, worker, variant(version), settings, None, "out", stats.clone()).expect("inferrer");
     (inferrer, stats)
 }
 
 /// Serves batches until the serving version has had `time` to change; returns
 /// the versions that answered.
-async fn versions_served(inferrer: &mut Inferrer, batches: i64) -> Vec<String> {
+async fn versions_served(inferrer: &mut Inferrer<TorchLoader>, batches: i64) -> Vec<String> {
     let mut versions = Vec::new();
     for n in 0..batches {
         let batch = vec![incoming(n, codec::encode(&envelope(&format!("v-{n}"), window(0.3))))];
@@ -326,7 +332,7 @@ async fn an_answer_outside_its_range_is_a_dead_letter_and_the_rest_is_answered()
     let dead: Vec<(usize, &str, &str)> = outputs
         .iter()
         .filter_map(|o| match o {
-            Output::DeadLetter { source, reason, detail, .. } => Some((*source, *reason, detail.as_str())),
+            Output::DeadLetter { source, reason, detail, .. } => Some((*source, reason.as_str(), detail.as_str())),
             Output::Send { .. } => None,
         })
         .collect();
@@ -343,8 +349,8 @@ async fn cache_entries_that_are_not_valid_answers_are_recomputed() {
     use sluice_control::keys::KeyLayout;
     use sluice_control::link::RedisLink;
 
-    let keys = KeyLayout::new("sluice-test", &sluice_tests::unique("badcache"));
-    let link = Arc::new(RedisLink::new(sluice_tests::LOCAL_REDIS).expect("url"));
+    let keys = KeyLayout::new("sluice-test", &sluice_testkit::unique("badcache"));
+    let link = Arc::new(RedisLink::new(sluice_testkit::LOCAL_REDIS).expect("url"));
     let cache = Arc::new(PredictionCache::new(LruConfig::default(), Some((link.clone(), keys.clone()))));
     let planted = [(0.3f32, vec![0.5f32, 7.5]), (0.4, vec![f32::NAN, 0.5])];
     for (value, answer) in &planted {

@@ -18,17 +18,18 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::embedded::EmbeddedCluster;
-use sluice_kafka::{
-    BatchFailure, BatchPolicy, Incoming, KafkaConfig, KafkaRuntimeError, Output, RunOptions, Stage, StageStatus,
-    run_stage,
-};
+use sluice_kafka::{BatchPolicy, KafkaConfig, KafkaRuntimeError, RunOptions, StageStatus, run_stage};
 use sluice_messages::codec;
 use sluice_messages::trace::{TRACEPARENT_HEADER, TRACEPARENT_LEN, TraceParent};
-use sluice_stages::{Inferrer, QueryInferrer};
-use sluice_tests::{
-    Broker, StageProcess, free_port, heavy_test_lock, http_get, sluice, start_stages, tail, temp_dir, unique,
+use sluice_stages::Task;
+use sluice_stages::inferrer::query::QueryTask;
+use sluice_stages::inferrer::stock::StockTask;
+use sluice_testkit::prometheus::series;
+use sluice_testkit::{
+    Broker, StageProcess, free_port, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, wait_for_http,
     write_config,
 };
 use tokio::sync::watch;
@@ -49,28 +50,11 @@ impl Stage for Gated {
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         if self.gate.wait_for(|open| *open).await.is_err() {
-            return Err(BatchFailure { retryable: false, message: "gate dropped".into() });
+            return Err(BatchFailure::fatal("gate dropped"));
         }
         self.processed.fetch_add(batch.len(), Ordering::SeqCst);
         Ok(Vec::new())
     }
-}
-
-/// A Prometheus text rendering: (name, labels) -> value.
-fn series(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let Some((key, value)) = line.rsplit_once(' ') else { continue };
-        let (name, labels) = key.split_once('{').unwrap_or((key, "}"));
-        let labels = labels
-            .trim_end_matches('}')
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        out.insert((name.to_string(), labels), value.parse().unwrap_or(f64::NAN));
-    }
-    out
 }
 
 /// `sluice_kafka_consumer_lag` by partition, for one stage, group and topic.
@@ -380,13 +364,7 @@ fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
     let mut inferrer = StageProcess::command(&config, &["--listen", &listen, "run", "inferrer"], "inferrer", &dir);
     // The stock and the query inferrer.
     inferrer.wait_for_log("stage started", 2, Duration::from_secs(120));
-    let started = Instant::now();
-    let mut answer = http_get(port, "/metrics");
-    while answer.is_none() && started.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(100));
-        answer = http_get(port, "/metrics");
-    }
-    let (code, text) = answer.expect("/metrics answers");
+    let (code, text) = wait_for_http(port, "/metrics", Duration::from_secs(30), |_, _| true);
     assert_eq!(code, 200);
     let found = series(&text);
     let value = |name: &str, labels: &[(&str, &str)]| {
@@ -394,19 +372,21 @@ fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
         found.get(&(name.to_string(), labels)).copied()
     };
     let mut expected = vec![
-        ("sluice_model_load_failures_total", vec![]),
+        ("sluice_model_load_failures_total", vec![("model", "stock-lstm")]),
+        ("sluice_model_load_failures_total", vec![("model", "query-intent")]),
         ("sluice_model_out_of_memory_total", vec![("model", "stock-lstm")]),
+        ("sluice_model_out_of_memory_total", vec![("model", "query-intent")]),
         ("sluice_overrides_refused_total", vec![("field", "max_batch_size")]),
         ("sluice_overrides_refused_total", vec![("field", "unknown")]),
     ];
     for (stage, reasons) in
-        [("inferrer", Inferrer::DEAD_LETTER_REASONS), ("query-inferrer", QueryInferrer::DEAD_LETTER_REASONS)]
+        [("inferrer", StockTask::DEAD_LETTER_REASONS), ("query-inferrer", QueryTask::DEAD_LETTER_REASONS)]
     {
         expected.push(("sluice_kafka_assigned_partitions", vec![("stage", stage)]));
         expected.push(("sluice_stage_events_acknowledged_total", vec![("stage", stage)]));
         expected.push(("sluice_stage_batch_failures_total", vec![("stage", stage), ("retryable", "false")]));
         expected.push(("sluice_stage_batch_failures_total", vec![("stage", stage), ("retryable", "true")]));
-        for reason in reasons.iter().chain(&["output_too_large"]) {
+        for reason in reasons.iter().map(|r| r.as_str()).chain(["output_too_large"]) {
             expected.push(("sluice_stage_dead_letters_total", vec![("stage", stage), ("reason", reason)]));
         }
     }

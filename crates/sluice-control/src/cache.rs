@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use metrics::{counter, gauge, histogram};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::keys::KeyLayout;
 use crate::link::RedisLink;
+use crate::telemetry;
 
 /// Bounds of the in-process tier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ impl Local {
             let Some((_, evicted)) = self.map.pop_lru() else { break };
             self.bytes -= Self::cost(&evicted.values);
             stats.evictions.fetch_add(1, Ordering::Relaxed);
-            counter!("sluice_cache_evictions_total").increment(1);
+            telemetry::cache_evicted();
         }
     }
 }
@@ -254,7 +254,7 @@ impl PredictionCache {
                 }
             }
         }
-        histogram!("sluice_cache_lookup_seconds").record(started.elapsed().as_secs_f64());
+        telemetry::cache_lookup(started.elapsed());
         self.publish_size();
         found
     }
@@ -335,14 +335,12 @@ impl PredictionCache {
         };
         h.fetch_add(hits, Ordering::Relaxed);
         m.fetch_add(misses, Ordering::Relaxed);
-        counter!("sluice_cache_hits_total", "tier" => tier.label()).increment(hits);
-        counter!("sluice_cache_misses_total", "tier" => tier.label()).increment(misses);
+        telemetry::cache_counted(tier.label(), hits, misses);
     }
 
     fn publish_size(&self) {
         let local = self.local();
-        gauge!("sluice_cache_entries").set(local.map.len() as f64);
-        gauge!("sluice_cache_bytes").set(local.bytes as f64);
+        telemetry::cache_size(local.map.len(), local.bytes);
     }
 }
 

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use metrics::{counter, gauge};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::Settings;
 use crate::keys::NOTIFY_CACHE_CLEAR;
-use crate::overrides::{FIELDS, Refusal};
+use crate::overrides::{self, Follower, Refusal};
 use crate::store::{OverrideStore, Scope, ScopedOverrides};
+use crate::{Settings, telemetry};
 
 /// Says whether a model version can be served.
 pub type VersionCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -27,7 +26,7 @@ pub type OnCacheClear = Arc<dyn Fn() + Send + Sync>;
 /// The override follower of one process.
 pub struct Controller {
     store: OverrideStore,
-    model: String,
+    scope: Scope,
     base: Settings,
     version_exists: VersionCheck,
     reconcile: Duration,
@@ -40,7 +39,7 @@ pub struct Controller {
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller").field("model", &self.model).field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("Controller").field("scope", &self.scope).field("base", &self.base).finish_non_exhaustive()
     }
 }
 
@@ -53,18 +52,18 @@ struct Followed {
 }
 
 impl Controller {
-    /// `base` holds the built-in and configured values; overrides for `model`
-    /// apply on top.
+    /// `base` holds the built-in and configured values; the shared overrides
+    /// and then `scope`'s (a model's, by its name, or the writer's) apply on top.
     pub fn new(
         store: OverrideStore,
-        model: &str,
+        scope: impl Into<Scope>,
         base: Settings,
         version_exists: VersionCheck,
         reconcile: Duration,
     ) -> Self {
         Self {
             store,
-            model: model.into(),
+            scope: scope.into(),
             base,
             version_exists,
             reconcile,
@@ -90,11 +89,9 @@ impl Controller {
     pub async fn start(self, shutdown: CancellationToken) -> watch::Receiver<Settings> {
         let mut followed = Followed::default();
         let (tx, rx) = watch::channel(self.base.clone());
-        publish_gauges(&self.model, &self.base);
+        publish_gauges(&self.scope, &self.base);
         // At 0 from the start, so that alerts on increase() see the first refusal.
-        for field in FIELDS.iter().copied().chain(["unknown", "*"]) {
-            counter!("sluice_overrides_refused_total", "field" => field).increment(0);
-        }
+        telemetry::refusals_at_zero(overrides::names().chain(["unknown", "*"]));
         self.reconcile_once(&tx, &mut followed).await;
         tokio::spawn(self.run(tx, followed, shutdown));
         rx
@@ -137,7 +134,7 @@ impl Controller {
                         if let Some(clear) = &self.on_cache_clear {
                             clear();
                         }
-                        tracing::info!("cache cleared by an operator");
+                        telemetry::cache_cleared(None);
                     }
                     Some(_) => {}
                     // The pub/sub connection dropped: resubscribe once Redis is back.
@@ -150,24 +147,17 @@ impl Controller {
 
     async fn reconcile_once(&self, tx: &watch::Sender<Settings>, followed: &mut Followed) {
         // An unreachable Redis is reported by the link; the last good values stay.
-        let Ok(raw) = self.store.read(&self.model).await else { return };
-        let (overrides, refused) = self.store.parse(&self.model, &raw, &followed.overrides, &*self.version_exists);
+        let Ok(raw) = self.store.read(self.scope.clone()).await else { return };
+        let (overrides, refused) =
+            self.store.parse(self.scope.clone(), &raw, &followed.overrides, &*self.version_exists);
         let refused: BTreeSet<Refusal> = refused.into_iter().collect();
         let all_scope = self.store.key(&Scope::All);
         for r in refused.difference(&followed.reported) {
             if !self.reports_all_scope && r.key == all_scope {
                 continue;
             }
-            let field =
-                if FIELDS.contains(&r.field.as_str()) || r.field == "*" { r.field.clone() } else { "unknown".into() };
-            counter!("sluice_overrides_refused_total", "field" => field).increment(1);
-            tracing::warn!(
-                key = r.key,
-                field = r.field,
-                value = r.value,
-                reason = r.reason,
-                "override refused; the last good value is kept"
-            );
+            let known = overrides::field(&r.field).is_some() || r.field == "*";
+            telemetry::override_refused(r, if known { &r.field } else { "unknown" });
         }
         *followed = Followed { overrides, reported: refused, cache_epoch: followed.cache_epoch };
         self.follow_cache_epoch(followed).await;
@@ -177,10 +167,9 @@ impl Controller {
                 return false;
             }
             for (field, value) in current.changed_fields(&effective) {
-                counter!("sluice_overrides_applied_total", "field" => field).increment(1);
-                tracing::info!(field, value, "override applied");
+                telemetry::override_applied(field, &value);
             }
-            publish_gauges(&self.model, &effective);
+            publish_gauges(&self.scope, &effective);
             *current = effective.clone();
             true
         });
@@ -202,22 +191,22 @@ impl Controller {
         let epoch = epoch.unwrap_or(0);
         if followed.cache_epoch.is_some_and(|seen| seen != epoch) {
             clear();
-            tracing::info!(epoch, "cache cleared by an operator");
+            telemetry::cache_cleared(Some(epoch));
         }
         followed.cache_epoch = Some(epoch);
     }
 }
 
-fn publish_gauges(model: &str, s: &Settings) {
-    let model = model.to_string();
-    let set = |field: &'static str, value: f64| {
-        gauge!("sluice_setting", "model" => model.clone(), "field" => field).set(value)
-    };
-    set("max_batch_size", s.max_batch_size as f64);
-    set("max_batch_tokens", s.max_batch_tokens as f64);
-    set("max_wait_ms", s.max_wait_ms as f64);
-    set("min_confidence", f64::from(s.min_confidence));
-    set("cache_enabled", if s.cache_enabled { 1.0 } else { 0.0 });
-    set("cache_ttl_s", s.cache_ttl_s as f64);
-    set("intra_op_threads", s.intra_op_threads as f64);
+/// The settings in force as gauges, for the fields `scope` follows.
+fn publish_gauges(scope: &Scope, settings: &Settings) {
+    let label = scope.label();
+    for (field, value) in settings.gauges() {
+        let followed = overrides::field(field).is_some_and(|f| match scope {
+            Scope::Writer => f.follower == Follower::Writer,
+            _ => f.follower == Follower::Models,
+        });
+        if followed {
+            telemetry::setting(label, field, value);
+        }
+    }
 }

@@ -1,3 +1,4 @@
+use sluice_core::ConfigError;
 use thiserror::Error;
 
 /// What can go wrong in the control plane.
@@ -8,8 +9,8 @@ pub enum ControlError {
     #[error("redis: {0}")]
     Redis(String),
     /// A bad `control.*` setting.
-    #[error("configuration key `{key}`: {message}")]
-    Config { key: &'static str, message: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 impl From<redis::RedisError> for ControlError {

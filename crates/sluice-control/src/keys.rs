@@ -3,6 +3,7 @@
 //! ```text
 //! {prefix}:{pipeline}:overrides                 hash: overrides for every stage and model
 //! {prefix}:{pipeline}:overrides:{model}         hash: overrides for one model (wins)
+//! {prefix}:{pipeline}:writer-overrides          hash: overrides for the writer (wins)
 //! {prefix}:{pipeline}:control                   pub/sub channel: "overrides" or "cache:clear"
 //! {prefix}:{pipeline}:cache:{model}:{version}:{hash}   string: a cached prediction (with a TTL)
 //! {prefix}:{pipeline}:cache-stats               hash: cache counters summed over all replicas
@@ -26,6 +27,10 @@ impl KeyLayout {
 
     pub fn model_overrides(&self, model: &str) -> String {
         format!("{}:overrides:{model}", self.base)
+    }
+
+    pub fn writer_overrides(&self) -> String {
+        format!("{}:writer-overrides", self.base)
     }
 
     pub fn channel(&self) -> String {

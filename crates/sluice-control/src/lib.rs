@@ -18,6 +18,7 @@ pub mod keys;
 pub mod link;
 pub mod overrides;
 pub mod store;
+mod telemetry;
 
 pub use error::ControlError;
 pub use overrides::{Overrides, Settings};

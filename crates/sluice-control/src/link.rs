@@ -9,10 +9,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::ControlError;
+use sluice_core::ConfigError;
+
+use crate::{ControlError, telemetry};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Short on purpose: a restarted Redis must be noticed within the one second
@@ -57,7 +58,7 @@ impl RedisLink {
     /// does not connect yet.
     pub fn new(url: &str) -> Result<Self, ControlError> {
         let client = redis::Client::open(url)
-            .map_err(|e| ControlError::Config { key: "control.redis_url", message: e.to_string() })?;
+            .map_err(|e| ControlError::Config(ConfigError::new("control.redis_url", e.to_string())))?;
         Ok(Self {
             client,
             state: Mutex::new(State {
@@ -161,11 +162,7 @@ impl RedisLink {
                 if timeouts >= TIMEOUTS_FOR_OUTAGE {
                     self.failed(&format!("{timeouts} calls in a row got no answer within their time budget"));
                 } else {
-                    counter!("sluice_redis_slow_calls_total").increment(1);
-                    tracing::debug!(
-                        ?budget,
-                        "a redis call got no answer within its budget (counted as slow, not an outage)"
-                    );
+                    telemetry::redis_slow(budget);
                 }
                 return Err(ControlError::Redis(format!("no answer within {budget:?}")));
             }
@@ -194,8 +191,7 @@ impl RedisLink {
         let mut state = self.state();
         state.timeouts = 0;
         if state.down {
-            tracing::info!("redis is reachable again");
-            gauge!("sluice_redis_up").set(1.0);
+            telemetry::redis_back();
         }
         state.down = false;
         state.backoff = MIN_BACKOFF;
@@ -204,9 +200,7 @@ impl RedisLink {
     fn failed(&self, error: &str) {
         let mut state = self.state();
         if !state.down {
-            tracing::warn!(error, "redis is unreachable: keeping the last good settings, cache lookups miss");
-            counter!("sluice_redis_outages_total").increment(1);
-            gauge!("sluice_redis_up").set(0.0);
+            telemetry::redis_down(error);
         }
         state.down = true;
         state.next_attempt = Instant::now() + state.backoff;

@@ -1,4 +1,6 @@
-//! Override fields: typed, bounded, and applied over the configuration.
+//! The live settings, each declared once (name, type, bounds, who follows it),
+//! from which the typed [`Settings`] and [`Overrides`], override parsing, the
+//! configuration's own checks and the gauges all follow.
 
 use std::collections::BTreeMap;
 
@@ -6,51 +8,234 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::RawHash;
 
-/// Every field an override may set.
-pub const FIELDS: [&str; 8] = [
-    "max_batch_size",
-    "max_batch_tokens",
-    "max_wait_ms",
-    "min_confidence",
-    "model_version",
-    "cache_enabled",
-    "cache_ttl_s",
-    "intra_op_threads",
-];
-
-/// The settings a running pipeline can change without a restart, with the
-/// values in force. Built from the configuration, then overridden.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    /// The inferrer's batch cap (the next batch cut uses it).
-    pub max_batch_size: usize,
-    /// The query inferrer's cap on a model call's padded tokens (rows x longest).
-    pub max_batch_tokens: usize,
-    /// The inferrer's deadline from the oldest waiting event (ms).
-    pub max_wait_ms: u64,
-    /// The writer drops predictions under this confidence.
-    pub min_confidence: f32,
-    /// The model version the inferrer serves.
-    pub model_version: String,
-    pub cache_enabled: bool,
-    /// Time to live of cache entries, in seconds.
-    pub cache_ttl_s: u64,
-    /// libtorch CPU threads of the model thread.
-    pub intra_op_threads: usize,
+/// What values a setting takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bounds {
+    /// A whole number in `min..=max`.
+    Count { min: u64, max: u64 },
+    /// A number in `0..=1`.
+    Ratio,
+    /// `true`/`false` (also 1/0, on/off, yes/no).
+    Switch,
+    /// An installed model version.
+    Version,
 }
 
-/// Overrides read from one scope (all models, or one model): `None` means not
-/// overridden.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Overrides {
-    pub max_batch_size: Option<usize>,
-    pub max_batch_tokens: Option<usize>,
-    pub max_wait_ms: Option<u64>,
-    pub min_confidence: Option<f32>,
-    pub model_version: Option<String>,
-    pub cache_enabled: Option<bool>,
-    pub cache_ttl_s: Option<u64>,
-    pub intra_op_threads: Option<usize>,
+impl Bounds {
+    /// The bounds in words, for refusals and `sluice overrides`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Count { min, max } => format!("a whole number in {min}..={max}"),
+            Self::Ratio => "a number in 0..=1".into(),
+            Self::Switch => "true or false".into(),
+            Self::Version => "an installed model version".into(),
+        }
+    }
+
+    /// Checks a configured count (the configuration holds numbers, not text).
+    pub fn check_count(&self, n: u64) -> Result<(), String> {
+        match self {
+            Self::Count { min, max } if !(*min..=*max).contains(&n) => Err(format!("{n} is outside {min}..={max}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a configured ratio.
+    pub fn check_ratio(&self, x: f32) -> Result<(), String> {
+        if x.is_finite() && (0.0..=1.0).contains(&x) { Ok(()) } else { Err(format!("{x} is outside 0..=1")) }
+    }
+}
+
+/// Who follows a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follower {
+    /// The model stages (settable for all models or for one).
+    Models,
+    /// The writer (settable for all or in the writer's own scope).
+    Writer,
+}
+
+/// One live setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Field {
+    pub name: &'static str,
+    pub bounds: Bounds,
+    pub follower: Follower,
+    /// What it changes, for `sluice overrides` and the documentation.
+    pub doc: &'static str,
+}
+
+/// A type a setting can have: parsed from an override's text within its
+/// bounds, and shown as a gauge (a version has none).
+trait Value: Sized {
+    fn parse(text: &str, bounds: Bounds, version_exists: &dyn Fn(&str) -> bool) -> Result<Self, String>;
+    fn gauge(&self) -> Option<f64>;
+}
+
+fn count(text: &str, bounds: Bounds) -> Result<u64, String> {
+    let n: u64 = text.trim().parse().map_err(|_| format!("not {}", bounds.describe()))?;
+    bounds
+        .check_count(n)
+        .map(|()| n)
+        .map_err(|_| format!("outside {}", bounds.describe().trim_start_matches("a whole number in ")))
+}
+
+impl Value for usize {
+    fn parse(text: &str, bounds: Bounds, _: &dyn Fn(&str) -> bool) -> Result<Self, String> {
+        count(text, bounds).map(|n| n as usize)
+    }
+
+    fn gauge(&self) -> Option<f64> {
+        Some(*self as f64)
+    }
+}
+
+impl Value for u64 {
+    fn parse(text: &str, bounds: Bounds, _: &dyn Fn(&str) -> bool) -> Result<Self, String> {
+        count(text, bounds)
+    }
+
+    fn gauge(&self) -> Option<f64> {
+        Some(*self as f64)
+    }
+}
+
+impl Value for f32 {
+    fn parse(text: &str, bounds: Bounds, _: &dyn Fn(&str) -> bool) -> Result<Self, String> {
+        let x: f32 = text.trim().parse().map_err(|_| "not a number".to_string())?;
+        bounds.check_ratio(x).map(|()| x).map_err(|_| "outside 0..=1".into())
+    }
+
+    fn gauge(&self) -> Option<f64> {
+        Some(f64::from(*self))
+    }
+}
+
+impl Value for bool {
+    fn parse(text: &str, _: Bounds, _: &dyn Fn(&str) -> bool) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("not a boolean (true/false)".into()),
+        }
+    }
+
+    fn gauge(&self) -> Option<f64> {
+        Some(if *self { 1.0 } else { 0.0 })
+    }
+}
+
+impl Value for String {
+    fn parse(text: &str, _: Bounds, version_exists: &dyn Fn(&str) -> bool) -> Result<Self, String> {
+        let version = text.trim();
+        check_version_name(version)?;
+        if !version_exists(version) {
+            return Err("no such model version is installed".into());
+        }
+        Ok(version.to_string())
+    }
+
+    fn gauge(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// Declares the settings: the two structs and everything derived from the list.
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident: $ty:ty = $bounds:expr, $follower:ident; )*) => {
+        /// The settings a running pipeline can change without a restart, with
+        /// the values in force. Built from the configuration, then overridden.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        /// Overrides read from one scope: `None` means not overridden.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        pub struct Overrides {
+            $( pub $name: Option<$ty>, )*
+        }
+
+        /// Every live setting, in declaration order.
+        pub const FIELDS: &[Field] = &[
+            $( Field { name: stringify!($name), bounds: $bounds, follower: Follower::$follower, doc: concat!($($doc),*) }, )*
+        ];
+
+        impl Overrides {
+            /// Checks one field's value and sets it. `version_exists` says
+            /// whether a model version can be served.
+            pub fn check(&mut self, field: &str, value: &str, version_exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
+                match field {
+                    $( stringify!($name) => self.$name = Some(<$ty as Value>::parse(value, $bounds, version_exists)?), )*
+                    _ => return Err(format!("unknown field (known: {})", names().collect::<Vec<_>>().join(", "))),
+                }
+                Ok(())
+            }
+
+            /// Takes `field`'s value from `previous` (the last good one).
+            fn keep(&mut self, field: &str, previous: &Self) {
+                match field {
+                    $( stringify!($name) => self.$name.clone_from(&previous.$name), )*
+                    _ => {}
+                }
+            }
+
+            /// `self` with `more` on top (a per-model scope over the global one).
+            pub fn then(&self, more: &Self) -> Self {
+                Self { $( $name: more.$name.clone().or_else(|| self.$name.clone()), )* }
+            }
+        }
+
+        impl Settings {
+            /// The settings in force: these, with `overrides` on top.
+            pub fn with(&self, o: &Overrides) -> Self {
+                Self { $( $name: o.$name.clone().unwrap_or_else(|| self.$name.clone()), )* }
+            }
+
+            /// The fields whose values differ, with the new value, for logs and metrics.
+            pub fn changed_fields(&self, other: &Self) -> Vec<(&'static str, String)> {
+                let mut changed = Vec::new();
+                $( if self.$name != other.$name { changed.push((stringify!($name), format!("{:?}", other.$name))); } )*
+                changed
+            }
+
+            /// Each field a gauge can show, with its value.
+            pub fn gauges(&self) -> Vec<(&'static str, f64)> {
+                let mut gauges = Vec::new();
+                $( if let Some(v) = Value::gauge(&self.$name) { gauges.push((stringify!($name), v)); } )*
+                gauges
+            }
+        }
+    };
+}
+
+settings! {
+    /// The model stage's batch cap (the next batch cut uses it; the query stage: also the rows of one model call).
+    max_batch_size: usize = Bounds::Count { min: 1, max: 65_536 }, Models;
+    /// The query stage's cap on a model call's padded tokens (rows x longest sequence).
+    max_batch_tokens: usize = Bounds::Count { min: 1, max: 16_777_216 }, Models;
+    /// The model stage's deadline from the oldest waiting event (ms).
+    max_wait_ms: u64 = Bounds::Count { min: 0, max: 60_000 }, Models;
+    /// The writer drops predictions and intents under this confidence.
+    min_confidence: f32 = Bounds::Ratio, Writer;
+    /// The model version the model stage serves (loaded, warmed up, then swapped in).
+    model_version: String = Bounds::Version, Models;
+    /// Whether the model stage uses the prediction cache.
+    cache_enabled: bool = Bounds::Switch, Models;
+    /// Time to live of cache entries written from now on (s).
+    cache_ttl_s: u64 = Bounds::Count { min: 1, max: 30 * 24 * 3600 }, Models;
+    /// The model backend's CPU threads, from the next call.
+    intra_op_threads: usize = Bounds::Count { min: 1, max: 256 }, Models;
+}
+
+/// The setting named `name`.
+pub fn field(name: &str) -> Option<&'static Field> {
+    FIELDS.iter().find(|f| f.name == name)
+}
+
+/// Every setting's name.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    FIELDS.iter().map(|f| f.name)
 }
 
 /// Whether `version` can name a model version (a directory): 1 to 64 of
@@ -86,64 +271,18 @@ pub struct Refusal {
     pub reason: String,
 }
 
-fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
-    value: &str,
-    min: T,
-    max: T,
-) -> Result<T, String> {
-    let n: T = value.trim().parse().map_err(|_| format!("not a whole number in {min}..={max}"))?;
-    if n < min || n > max {
-        return Err(format!("outside {min}..={max}"));
-    }
-    Ok(n)
-}
-
 impl Overrides {
-    /// Checks one field's value. `version_exists` says whether a model version
-    /// can be served.
-    pub fn check(&mut self, field: &str, value: &str, version_exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
-        match field {
-            "max_batch_size" => self.max_batch_size = Some(parse_int(value, 1usize, 65_536)?),
-            "max_batch_tokens" => self.max_batch_tokens = Some(parse_int(value, 1usize, 16_777_216)?),
-            "max_wait_ms" => self.max_wait_ms = Some(parse_int(value, 0u64, 60_000)?),
-            "min_confidence" => {
-                let c: f32 = value.trim().parse().map_err(|_| "not a number".to_string())?;
-                if !(c.is_finite() && (0.0..=1.0).contains(&c)) {
-                    return Err("outside 0..=1".into());
-                }
-                self.min_confidence = Some(c);
-            }
-            "model_version" => {
-                let v = value.trim();
-                check_version_name(v)?;
-                if !version_exists(v) {
-                    return Err("no such model version is installed".into());
-                }
-                self.model_version = Some(v.to_string());
-            }
-            "cache_enabled" => {
-                self.cache_enabled = Some(match value.trim().to_ascii_lowercase().as_str() {
-                    "true" | "1" | "yes" | "on" => true,
-                    "false" | "0" | "no" | "off" => false,
-                    _ => return Err("not a boolean (true/false)".into()),
-                });
-            }
-            "cache_ttl_s" => self.cache_ttl_s = Some(parse_int(value, 1u64, 30 * 24 * 3600)?),
-            "intra_op_threads" => self.intra_op_threads = Some(parse_int(value, 1usize, 256)?),
-            _ => return Err(format!("unknown field (known: {})", FIELDS.join(", "))),
-        }
-        Ok(())
-    }
-
     /// Reads a scope's hash. Each field is judged on its own: a refused one
-    /// (unknown, out of bounds, not UTF-8) keeps its value from `previous`
-    /// (the last good one) and is reported, and the others apply. A key that
-    /// is not a hash keeps every value of `previous` and is reported once as
+    /// (unknown, out of bounds, not UTF-8, or not followed in this scope:
+    /// `follows` says which fields are) keeps its value from `previous` (the
+    /// last good one) and is reported, and the others apply. A key that is
+    /// not a hash keeps every value of `previous` and is reported once as
     /// field `*`.
     pub fn parse(
         key: &str,
         fields: &RawHash,
         previous: &Self,
+        follows: Option<Follower>,
         version_exists: &dyn Fn(&str) -> bool,
     ) -> (Self, Vec<Refusal>) {
         let refusal = |field: String, value: String, reason: String| Refusal { key: key.into(), field, value, reason };
@@ -156,79 +295,28 @@ impl Overrides {
         let mut out = Self::default();
         let mut refusals = Vec::new();
         let sorted: BTreeMap<&[u8], &[u8]> = fields.iter().map(|(f, v)| (f.as_slice(), v.as_slice())).collect();
-        for (field, value) in sorted {
-            let (Ok(name), Ok(text)) = (std::str::from_utf8(field), std::str::from_utf8(value)) else {
-                let name = String::from_utf8_lossy(field);
-                out.keep(&name, previous);
-                let which = if std::str::from_utf8(field).is_err() { "field name" } else { "value" };
-                refusals.push(refusal(
-                    shown(&name),
-                    shown(&String::from_utf8_lossy(value)),
-                    format!("the {which} is not UTF-8"),
-                ));
+        for (name, value) in sorted {
+            let (Ok(name), Ok(text)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+                let lossy = String::from_utf8_lossy(name);
+                out.keep(&lossy, previous);
+                let which = if std::str::from_utf8(name).is_err() { "field name" } else { "value" };
+                let reason = format!("the {which} is not UTF-8");
+                refusals.push(refusal(shown(&lossy), shown(&String::from_utf8_lossy(value)), reason));
                 continue;
             };
-            if let Err(reason) = out.check(name, text, version_exists) {
+            let checked = match (field(name), follows) {
+                (Some(f), Some(follower)) if f.follower != follower => Err(match f.follower {
+                    Follower::Writer => "set for the writer, not a model: use the writer's scope or all".to_string(),
+                    Follower::Models => "set for the models, not the writer: use a model's scope or all".to_string(),
+                }),
+                _ => out.check(name, text, version_exists),
+            };
+            if let Err(reason) = checked {
                 out.keep(name, previous);
                 refusals.push(refusal(shown(name), shown(text), reason));
             }
         }
         (out, refusals)
-    }
-
-    fn keep(&mut self, field: &str, previous: &Self) {
-        match field {
-            "max_batch_size" => self.max_batch_size = previous.max_batch_size,
-            "max_batch_tokens" => self.max_batch_tokens = previous.max_batch_tokens,
-            "max_wait_ms" => self.max_wait_ms = previous.max_wait_ms,
-            "min_confidence" => self.min_confidence = previous.min_confidence,
-            "model_version" => self.model_version.clone_from(&previous.model_version),
-            "cache_enabled" => self.cache_enabled = previous.cache_enabled,
-            "cache_ttl_s" => self.cache_ttl_s = previous.cache_ttl_s,
-            "intra_op_threads" => self.intra_op_threads = previous.intra_op_threads,
-            _ => {}
-        }
-    }
-
-    /// `self` with `more` on top (a per-model scope over the global one).
-    pub fn then(&self, more: &Self) -> Self {
-        Self {
-            max_batch_size: more.max_batch_size.or(self.max_batch_size),
-            max_batch_tokens: more.max_batch_tokens.or(self.max_batch_tokens),
-            max_wait_ms: more.max_wait_ms.or(self.max_wait_ms),
-            min_confidence: more.min_confidence.or(self.min_confidence),
-            model_version: more.model_version.clone().or_else(|| self.model_version.clone()),
-            cache_enabled: more.cache_enabled.or(self.cache_enabled),
-            cache_ttl_s: more.cache_ttl_s.or(self.cache_ttl_s),
-            intra_op_threads: more.intra_op_threads.or(self.intra_op_threads),
-        }
-    }
-}
-
-impl Settings {
-    /// The settings in force: these, with `overrides` on top.
-    pub fn with(&self, o: &Overrides) -> Self {
-        Self {
-            max_batch_size: o.max_batch_size.unwrap_or(self.max_batch_size),
-            max_batch_tokens: o.max_batch_tokens.unwrap_or(self.max_batch_tokens),
-            max_wait_ms: o.max_wait_ms.unwrap_or(self.max_wait_ms),
-            min_confidence: o.min_confidence.unwrap_or(self.min_confidence),
-            model_version: o.model_version.clone().unwrap_or_else(|| self.model_version.clone()),
-            cache_enabled: o.cache_enabled.unwrap_or(self.cache_enabled),
-            cache_ttl_s: o.cache_ttl_s.unwrap_or(self.cache_ttl_s),
-            intra_op_threads: o.intra_op_threads.unwrap_or(self.intra_op_threads),
-        }
-    }
-
-    /// The fields whose values differ, for logs and metrics.
-    pub fn changed_fields(&self, other: &Self) -> Vec<(&'static str, String)> {
-        let a = serde_json::to_value(self).unwrap_or_default();
-        let b = serde_json::to_value(other).unwrap_or_default();
-        FIELDS
-            .iter()
-            .filter(|f| a.get(**f) != b.get(**f))
-            .map(|f| (*f, b.get(*f).map(ToString::to_string).unwrap_or_default()))
-            .collect()
     }
 }
 
@@ -244,9 +332,13 @@ mod tests {
         Ok(pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect())
     }
 
+    fn parse(key: &str, fields: &RawHash, previous: &Overrides) -> (Overrides, Vec<Refusal>) {
+        Overrides::parse(key, fields, previous, None, &any_version)
+    }
+
     #[test]
     fn parses_good_values() {
-        let (o, refused) = Overrides::parse(
+        let (o, refused) = parse(
             "k",
             &hash(&[
                 ("max_batch_size", "32"),
@@ -258,7 +350,6 @@ mod tests {
                 ("intra_op_threads", "2"),
             ]),
             &Overrides::default(),
-            &any_version,
         );
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(o.max_batch_size, Some(32));
@@ -283,8 +374,7 @@ mod tests {
             ("cache_ttl_s", "0"),
             ("bogus", "1"),
         ] {
-            let (o, refused) =
-                Overrides::parse("sluice:p:overrides", &hash(&[(field, value)]), &previous, &any_version);
+            let (o, refused) = parse("sluice:p:overrides", &hash(&[(field, value)]), &previous);
             assert_eq!(refused.len(), 1, "{field}={value} should be refused");
             assert_eq!((refused[0].field.as_str(), refused[0].value.as_str()), (field, value));
             assert_eq!(refused[0].key, "sluice:p:overrides");
@@ -303,7 +393,7 @@ mod tests {
             (b"max_wait_ms".to_vec(), b"7".to_vec()),
             (b"min_confidence".to_vec(), "x".repeat(1 << 20).into_bytes()),
         ]);
-        let (o, refused) = Overrides::parse("k", &fields, &previous, &any_version);
+        let (o, refused) = parse("k", &fields, &previous);
         assert_eq!(o.max_wait_ms, Some(7), "a good field applies beside bad ones");
         assert_eq!(o.max_batch_size, Some(16), "a non-UTF-8 value keeps the last good one");
         assert_eq!(refused.len(), 3, "{refused:?}");
@@ -312,9 +402,22 @@ mod tests {
         let long = refused.iter().find(|r| r.field == "min_confidence").expect("the long value");
         assert!(long.value.len() < 100 && long.value.ends_with("(1048576 bytes)"), "{}", long.value);
 
-        let (o, refused) = Overrides::parse("k", &Err("WRONGTYPE".into()), &previous, &any_version);
+        let (o, refused) = parse("k", &Err("WRONGTYPE".into()), &previous);
         assert_eq!(o, previous, "a key that is not a hash keeps every last good value");
         assert_eq!((refused.len(), refused[0].field.as_str(), refused[0].key.as_str()), (1, "*", "k"));
+    }
+
+    #[test]
+    fn a_scope_takes_only_the_fields_its_follower_reads() {
+        let fields = hash(&[("min_confidence", "0.5"), ("max_batch_size", "8")]);
+        let (model, refused) =
+            Overrides::parse("m", &fields, &Overrides::default(), Some(Follower::Models), &any_version);
+        assert_eq!((model.max_batch_size, model.min_confidence), (Some(8), None));
+        assert_eq!(refused.iter().map(|r| r.field.as_str()).collect::<Vec<_>>(), ["min_confidence"]);
+        let (writer, refused) =
+            Overrides::parse("w", &fields, &Overrides::default(), Some(Follower::Writer), &any_version);
+        assert_eq!((writer.max_batch_size, writer.min_confidence), (None, Some(0.5)));
+        assert_eq!(refused.iter().map(|r| r.field.as_str()).collect::<Vec<_>>(), ["max_batch_size"]);
     }
 
     #[test]
@@ -335,5 +438,13 @@ mod tests {
         assert_eq!((effective.max_batch_size, effective.max_wait_ms, effective.cache_ttl_s), (128, 5, 3600));
         let changed: Vec<&str> = base.changed_fields(&effective).into_iter().map(|(f, _)| f).collect();
         assert_eq!(changed, vec!["max_batch_size", "max_wait_ms"]);
+    }
+
+    #[test]
+    fn every_field_is_declared_once_with_its_bounds() {
+        assert_eq!(names().collect::<Vec<_>>().len(), 8);
+        assert_eq!(field("max_batch_size").map(|f| f.bounds), Some(Bounds::Count { min: 1, max: 65_536 }));
+        assert!(FIELDS.iter().all(|f| !f.doc.is_empty()), "each has its documentation");
+        assert_eq!(Bounds::Count { min: 1, max: 4 }.check_count(5), Err("5 is outside 1..=4".into()));
     }
 }

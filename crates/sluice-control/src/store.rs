@@ -6,14 +6,43 @@ use std::sync::{Arc, Mutex};
 
 use crate::keys::{KeyLayout, NOTIFY_OVERRIDES};
 use crate::link::RedisLink;
-use crate::overrides::Refusal;
+use crate::overrides::{Follower, Refusal};
 use crate::{ControlError, Overrides, Settings};
 
-/// Which overrides: every model's, or one model's (which win).
+/// Which overrides: every model's and the writer's, one model's, or the
+/// writer's (which win over the first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     All,
     Model(String),
+    Writer,
+}
+
+impl Scope {
+    /// The settings read in this scope (`None`: any).
+    fn follower(&self) -> Option<Follower> {
+        match self {
+            Self::All => None,
+            Self::Model(_) => Some(Follower::Models),
+            Self::Writer => Some(Follower::Writer),
+        }
+    }
+
+    /// Its name in metrics and logs: the model's, or `writer`.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::All => "all",
+            Self::Model(name) => name,
+            Self::Writer => "writer",
+        }
+    }
+}
+
+/// A model's scope, by the model's name.
+impl From<&str> for Scope {
+    fn from(model: &str) -> Self {
+        Self::Model(model.to_string())
+    }
 }
 
 /// One scope's hash as Redis holds it: its fields and values as bytes (they
@@ -21,7 +50,7 @@ pub enum Scope {
 /// (it holds a string, a list, ...).
 pub type RawHash = Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
 
-/// Both scopes' hashes for one model, as read.
+/// Both scopes' hashes, as read: the shared one, and the model's (or the writer's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawScopes {
     pub all: RawHash,
@@ -73,14 +102,15 @@ impl OverrideStore {
         match scope {
             Scope::All => self.keys().overrides(),
             Scope::Model(model) => self.keys().model_overrides(model),
+            Scope::Writer => self.keys().writer_overrides(),
         }
     }
 
     /// Both scopes' raw fields for `model`, in one round trip. A key that is
     /// not a hash fails only its own scope (see [`RawHash`]); only Redis being
     /// unreachable fails the read.
-    pub async fn read(&self, model: &str) -> Result<RawScopes, ControlError> {
-        let (all, one) = (self.key(&Scope::All), self.key(&Scope::Model(model.to_string())));
+    pub async fn read(&self, scope: impl Into<Scope>) -> Result<RawScopes, ControlError> {
+        let (all, one) = (self.key(&Scope::All), self.key(&scope.into()));
         match self {
             Self::Redis { link, .. } => {
                 let mut replies = link
@@ -118,14 +148,16 @@ impl OverrideStore {
     /// a hash keeps all of its scope's.
     pub fn parse(
         &self,
-        model: &str,
+        scope: impl Into<Scope>,
         raw: &RawScopes,
         previous: &ScopedOverrides,
         version_exists: &dyn Fn(&str) -> bool,
     ) -> (ScopedOverrides, Vec<Refusal>) {
-        let (all, mut refused) = Overrides::parse(&self.key(&Scope::All), &raw.all, &previous.all, version_exists);
-        let model_key = self.key(&Scope::Model(model.to_string()));
-        let (model, refused_model) = Overrides::parse(&model_key, &raw.model, &previous.model, version_exists);
+        let scope = scope.into();
+        let (all, mut refused) =
+            Overrides::parse(&self.key(&Scope::All), &raw.all, &previous.all, None, version_exists);
+        let (model, refused_model) =
+            Overrides::parse(&self.key(&scope), &raw.model, &previous.model, scope.follower(), version_exists);
         refused.extend(refused_model);
         (ScopedOverrides { all, model }, refused)
     }

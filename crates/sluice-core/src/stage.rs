@@ -22,6 +22,18 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// A message read at `topic`/`partition`/`offset`, with no key, timestamp
+    /// or trace (benchmarks and tests feed stages these).
+    pub fn new(topic: &str, partition: i32, offset: i64, payload: Vec<u8>) -> Self {
+        Self { key: None, payload, topic: topic.into(), partition, offset, timestamp_ms: None, traceparent: None }
+    }
+
+    /// The same message, keyed.
+    pub fn with_key(mut self, key: &[u8]) -> Self {
+        self.key = Some(key.to_vec());
+        self
+    }
+
     /// Where this message was read, for dead letters.
     pub fn coordinates(&self) -> SourceCoordinates {
         SourceCoordinates { topic: self.topic.to_string(), partition: self.partition, offset: self.offset }

@@ -1,13 +1,13 @@
 //! How to reach the brokers, and the librdkafka properties we rely on.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+use sluice_core::{ConfigError, Secret};
 
 /// Broker connection settings shared by every stage of a process.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// `host:port[,host:port...]`.
@@ -24,12 +24,13 @@ pub struct KafkaConfig {
     /// dead one's session to expire; empty: dynamic membership.
     pub instance_id: String,
     /// Extra librdkafka properties for every client (security settings:
-    /// `security.protocol`, `sasl.*`, `ssl.*`). Values are never logged.
-    pub properties: BTreeMap<String, String>,
+    /// `security.protocol`, `sasl.*`, `ssl.*`). Values may hold passwords:
+    /// [`Secret`]s, never printed.
+    pub properties: BTreeMap<String, Secret>,
     /// Extra properties for consumers only.
-    pub consumer_properties: BTreeMap<String, String>,
+    pub consumer_properties: BTreeMap<String, Secret>,
     /// Extra properties for producers only.
-    pub producer_properties: BTreeMap<String, String>,
+    pub producer_properties: BTreeMap<String, Secret>,
 }
 
 impl Default for KafkaConfig {
@@ -43,21 +44,6 @@ impl Default for KafkaConfig {
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
         }
-    }
-}
-
-// Property values may hold passwords: show the keys only.
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("group_prefix", &self.group_prefix)
-            .field("session_timeout_ms", &self.session_timeout_ms)
-            .field("instance_id", &self.instance_id)
-            .field("properties", &self.properties.keys().collect::<Vec<_>>())
-            .field("consumer_properties", &self.consumer_properties.keys().collect::<Vec<_>>())
-            .field("producer_properties", &self.producer_properties.keys().collect::<Vec<_>>())
-            .finish()
     }
 }
 
@@ -76,20 +62,20 @@ pub const RESERVED_PROPERTIES: [&str; 8] = [
 ];
 
 impl KafkaConfig {
-    /// Checks what serde cannot; the error is (key, message).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks what serde cannot; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.trim().is_empty() {
-            return Err(("kafka.brokers".into(), "empty".into()));
+            return Err(ConfigError::new("kafka.brokers", "empty"));
         }
         if !(1000..=300_000).contains(&self.session_timeout_ms) {
-            return Err((
-                "kafka.session_timeout_ms".into(),
+            return Err(ConfigError::new(
+                "kafka.session_timeout_ms",
                 format!("{} is outside 1000..=300000", self.session_timeout_ms),
             ));
         }
         let id = &self.instance_id;
         if id.len() > 249 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return Err(("kafka.instance_id".into(), "must be at most 249 of A-Z a-z 0-9 . _ - (or empty)".into()));
+            return Err(ConfigError::new("kafka.instance_id", "must be at most 249 of A-Z a-z 0-9 . _ - (or empty)"));
         }
         for (section, map) in [
             ("properties", &self.properties),
@@ -102,7 +88,7 @@ impl KafkaConfig {
                 } else {
                     "is set by Sluice (at-least-once delivery depends on it) and cannot be overridden"
                 };
-                return Err((format!("kafka.{section}.{key}"), why.into()));
+                return Err(ConfigError::new(format!("kafka.{section}.{key}"), why));
             }
         }
         Ok(())
@@ -112,7 +98,7 @@ impl KafkaConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers).set("client.id", client_id);
         for (k, v) in &self.properties {
-            config.set(k, v);
+            config.set(k, v.expose());
         }
         config
     }
@@ -133,7 +119,7 @@ impl KafkaConfig {
             // of a stage's memory bound; when full, the stage waits to enqueue.
             .set("queue.buffering.max.kbytes", "65536");
         for (k, v) in &self.producer_properties {
-            config.set(k, v);
+            config.set(k, v.expose());
         }
         config
     }
@@ -179,7 +165,7 @@ impl KafkaConfig {
             config.set("group.instance.id", &self.instance_id);
         }
         for (k, v) in &self.consumer_properties {
-            config.set(k, v);
+            config.set(k, v.expose());
         }
         config
     }

@@ -1,5 +1,5 @@
 //! Sluice's Kafka runtime. Stages never touch rdkafka: this crate consumes,
-//! batches, hands each batch to a [`Stage`], produces what the stage returns
+//! batches, hands each batch to a [`sluice_core::Stage`], produces what the stage returns
 //! (dead letters included), and stores an input offset for commit only once
 //! every output produced from it has been acknowledged by the broker.
 //!
@@ -20,7 +20,6 @@ pub mod embedded;
 mod error;
 mod lag;
 pub mod runtime;
-mod stage;
 pub mod status;
 mod telemetry;
 
@@ -28,5 +27,4 @@ pub use batcher::BatchPolicy;
 pub use config::KafkaConfig;
 pub use error::KafkaRuntimeError;
 pub use runtime::{RunOptions, run_stage};
-pub use stage::{BatchFailure, Incoming, Output, Stage};
 pub use status::StageStatus;

@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
 };
@@ -37,7 +38,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batcher::{Batch, BatchPolicy, run_batcher};
-use crate::{Incoming, KafkaConfig, KafkaRuntimeError, Output, Stage, StageStatus, lag, telemetry};
+use sluice_core::{Incoming, Output, Stage};
+use sluice_messages::dead_letter::Reason;
+
+use crate::{KafkaConfig, KafkaRuntimeError, StageStatus, lag, telemetry};
 
 /// Where a stage reads and how it batches.
 #[derive(Debug)]
@@ -77,6 +81,7 @@ pub async fn run_stage<S: Stage>(
         group: options.group_id.clone(),
         status: status.clone(),
         assigned: Mutex::new(BTreeSet::new()),
+        throttle: telemetry::Throttle::default(),
     };
     let consumer: Arc<StreamConsumer<StageContext>> = Arc::new(
         kafka
@@ -199,9 +204,19 @@ struct StageContext {
     /// set to 0 for those that leave, so that a partition that moved to
     /// another replica is not counted twice.
     assigned: Mutex<BTreeSet<(String, i32)>>,
+    /// librdkafka's own lines, throttled.
+    throttle: telemetry::Throttle,
 }
 
 impl ClientContext for StageContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        telemetry::client_log(self.stage, level as i32, facility, message, &self.throttle);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        telemetry::client_error(self.stage, &error.to_string(), reason, &self.throttle);
+    }
+
     fn stats_raw(&self, statistics: &[u8]) {
         let assigned = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
         match lag::assigned_lags(statistics, &assigned) {
@@ -279,6 +294,7 @@ async fn consume_loop(
     shutdown: CancellationToken,
     stage: &'static str,
 ) -> Result<(), KafkaRuntimeError> {
+    let throttle = telemetry::Throttle::default();
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -301,7 +317,7 @@ async fn consume_loop(
                 return Err(KafkaRuntimeError::client(format!("{stage} consumer"), e));
             }
             Err(e) => {
-                telemetry::consume_error(stage, &e.to_string());
+                telemetry::consume_error(stage, &e.to_string(), &throttle);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -376,7 +392,7 @@ async fn process_loop<S: Stage>(
                             let detail =
                                 format!("an output of {} bytes is larger than the producer allows", payload.len());
                             let input = &batch.items[source];
-                            let letter = dead_letter(name, input, telemetry::OUTPUT_TOO_LARGE, detail, None);
+                            let letter = dead_letter(name, input, Reason::OutputTooLarge, detail, None);
                             let key = input.key.as_deref();
                             let trace = Some(&hops[source]);
                             (
@@ -419,7 +435,7 @@ pub const MAX_DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
 fn dead_letter(
     stage: &'static str,
     input: &Incoming,
-    reason: &'static str,
+    reason: Reason,
     detail: String,
     event_id: Option<String>,
 ) -> Vec<u8> {
@@ -427,7 +443,7 @@ fn dead_letter(
     let kept = input.payload.len().min(MAX_DEAD_LETTER_PAYLOAD);
     let letter = DeadLetter {
         stage: stage.to_string(),
-        reason: reason.to_string(),
+        reason: reason.as_str().to_string(),
         detail,
         source: input.coordinates(),
         event_id,
@@ -551,7 +567,7 @@ mod tests {
 
     #[test]
     fn dead_letters_carry_the_reason_and_the_original_coordinates() {
-        let json = dead_letter("fetcher", &input(b"{bad".to_vec()), "malformed_json", "eof".into(), None);
+        let json = dead_letter("fetcher", &input(b"{bad".to_vec()), Reason::MalformedJson, "eof".into(), None);
         let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
         assert_eq!(
             (letter.stage.as_str(), letter.reason.as_str(), letter.detail.as_str()),
@@ -566,7 +582,7 @@ mod tests {
     #[test]
     fn a_huge_input_is_cut_so_that_its_dead_letter_stays_publishable() {
         let big = vec![b'x'; 3 * MAX_DEAD_LETTER_PAYLOAD];
-        let json = dead_letter("fetcher", &input(big), "malformed_json", "eof".into(), None);
+        let json = dead_letter("fetcher", &input(big), Reason::MalformedJson, "eof".into(), None);
         assert!(json.len() < 2 * MAX_DEAD_LETTER_PAYLOAD, "{} bytes", json.len());
         let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
         assert!(letter.payload_truncated);

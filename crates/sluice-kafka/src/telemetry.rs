@@ -2,10 +2,13 @@
 //! the log line and bumps the metrics together, once per batch rather than once
 //! per event. Names follow docs/instrumentation.md.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
+use sluice_messages::dead_letter::Reason;
 use sluice_messages::trace::TraceParent;
 use tracing::{debug, info, warn};
 
@@ -56,7 +59,7 @@ impl fmt::Display for FirstTraceIds<'_> {
 
 /// Creates, at 0, the series that alerts watch with `increase()` or expect to
 /// exist (a replica never assigned a partition must show 0, not nothing).
-pub(crate) fn stage_started(stage: &'static str, dead_letter_reasons: &[&'static str]) {
+pub(crate) fn stage_started(stage: &'static str, dead_letter_reasons: &[Reason]) {
     gauge!("sluice_kafka_assigned_partitions", "stage" => stage).set(0.0);
     for name in
         ["sluice_stage_events_in_total", "sluice_stage_events_out_total", "sluice_stage_events_acknowledged_total"]
@@ -67,20 +70,18 @@ pub(crate) fn stage_started(stage: &'static str, dead_letter_reasons: &[&'static
     for retryable in ["true", "false"] {
         counter!("sluice_stage_batch_failures_total", "stage" => stage, "retryable" => retryable).increment(0);
     }
-    for reason in dead_letter_reasons.iter().chain([&OUTPUT_TOO_LARGE]) {
-        counter!("sluice_stage_dead_letters_total", "stage" => stage, "reason" => *reason).increment(0);
+    for reason in dead_letter_reasons.iter().chain([&Reason::OutputTooLarge]) {
+        counter!("sluice_stage_dead_letters_total", "stage" => stage, "reason" => reason.as_str()).increment(0);
     }
 }
-
-/// The dead-letter reason the runtime itself gives, in any stage.
-pub(crate) const OUTPUT_TOO_LARGE: &str = "output_too_large";
 
 pub(crate) fn outputs_sent(stage: &'static str, sent: usize) {
     counter!("sluice_stage_events_out_total", "stage" => stage).increment(sent as u64);
 }
 
-pub(crate) fn dead_lettered(stage: &'static str, reason: &'static str, detail: &str, event_id: Option<&str>) {
-    counter!("sluice_stage_dead_letters_total", "stage" => stage, "reason" => reason).increment(1);
+pub(crate) fn dead_lettered(stage: &'static str, reason: Reason, detail: &str, event_id: Option<&str>) {
+    counter!("sluice_stage_dead_letters_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
+    let reason = reason.as_str();
     debug!(stage, reason, detail, event_id, "dead-lettered");
 }
 
@@ -98,9 +99,63 @@ pub(crate) fn stale_offset(stage: &'static str, partition: i32, error: &str) {
     debug!(stage, partition, error, "offset not stored: partition no longer assigned (its work will be redone)");
 }
 
-pub(crate) fn consume_error(stage: &'static str, error: &str) {
+/// Lets a repeated warning through at most once per [`Throttle::EVERY`],
+/// counting those it holds back: a broker that is down makes the same error
+/// ten times a second, and log stores should not pay for each.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    /// When a line last went out, and how many were held back since.
+    state: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl Throttle {
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(held back since the last line)` when a line about `what` may go out now.
+    fn admit(&self, what: &str) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match state.get_mut(what) {
+            Some((last, held)) if now.duration_since(*last) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                *last = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                state.insert(what.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Counted every time, logged through `throttle`.
+pub(crate) fn consume_error(stage: &'static str, error: &str, throttle: &Throttle) {
     counter!("sluice_kafka_consume_errors_total", "stage" => stage).increment(1);
-    warn!(stage, error, "consume error");
+    if let Some(suppressed) = throttle.admit(error) {
+        warn!(stage, error, suppressed, "consume error");
+    }
+}
+
+/// librdkafka's own errors and log lines (the client context's callbacks),
+/// through `throttle`: an outage repeats them many times a second.
+pub(crate) fn client_error(stage: &'static str, error: &str, reason: &str, throttle: &Throttle) {
+    if let Some(suppressed) = throttle.admit(error) {
+        warn!(target: "librdkafka", stage, error, reason, suppressed, "kafka client error");
+    }
+}
+
+/// A librdkafka log line at warning level or above (`level`: syslog's, 0..=4);
+/// the others are debug.
+pub(crate) fn client_log(stage: &'static str, level: i32, facility: &str, message: &str, throttle: &Throttle) {
+    if level > 4 {
+        debug!(target: "librdkafka", stage, facility, message, "kafka client");
+    } else if let Some(suppressed) = throttle.admit(facility) {
+        warn!(target: "librdkafka", stage, facility, message, suppressed, "kafka client");
+    }
 }
 
 pub(crate) fn rebalance(
@@ -148,4 +203,23 @@ pub(crate) fn statistics_unreadable(stage: &'static str, error: &str) {
 
 pub(crate) fn stopped(stage: &'static str, acknowledged: u64) {
     info!(stage, acknowledged, "stage stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_repeated_line_goes_out_once_per_period_with_what_was_held_back() {
+        let throttle = Throttle::default();
+        assert_eq!(throttle.admit("AllBrokersDown"), Some(0));
+        for _ in 0..5 {
+            assert_eq!(throttle.admit("AllBrokersDown"), None);
+        }
+        assert_eq!(throttle.admit("another error"), Some(0), "each kind of line has its own period");
+        let mut state = throttle.state.lock().expect("lock");
+        state.get_mut("AllBrokersDown").expect("seen").0 -= Throttle::EVERY;
+        drop(state);
+        assert_eq!(throttle.admit("AllBrokersDown"), Some(5), "the next line says how many were held back");
+    }
 }

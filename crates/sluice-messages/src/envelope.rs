@@ -40,6 +40,20 @@ pub struct Header {
 }
 
 impl Envelope {
+    /// The first envelope of event `event_id` (no trace, not replayed),
+    /// requested and written now.
+    pub fn new(event_id: &str, payload: Payload) -> Self {
+        let now = crate::now_ms();
+        Self {
+            event_id: event_id.to_string(),
+            traceparent: None,
+            requested_at_ms: now,
+            updated_at_ms: now,
+            attempt: 0,
+            payload,
+        }
+    }
+
     /// The header and the payload, to turn the payload into the next one.
     pub fn into_parts(self) -> (Header, Payload) {
         let Self { event_id, traceparent, requested_at_ms, updated_at_ms: _, attempt, payload } = self;

@@ -1,4 +1,3 @@
-use std::fmt;
 use std::path::PathBuf;
 
 use std::future::Future;
@@ -11,16 +10,18 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{Client, NoTls, Socket};
 
+use sluice_core::{ConfigError, Secret};
+
 use crate::PostgresError;
 use crate::error::describe;
 
 /// How to reach PostgreSQL.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// libpq-style (`host=... user=... dbname=...`) or URL (`postgres://...`).
-    /// May hold a password: never logged.
-    pub dsn: String,
+    /// May hold a password: a [`Secret`], never printed.
+    pub dsn: Secret,
     /// Connections per process (one pool per process, shared by its stages).
     pub pool_size: usize,
     /// Server-side limit on each statement.
@@ -36,7 +37,7 @@ pub struct PostgresConfig {
 impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
-            dsn: String::new(),
+            dsn: Secret::default(),
             pool_size: 4,
             statement_timeout_ms: 5000,
             schema: "public".into(),
@@ -45,36 +46,24 @@ impl Default for PostgresConfig {
     }
 }
 
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("dsn", &"<redacted>")
-            .field("pool_size", &self.pool_size)
-            .field("statement_timeout_ms", &self.statement_timeout_ms)
-            .field("schema", &self.schema)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .finish()
-    }
-}
-
 impl PostgresConfig {
     /// Checks what serde cannot; errors name the key (never the DSN's value).
     pub fn validate(&self) -> Result<(), PostgresError> {
-        if self.dsn.trim().is_empty() {
-            return Err(PostgresError::Config { key: "postgres.dsn", message: "empty".into() });
+        if self.dsn.is_empty() {
+            return Err(PostgresError::Config(ConfigError::new("postgres.dsn", "empty")));
         }
         if !(1..=256).contains(&self.pool_size) {
-            return Err(PostgresError::Config { key: "postgres.pool_size", message: "outside 1..=256".into() });
+            return Err(PostgresError::Config(ConfigError::new("postgres.pool_size", "outside 1..=256")));
         }
         let schema_ok = !self.schema.is_empty()
             && self.schema.len() <= 63
             && !self.schema.starts_with("pg_")
             && self.schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !schema_ok {
-            return Err(PostgresError::Config {
-                key: "postgres.schema",
-                message: "must be 1 to 63 of a-z 0-9 _, not starting with pg_".into(),
-            });
+            return Err(PostgresError::Config(ConfigError::new(
+                "postgres.schema",
+                "must be 1 to 63 of a-z 0-9 _, not starting with pg_",
+            )));
         }
         Ok(())
     }
@@ -82,10 +71,10 @@ impl PostgresConfig {
     /// The connection pool: every connection uses `schema` and the statement timeout.
     pub fn pool(&self) -> Result<Pool, PostgresError> {
         self.validate()?;
-        let mut pg: tokio_postgres::Config = self.dsn.parse().map_err(|_| PostgresError::Config {
-            key: "postgres.dsn",
-            message: "not a valid connection string".into(),
-        })?;
+        let mut pg: tokio_postgres::Config =
+            self.dsn.expose().parse().map_err(|_| {
+                PostgresError::Config(ConfigError::new("postgres.dsn", "not a valid connection string"))
+            })?;
         pg.options(format!("-c search_path={} -c statement_timeout={}", self.schema, self.statement_timeout_ms));
         let config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let manager = if self.tls_ca_file.is_some() || pg.get_ssl_mode() == SslMode::Require {
@@ -99,7 +88,7 @@ impl PostgresConfig {
         Pool::builder(manager)
             .max_size(self.pool_size)
             .build()
-            .map_err(|e| PostgresError::Config { key: "postgres.pool_size", message: e.to_string() })
+            .map_err(|e| PostgresError::Config(ConfigError::new("postgres.pool_size", e.to_string())))
     }
 }
 

@@ -1,5 +1,6 @@
 use std::fmt::Write as _;
 
+use sluice_core::ConfigError;
 use thiserror::Error;
 
 /// What can go wrong with PostgreSQL. Its message always says what happened:
@@ -8,8 +9,8 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum PostgresError {
     /// A bad `postgres.*` setting: fatal, fix the configuration.
-    #[error("configuration key `{key}`: {message}")]
-    Config { key: &'static str, message: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The database refused or failed a statement, or the connection failed.
     #[error("postgres: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
@@ -37,7 +38,7 @@ impl PostgresError {
     /// What retrying can do; see [`Retry`].
     pub fn retry(&self) -> Retry {
         match self {
-            Self::Config { .. } => Retry::Never,
+            Self::Config(_) => Retry::Never,
             Self::Pool(_) => Retry::Later,
             Self::Db(e) => match e.as_db_error().map(|db| db.code().code()) {
                 Some(code) if code.starts_with("42") => Retry::Never,

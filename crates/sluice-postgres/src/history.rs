@@ -95,7 +95,7 @@ impl HistorySource for PgHistory {
                 // The runtime retries retryable failures with backoff and reports them.
                 // A read has no rows to isolate: only a statement that cannot
                 // work (class 42) stops the stage.
-                BatchFailure { retryable: e.retry() != Retry::Never, message: e.to_string() }
+                if e.retry() == Retry::Never { BatchFailure::fatal(e) } else { BatchFailure::retryable(e) }
             })
         })
     }

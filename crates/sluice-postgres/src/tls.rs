@@ -17,6 +17,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use sluice_core::ConfigError;
+
 use crate::PostgresError;
 
 /// The connector for `tls_ca_file` (verifying) or none (encrypting only).
@@ -24,10 +26,10 @@ pub(crate) fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, Pos
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| PostgresError::Config { key: "postgres.tls_ca_file", message: e.to_string() })?;
+        .map_err(|e| PostgresError::Config(ConfigError::new("postgres.tls_ca_file", e.to_string())))?;
     let config = match ca_file {
         Some(path) => {
-            let invalid = |message: String| PostgresError::Config { key: "postgres.tls_ca_file", message };
+            let invalid = |message: String| PostgresError::Config(ConfigError::new("postgres.tls_ca_file", message));
             let mut roots = RootCertStore::empty();
             let certificates = CertificateDer::pem_file_iter(path)
                 .map_err(|e| invalid(format!("{}: {e}", path.display())))?

@@ -24,6 +24,26 @@ pub use inferrer::{Inferrer, InferrerStats, ModelStage, QueryInferrer, Task};
 pub use normalizer::Normalizer;
 pub use writer::{PredictionSink, SinkError, Writer, WriterStats};
 
+/// What the crate's unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use sluice_control::Settings;
+
+    /// Live settings for a stage under test: batch 64, no cache, one thread.
+    pub(crate) fn settings() -> Settings {
+        Settings {
+            max_batch_size: 64,
+            max_batch_tokens: 512,
+            max_wait_ms: 0,
+            min_confidence: 0.0,
+            model_version: "1".into(),
+            cache_enabled: false,
+            cache_ttl_s: 60,
+            intra_op_threads: 1,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};

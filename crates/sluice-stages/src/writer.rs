@@ -395,6 +395,7 @@ mod tests {
     use sluice_messages::envelope::{LabelScore, QueryIntent};
 
     use super::*;
+    use crate::testing::settings;
 
     /// Refuses (for good) any write holding a text with "poison" in it; fails
     /// the first `flaky` writes as retryable.
@@ -430,27 +431,10 @@ mod tests {
         }
     }
 
-    fn settings() -> Settings {
-        Settings {
-            max_batch_size: 64,
-            max_batch_tokens: 512,
-            max_wait_ms: 0,
-            min_confidence: 0.0,
-            model_version: "1".into(),
-            cache_enabled: false,
-            cache_ttl_s: 60,
-            intra_op_threads: 1,
-        }
-    }
-
     fn intent(offset: i64, text: &str, key: Option<&str>) -> Incoming {
-        let envelope = Envelope {
-            event_id: format!("q-{offset}"),
-            traceparent: None,
-            requested_at_ms: 1,
-            updated_at_ms: 2,
-            attempt: 0,
-            payload: Payload::Intent(QueryIntent {
+        let envelope = Envelope::new(
+            &format!("q-{offset}"),
+            Payload::Intent(QueryIntent {
                 text: text.into(),
                 label: "check_balance".into(),
                 confidence: 0.9,
@@ -462,15 +446,11 @@ mod tests {
                 cached: false,
                 inferred_at_ms: 3,
             }),
-        };
-        Incoming {
-            key: key.map(|k| k.as_bytes().to_vec()),
-            payload: codec::encode(&envelope),
-            topic: "inferred".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: None,
-            traceparent: None,
+        );
+        let input = Incoming::new("inferred", 0, offset, codec::encode(&envelope));
+        match key {
+            Some(key) => input.with_key(key.as_bytes()),
+            None => input,
         }
     }
 
@@ -506,7 +486,10 @@ mod tests {
                 Output::Send { .. } => None,
             })
             .collect();
-        assert_eq!(dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(), vec![(2, Reason::SinkRefused), (5, Reason::SinkRefused)]);
+        assert_eq!(
+            dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+            vec![(2, Reason::SinkRefused), (5, Reason::SinkRefused)]
+        );
         assert!(dead[0].2.contains("SQLSTATE 22021"), "{}", dead[0].2);
         let mut saved = sink.saved.lock().expect("lock").clone();
         saved.sort();
@@ -538,6 +521,9 @@ mod tests {
         }
         input.payload = codec::encode(&envelope);
         let outputs = writer.process(&[input]).await.expect("processed");
-        assert!(matches!(&outputs[..], [Output::DeadLetter { reason: Reason::PredictionOutOfRange, .. }]), "{outputs:?}");
+        assert!(
+            matches!(&outputs[..], [Output::DeadLetter { reason: Reason::PredictionOutOfRange, .. }]),
+            "{outputs:?}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use crate::device;
 /// libtorch's errors as the model contract's: out of memory (CUDA's or the CPU
 /// allocator's) is recognised here, once, by its message, the only place it
 /// can be; everything else is [`ModelError::Torch`].
-pub(crate) fn model_error(e: TchError) -> ModelError {
+pub(crate) fn model_error(e: &TchError) -> ModelError {
     let message = e.to_string();
     let lower = message.to_ascii_lowercase();
     let oom = ["out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory"];
@@ -25,7 +25,7 @@ trait OrModelError<T> {
 
 impl<T> OrModelError<T> for Result<T, TchError> {
     fn or_model(self) -> Result<T, ModelError> {
-        self.map_err(model_error)
+        self.map_err(|e| model_error(&e))
     }
 }
 
@@ -153,7 +153,10 @@ impl Model {
             // Grown to a power of two, so that a slowly growing batch size
             // does not allocate page-locked memory (slow) at every step.
             let capacity = (numel as u64).next_power_of_two() as i64;
-            pinned[index] = Tensor::f_empty([capacity], (host.kind(), Device::Cpu)).or_model()?.f_pin_memory(self.device).or_model()?;
+            pinned[index] = Tensor::f_empty([capacity], (host.kind(), Device::Cpu))
+                .or_model()?
+                .f_pin_memory(self.device)
+                .or_model()?;
         }
         let mut staging = pinned[index].f_narrow(0, 0, numel).or_model()?.f_view(host.size().as_slice()).or_model()?;
         staging.f_copy_(host).or_model()?;

@@ -1,42 +1,23 @@
-//! The `sluice` command: run a stage or the whole pipeline, the embedded demo,
-//! topic creation and event publishing.
+//! The `sluice` command: parses its arguments, loads the configuration, and
+//! hands off to `sluice-app` (stages, the demo, operator commands) or
+//! `sluice-bench` (benchmarks). Nothing else lives here.
 
-mod bench;
-mod bench_backlog;
-mod bench_batching;
-mod bench_pg;
-mod bench_query;
-mod bench_recovery;
-mod cluster;
-mod config;
-mod control_cli;
-mod demo;
-mod dlq;
-mod gpu;
-mod launch;
-mod observe;
-mod produce;
-
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use figment::Figment;
-use serde_json::json;
-use sluice_kafka::admin::create_topics;
-use sluice_stages::generate::generate;
-use tokio_util::sync::CancellationToken;
-
-use crate::config::SluiceConfig;
-use crate::launch::{StageKind, Stats, cancel_on_signals, join, spawn_stage, start_control};
+use sluice_app::config::SluiceConfig;
+use sluice_app::control_cli::{self, CacheAction, OverridesAction};
+use sluice_app::launch::{StageKind, run_stages};
+use sluice_app::tools::{self, Events};
+use sluice_app::{demo, dlq, observe};
+use sluice_bench as bench;
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A streaming batch-inference pipeline over Kafka")]
 struct Cli {
-    /// Configuration file (TOML); see crates/sluice/src/default.toml for every key.
+    /// Configuration file (TOML); see crates/sluice-app/src/default.toml for every key.
     #[arg(long, env = "SLUICE_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Overrides `kafka.brokers`.
@@ -92,12 +73,12 @@ enum Command {
     /// Live overrides in Redis (batch size, deadline, min confidence, model version, cache, threads).
     Overrides {
         #[command(subcommand)]
-        action: control_cli::OverridesAction,
+        action: OverridesAction,
     },
     /// The prediction cache's shared tier in Redis.
     Cache {
         #[command(subcommand)]
-        action: control_cli::CacheAction,
+        action: CacheAction,
     },
     /// Dead letters: republish selected ones to the topic they came from.
     Dlq {
@@ -262,7 +243,7 @@ fn main() -> anyhow::Result<()> {
     let config = SluiceConfig::load(cli.config.as_deref(), &overrides)?;
     // Still one thread: the only safe moment to change the environment.
     if config.inferrer.model.tf32 || config.inferrer.query.model.tf32 {
-        sluice_model::allow_tf32();
+        sluice_app::launch::allow_tf32();
     }
     // The demo prints a summary: keep its logs to warnings unless RUST_LOG says otherwise.
     let default_filter = match cli.command {
@@ -289,144 +270,43 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Demo { events, invalid_every } => demo::run(config, events, invalid_every).await,
         Command::Run { stage } => run_stages(&[stage], config).await,
         Command::Pipeline => run_stages(&StageKind::ALL, config).await,
-        Command::Topics { action: TopicsAction::Create } => {
-            let created = create_topics(&config.kafka, &config.topics.specs()).await?;
-            tracing::info!(?created, brokers = config.kafka.brokers, "topics ready");
-            Ok(())
-        }
+        Command::Topics { action: TopicsAction::Create } => tools::topics_create(&config).await,
         Command::Produce { file, synthetic, invalid_every, prefix } => {
-            let topic = &config.topics.requests;
-            let delivered = match (file, synthetic) {
-                (Some(path), _) => produce::publish_file(&config.kafka, topic, &path).await?,
-                (None, Some(n)) => {
-                    let events = generate(&prefix, n, invalid_every, config.fetcher.synthetic.universe);
-                    produce::publish_generated(&config.kafka, topic, &events).await?
-                }
+            let events = match (&file, synthetic) {
+                (Some(path), _) => Events::File(path),
+                (None, Some(count)) => Events::Synthetic { count, invalid_every, prefix: &prefix },
                 (None, None) => anyhow::bail!("give --file FILE or --synthetic N"),
             };
-            writeln!(std::io::stdout(), "published {delivered} events to {topic}")?;
-            Ok(())
+            tools::produce(&config, events).await
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
         Command::Dlq { action: DlqAction::Replay { reasons, stage, since, until, limit, dry_run, idle_ms } } => {
-            let selection = dlq::Selection {
-                reasons,
-                stage,
-                since,
-                until,
-                limit,
-                dry_run,
-                idle: std::time::Duration::from_millis(idle_ms),
-            };
+            let idle = Duration::from_millis(idle_ms);
+            let selection = dlq::Selection { reasons, stage, since, until, limit, dry_run, idle };
             dlq::replay(&config, &selection).await.map(|_| ())
         }
-        Command::Db { action } => {
-            let pool = config.postgres.pool()?;
-            match action {
-                DbAction::Migrate => {
-                    let applied = sluice_postgres::migrate::migrate(&pool, &config.postgres.schema).await?;
-                    writeln!(std::io::stdout(), "applied {} migration(s): {applied:?}", applied.len())?;
-                }
-                DbAction::Seed { symbols, days, end } => {
-                    let model = &config.inferrer.model;
-                    let metadata = sluice_model::ModelMetadata::load(&model.version_dir(&model.version))?;
-                    let started = std::time::Instant::now();
-                    let rows = sluice_postgres::seed::seed(&pool, symbols, days, end, metadata.features()).await?;
-                    writeln!(std::io::stdout(), "seeded {rows} rows in {:.1} s", started.elapsed().as_secs_f64())?;
-                }
-            }
-            Ok(())
+        Command::Db { action: DbAction::Migrate } => tools::db_migrate(&config).await,
+        Command::Db { action: DbAction::Seed { symbols, days, end } } => {
+            tools::db_seed(&config, symbols, days, end).await
         }
         Command::Bench { what: BenchWhat::Cache { events, batch, redis_url, out } } => {
-            bench::cache(config, events, batch.max(1), redis_url, &out).await
+            bench::cache::cache(config, events, batch.max(1), redis_url, &out).await
         }
-        Command::Bench { what: BenchWhat::Query { out } } => bench_query::query(config, &out).await,
+        Command::Bench { what: BenchWhat::Query { out } } => bench::query::query(config, &out).await,
         Command::Bench { what: BenchWhat::Postgres { symbols, days, runs, out } } => {
-            bench_pg::postgres(config, symbols, days, runs, &out).await
+            bench::postgres::postgres(config, symbols, days, runs, &out).await
         }
         Command::Bench { what: BenchWhat::Batching { events, sizes, waits, rate, out_dir } } => {
-            let options = bench_batching::Options { events, sizes, waits, low_load_rate: rate, out_dir };
-            bench_batching::batching(config, options).await
+            let options = bench::batching::Options { events, sizes, waits, low_load_rate: rate, out_dir };
+            bench::batching::batching(config, options).await
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
-            bench_backlog::backlog(config, events, stock_every, &out).await
+            bench::backlog::backlog(config, events, stock_every, &out).await
         }
         Command::Bench { what: BenchWhat::Recovery { kills, out } } => {
-            bench_recovery::recovery(config, kills, &out).await
+            bench::recovery::recovery(config, kills, &out).await
         }
-        Command::Config => {
-            writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&redacted(&config))?)?;
-            Ok(())
-        }
+        Command::Config => tools::print_config(&config),
     }
-}
-
-/// The configuration as JSON, with librdkafka property values (which may hold
-/// passwords) replaced.
-fn redacted(config: &SluiceConfig) -> serde_json::Value {
-    let mut value = serde_json::to_value(config).unwrap_or_default();
-    if let Some(dsn) = value.pointer_mut("/postgres/dsn") {
-        *dsn = json!("<redacted>");
-    }
-    if let Some(url) = value.pointer_mut("/control/redis_url") {
-        *url = json!(config::redact_url(&config.control.redis_url));
-    }
-    for section in ["properties", "consumer_properties", "producer_properties"] {
-        if let Some(props) = value.pointer_mut(&format!("/kafka/{section}")).and_then(|p| p.as_object_mut()) {
-            for v in props.values_mut() {
-                *v = json!("<redacted>");
-            }
-        }
-    }
-    value
-}
-
-async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Result<()> {
-    let metrics = observe::init_metrics()?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signals(shutdown.clone());
-    let kafka = config.kafka.clone();
-    let info = redacted(&config);
-    let listen = config.observe.listen;
-    let config = Arc::new(config);
-    let stats = Arc::new(Stats::default());
-    let kinds = StageKind::expand(kinds, &config);
-    let runs_models = kinds.iter().any(|k| matches!(k, StageKind::Inferrer | StageKind::QueryInferrer));
-    let needs_postgres = kinds.iter().any(|k| match k {
-        StageKind::Fetcher => config.fetcher.source == config::SourceKind::Postgres,
-        StageKind::Writer => config.writer.postgres,
-        _ => false,
-    });
-    let control =
-        start_control(&config, kinds.contains(&StageKind::QueryInferrer), runs_models, shutdown.clone()).await?;
-    let stages: Vec<_> = kinds
-        .iter()
-        .map(|k| spawn_stage(*k, config.clone(), kafka.clone(), shutdown.clone(), control.clone(), stats.clone()))
-        .collect();
-    let mut settings = vec![(launch::model_name(&config.inferrer.model), control.settings.clone())];
-    let mut models = Vec::new();
-    if kinds.contains(&StageKind::Inferrer) {
-        models.push((launch::model_name(&config.inferrer.model), stats.inferrer.clone()));
-    }
-    if let Some(query) = &control.query_settings {
-        settings.push((launch::model_name(&config.inferrer.query.model), query.clone()));
-        models.push((launch::model_name(&config.inferrer.query.model), stats.query_inferrer.clone()));
-    }
-    let health = observe::Health {
-        metrics,
-        stages: stages.iter().map(|s| (s.kind.name(), s.status.clone())).collect(),
-        info,
-        settings,
-        cache: (!models.is_empty()).then(|| control.cache.clone()),
-        models,
-        gpu: runs_models.then(|| gpu::GpuMonitor::start(Duration::from_secs(5), shutdown.clone())).flatten(),
-        postgres: needs_postgres.then(|| config.postgres.pool()).transpose()?,
-    };
-    if let Err(e) = observe::serve(listen, health, shutdown.clone()).await {
-        shutdown.cancel();
-        let _ = join(stages).await;
-        return Err(e);
-    }
-    join(stages).await.context("sluice stopped on an error")
 }

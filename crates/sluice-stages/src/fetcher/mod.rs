@@ -114,7 +114,11 @@ fn window(symbol: &str, as_of: NaiveDate, shape: WindowShape, values: Vec<f32>) 
 enum Pending {
     Done(Output),
     /// A window to fetch, sent on under `header` once it is there.
-    Fetch { source: usize, request: WindowRequest, header: Header },
+    Fetch {
+        source: usize,
+        request: WindowRequest,
+        header: Header,
+    },
 }
 
 impl Stage for Fetcher {
@@ -157,7 +161,9 @@ impl Stage for Fetcher {
                 }
                 RequestEvent::Stock(request) => match &request.window {
                     Some(rows) => pending.push(Pending::Done(match self.inline_window(&request, rows) {
-                        Ok(w) => forward(i, input, &self.output, &header(request.event_id.clone()), Payload::Fetched(w)),
+                        Ok(w) => {
+                            forward(i, input, &self.output, &header(request.event_id.clone()), Payload::Fetched(w))
+                        }
                         Err(e) => dead_letter(i, &e, Some(request.event_id.clone())),
                     })),
                     // A backfill's steps are fetched in the same query as the rest of the batch.

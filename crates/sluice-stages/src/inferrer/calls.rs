@@ -91,7 +91,8 @@ impl Calls {
                 Ok(inference) => {
                     telemetry::model_call(&self.model, n, padded_length as usize, inference.elapsed);
                     for (row, values) in range.zip(inference.outputs.chunks_exact(width)) {
-                        let answer = Answer { values: values.to_vec(), cached: false, call_rows: n as u32, padded_length };
+                        let answer =
+                            Answer { values: values.to_vec(), cached: false, call_rows: n as u32, padded_length };
                         answers[row] = Some(Ok(answer));
                     }
                     *spare = Some(inference.input);

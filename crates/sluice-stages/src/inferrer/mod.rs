@@ -90,7 +90,11 @@ pub trait Task: Send + Sync + 'static {
     /// Whether version `new` reads the same input as `serving`: the stages
     /// upstream prepare inputs for the serving one, so a different input is a
     /// new model, not a version.
-    fn same_input(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError>;
+    fn same_input(
+        config: &ModelConfig,
+        serving: (&ModelMetadata, &str),
+        new: (&ModelMetadata, &str),
+    ) -> Result<(), ModelError>;
 
     /// The row of one input, or why the model cannot take it.
     fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<Self::Row, StageError>;
@@ -109,7 +113,8 @@ pub trait Task: Send + Sync + 'static {
     fn assemble(rows: &[&Self::Row], metadata: &ModelMetadata, recycled: Option<Batch>) -> Batch;
 
     /// What is sent on for a row and its answer (finite and within range).
-    fn answer(row: Self::Row, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload;
+    fn answer(row: Self::Row, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64)
+    -> Payload;
 }
 
 /// The stock model's stage (`inferrer`).
@@ -154,7 +159,12 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
         if metadata.kind != T::KIND {
             return Err(ModelError::Metadata {
                 path: model.version_dir(runner.version()).join("metadata.json"),
-                message: format!("the {} stage serves {} models, not {}", T::STAGE, T::KIND.as_str(), metadata.kind.as_str()),
+                message: format!(
+                    "the {} stage serves {} models, not {}",
+                    T::STAGE,
+                    T::KIND.as_str(),
+                    metadata.kind.as_str()
+                ),
             });
         }
         T::check(metadata, &model.version_dir(runner.version()))?;
@@ -171,7 +181,11 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
 }
 
 /// [`Task::check`] and [`Task::same_input`] of a version to switch to.
-fn checked<T: Task>(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError> {
+fn checked<T: Task>(
+    config: &ModelConfig,
+    serving: (&ModelMetadata, &str),
+    new: (&ModelMetadata, &str),
+) -> Result<(), ModelError> {
     T::check(new.0, &config.version_dir(new.1))?;
     T::same_input(config, serving, new)
 }

@@ -47,7 +47,11 @@ impl Task for QueryTask {
 
     /// The normalizer tokenizes with the configured version's tokenizer: a
     /// new version must read the same token ids. Its labels may change.
-    fn same_input(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError> {
+    fn same_input(
+        config: &ModelConfig,
+        serving: (&ModelMetadata, &str),
+        new: (&ModelMetadata, &str),
+    ) -> Result<(), ModelError> {
         let tokenizer = |(metadata, version): (&ModelMetadata, &str)| {
             let file = metadata.tokenizer.as_ref().map(|t| t.file.clone()).unwrap_or_default();
             std::fs::read(config.version_dir(version).join(file)).ok()
@@ -94,14 +98,24 @@ impl Task for QueryTask {
         Batch::tokens(&sequences, 0, pad_id, ids, mask)
     }
 
-    fn answer(row: QueryTokens, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload {
+    fn answer(
+        row: QueryTokens,
+        answer: &Answer,
+        metadata: &ModelMetadata,
+        version: &str,
+        inferred_at_ms: i64,
+    ) -> Payload {
         let ranked = ranked(&answer.values);
         let label = |index: usize| metadata.labels.get(index).cloned().unwrap_or_default();
         Payload::Intent(QueryIntent {
             text: row.text,
             label: label(ranked[0].0),
             confidence: ranked[0].1,
-            top: ranked.iter().take(TOP).map(|(index, score)| LabelScore { label: label(*index), score: *score }).collect(),
+            top: ranked
+                .iter()
+                .take(TOP)
+                .map(|(index, score)| LabelScore { label: label(*index), score: *score })
+                .collect(),
             model_name: metadata.name.clone(),
             model_version: version.to_string(),
             batch_size: answer.call_rows,

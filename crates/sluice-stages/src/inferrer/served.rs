@@ -16,6 +16,9 @@ use crate::telemetry;
 /// Whether a loaded version may replace the serving one (see [`super::Task`]).
 pub(crate) type Compatible = fn(&ModelConfig, (&ModelMetadata, &str), (&ModelMetadata, &str)) -> Result<(), ModelError>;
 
+/// A version's loading task.
+type Loading<L> = JoinHandle<Result<<L as ModelLoader>::Runner, ModelError>>;
+
 /// A model's serving version, following the `model_version` and
 /// `intra_op_threads` overrides.
 pub(crate) struct ServedModel<L: ModelLoader> {
@@ -24,7 +27,8 @@ pub(crate) struct ServedModel<L: ModelLoader> {
     /// How to load another version (`version` replaced).
     model: ModelConfig,
     settings: watch::Receiver<Settings>,
-    loading: Option<(String, JoinHandle<Result<L::Runner, ModelError>>)>,
+    /// A version being loaded, and its loading task.
+    loading: Option<(String, Loading<L>)>,
     /// A version that failed to load or was refused; not retried until the
     /// override changes.
     failed: Option<String>,
@@ -68,7 +72,8 @@ impl<L: ModelLoader> ServedModel<L> {
     /// returns the settings in force for the next batch.
     pub(crate) async fn follow_settings(&mut self) -> Settings {
         let settings = self.settings.borrow().clone();
-        if settings.intra_op_threads != self.threads && self.runner.set_threads(settings.intra_op_threads).await.is_ok() {
+        if settings.intra_op_threads != self.threads && self.runner.set_threads(settings.intra_op_threads).await.is_ok()
+        {
             self.threads = settings.intra_op_threads;
         }
         if self.loading.as_ref().is_some_and(|(_, task)| task.is_finished())

@@ -43,7 +43,11 @@ impl Task for StockTask {
         }
     }
 
-    fn same_input(config: &ModelConfig, serving: (&ModelMetadata, &str), new: (&ModelMetadata, &str)) -> Result<(), ModelError> {
+    fn same_input(
+        config: &ModelConfig,
+        serving: (&ModelMetadata, &str),
+        new: (&ModelMetadata, &str),
+    ) -> Result<(), ModelError> {
         let (a, b) = (serving.0, new.0);
         if a.input_shape != b.input_shape || a.normalization != b.normalization {
             return Err(ModelError::Metadata {
@@ -59,7 +63,9 @@ impl Task for StockTask {
 
     fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<StockWindow, StageError> {
         match payload {
-            Payload::Normalized(w) if w.values.len() == metadata.sample_len() && w.rows as usize == metadata.days() => Ok(w),
+            Payload::Normalized(w) if w.values.len() == metadata.sample_len() && w.rows as usize == metadata.days() => {
+                Ok(w)
+            }
             Payload::Normalized(w) => Err(StageError::WindowShape {
                 rows: w.rows as usize,
                 cols: w.cols as usize,
@@ -91,7 +97,13 @@ impl Task for StockTask {
         Batch::Windows(buffer)
     }
 
-    fn answer(row: StockWindow, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload {
+    fn answer(
+        row: StockWindow,
+        answer: &Answer,
+        metadata: &ModelMetadata,
+        version: &str,
+        inferred_at_ms: i64,
+    ) -> Payload {
         let value = |name: &str| metadata.output_index(name).map_or(f32::NAN, |i| answer.values[i]);
         Payload::Prediction(StockPrediction {
             symbol: row.symbol,

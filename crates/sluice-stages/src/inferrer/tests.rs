@@ -19,6 +19,7 @@ use sluice_model::{Batch, Inference, ModelConfig, ModelError, ModelKind, ModelLo
 use tokio::sync::watch;
 
 use super::{Inferrer, InferrerStats};
+use crate::testing::settings;
 
 /// Days and features of the fake model's windows.
 const DAYS: usize = 2;
@@ -119,7 +120,10 @@ impl ModelLoader for FakeLoader {
         async move {
             this.loads.fetch_add(1, Ordering::Relaxed);
             let Some((name, days, offset)) = this.versions.get(config.version.as_str()).copied() else {
-                return Err(ModelError::Read { path: config.version_dir(&config.version), message: "no such version".into() });
+                return Err(ModelError::Read {
+                    path: config.version_dir(&config.version),
+                    message: "no such version".into(),
+                });
             };
             Ok(FakeRunner {
                 metadata: metadata(name, &config.version, days),
@@ -132,24 +136,14 @@ impl ModelLoader for FakeLoader {
     }
 }
 
-fn settings() -> Settings {
-    Settings {
-        max_batch_size: 64,
-        max_batch_tokens: 512,
-        max_wait_ms: 0,
-        min_confidence: 0.0,
-        model_version: "1".into(),
-        cache_enabled: false,
-        cache_ttl_s: 60,
-        intra_op_threads: 1,
-    }
-}
-
 fn config() -> ModelConfig {
     ModelConfig { dir: "/nonexistent/fake".into(), version: "1".into(), ..ModelConfig::default() }
 }
 
-async fn stage(loader: &FakeLoader, budget: u64) -> (Inferrer<FakeLoader>, watch::Sender<Settings>, Arc<InferrerStats>) {
+async fn stage(
+    loader: &FakeLoader,
+    budget: u64,
+) -> (Inferrer<FakeLoader>, watch::Sender<Settings>, Arc<InferrerStats>) {
     let runner = loader.load(config()).await.expect("version 1");
     let (tx, rx) = watch::channel(settings());
     let stats = Arc::new(InferrerStats::default());
@@ -171,29 +165,17 @@ fn batch(n: usize, poisoned: &[usize]) -> Vec<Incoming> {
                 cols: FEATURES as u32,
                 values,
             };
-            let envelope = Envelope {
-                event_id: format!("e{i}"),
-                traceparent: None,
-                requested_at_ms: 1,
-                updated_at_ms: 1,
-                attempt: 0,
-                payload: Payload::Normalized(window),
-            };
-            Incoming {
-                key: None,
-                payload: codec::encode(&envelope),
-                topic: "in".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp_ms: None,
-                traceparent: None,
-            }
+            let envelope = Envelope::new(&format!("e{i}"), Payload::Normalized(window));
+            Incoming::new("in", 0, i as i64, codec::encode(&envelope))
         })
         .collect()
 }
 
-/// (input index, prediction) of each answer, and (input index, reason) of each dead letter.
-fn outcome(outputs: &[Output]) -> (Vec<(usize, StockPrediction)>, Vec<(usize, Reason)>) {
+/// What became of a batch: (input index, prediction) of each answer, and
+/// (input index, reason) of each dead letter.
+type Outcome = (Vec<(usize, StockPrediction)>, Vec<(usize, Reason)>);
+
+fn outcome(outputs: &[Output]) -> Outcome {
     let (mut answers, mut dead) = (Vec::new(), Vec::new());
     for output in outputs {
         match output {

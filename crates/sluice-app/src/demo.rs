@@ -15,9 +15,10 @@ use sluice_messages::prediction::{IntentRecord, PredictionRecord};
 use sluice_stages::generate::{generate, generate_queries};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ServedKind, SluiceConfig};
+use crate::config::SluiceConfig;
 use crate::launch::{StageKind, Stats, cancel_on_signals, join, spawn_stage, start_control};
 use crate::produce::progress;
+use sluice_model::ModelKind;
 
 /// Events published but not yet accounted for, at most.
 const IN_FLIGHT: u64 = 512;
@@ -73,7 +74,7 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     let warmup = started.elapsed();
 
     // One event in ten is a text query, spread through the stream.
-    let queries = if config.inferrer.serve.contains(&ServedKind::Query) { events / 10 } else { 0 };
+    let queries = if config.inferrer.serve.contains(&ModelKind::Query) { events / 10 } else { 0 };
     let stocks = generate("demo", events - queries, invalid_every, config.fetcher.synthetic.universe);
     let mut queries = generate_queries("demo", queries).into_iter();
     let mut generated = Vec::with_capacity(events);

@@ -1,24 +1,25 @@
 //! A local deployment for the benchmarks: a tansu broker and `sluice run`
 //! stages as separate processes, as in production, with what the benchmarks
-//! read from them (metrics, CPU time, resident memory from `/proc`).
+//! read from them (metrics, CPU time by thread). The broker, the HTTP,
+//! metrics and memory readers are the test kit's.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
 use sluice_kafka::admin::create_topics;
-
-use crate::config::SluiceConfig;
-use crate::launch::StageKind;
+use sluice_testkit::{Broker, prometheus};
+pub use sluice_testkit::{free_port, http_get, rss_bytes};
 
 /// The broker and the stages; every process is killed when this is dropped,
 /// whatever happens to the benchmark.
+#[derive(Debug)]
 pub struct LocalCluster {
-    /// (name, process): `tansu` first, then each stage by its name.
-    pub children: Vec<(String, Child)>,
+    pub broker: Broker,
+    /// (name, process) of each stage, by its name.
+    pub stages: Vec<(String, Child)>,
     /// Each stage's `observe.listen` port.
     pub ports: Vec<(StageKind, u16)>,
     pub brokers: String,
@@ -28,7 +29,7 @@ pub struct LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
+        for (_, child) in &mut self.stages {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -39,29 +40,27 @@ impl LocalCluster {
     /// Starts a tansu broker (memory storage) and creates the run's topics;
     /// `config` is pointed at both.
     pub async fn broker(config: &mut SluiceConfig, run: &str) -> anyhow::Result<Self> {
-        let tansu = std::env::var_os("SLUICE_TANSU").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sluice/bin/tansu")
-        });
-        let brokers = format!("127.0.0.1:{}", free_port()?);
-        let broker = Command::new(&tansu)
-            .args(["broker", "--listener-url", &format!("tcp://{brokers}")])
-            .args(["--advertised-listener-url", &format!("tcp://{brokers}")])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {} (run `make setup`)", tansu.display()))?;
-        let cluster =
-            Self { children: vec![("tansu".into(), broker)], ports: Vec::new(), brokers, run: run.to_string() };
-        let started = Instant::now();
-        while TcpStream::connect(&cluster.brokers).is_err() {
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "tansu did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        config.kafka.brokers = cluster.brokers.clone();
+        let broker = Broker::try_start(None).map_err(anyhow::Error::msg)?;
+        let brokers = broker.addr.clone();
+        config.kafka.brokers = brokers.clone();
         config.topics = config.topics.prefixed(run);
         create_topics(&config.kafka, &config.topics.specs()).await?;
-        Ok(cluster)
+        Ok(Self { broker, stages: Vec::new(), ports: Vec::new(), brokers, run: run.to_string() })
+    }
+
+    /// Every process of the cluster, (name, pid): `tansu` first, then the stages.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        std::iter::once(("tansu".to_string(), self.broker.pid()))
+            .chain(self.stages.iter().map(|(name, child)| (name.clone(), child.id())))
+            .collect()
+    }
+
+    /// An error if a stage has exited.
+    pub fn check_running(&mut self, while_doing: &str) -> anyhow::Result<()> {
+        for (name, child) in &mut self.stages {
+            anyhow::ensure!(child.try_wait()?.is_none(), "{name} exited while {while_doing}");
+        }
+        Ok(())
     }
 
     /// Starts `kinds` as `sluice run` processes on this broker and topics, with
@@ -73,9 +72,9 @@ impl LocalCluster {
         env: &[(String, String)],
     ) -> anyhow::Result<()> {
         for kind in kinds {
-            let port = free_port()?;
+            let port = free_port();
             let child = self.spawn(config, *kind, port, env)?;
-            self.children.push((kind.name().into(), child));
+            self.stages.push((kind.name().into(), child));
             self.ports.push((*kind, port));
         }
         self.until_ready().await
@@ -91,7 +90,7 @@ impl LocalCluster {
     ) -> anyhow::Result<()> {
         let port = self.ports.iter().find(|(k, _)| *k == kind).map(|(_, p)| *p).context("no such stage")?;
         let fresh = self.spawn(config, kind, port, env)?;
-        let (_, child) = self.children.iter_mut().find(|(n, _)| n == kind.name()).context("no such stage")?;
+        let (_, child) = self.stages.iter_mut().find(|(n, _)| n == kind.name()).context("no such stage")?;
         child.kill()?;
         child.wait()?;
         *child = fresh;
@@ -126,17 +125,10 @@ impl LocalCluster {
         let started = Instant::now();
         while !self.ports.iter().all(|(_, port)| http_get(*port, "/readyz").is_some_and(|(code, _)| code == 200)) {
             anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the stages did not become ready");
-            for (name, child) in &mut self.children {
-                anyhow::ensure!(child.try_wait()?.is_none(), "{name} exited while starting");
-            }
+            self.check_running("starting")?;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
-    }
-
-    /// The process id of `name` (`tansu` or a stage).
-    pub fn pid(&self, name: &str) -> Option<u32> {
-        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
     }
 
     /// The sum of a Prometheus series over every stage process of `kind`.
@@ -145,32 +137,9 @@ impl LocalCluster {
             .iter()
             .filter(|(k, _)| *k == kind)
             .filter_map(|(_, port)| http_get(*port, "/metrics"))
-            .map(|(_, body)| metric(&body, series, kind.name()))
+            .map(|(_, body)| prometheus::sum(&body, series, &[("stage", kind.name())]))
             .sum()
     }
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A minimal HTTP GET (status code and body), to read a stage's endpoints.
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
-
-/// Sum of a Prometheus series over the lines that match `stage`.
-pub fn metric(body: &str, name: &str, stage: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("stage=\"{stage}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// CPU time a process (all its threads) has used so far, from `/proc/PID/stat`
@@ -218,20 +187,6 @@ pub fn thread_cpu_seconds(pid: u32) -> ThreadCpu {
         }
     }
     ThreadCpu { kafka, model, other: (cpu_seconds(pid) - kafka - model).max(0.0) }
-}
-
-/// A process's resident memory now (`VmRSS`) and its peak so far (`VmHWM`),
-/// in bytes, from `/proc/PID/status`; zeros when it cannot be read.
-pub fn rss_bytes(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// CPU time used so far by every PostgreSQL server process (the postmaster's

@@ -9,16 +9,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use sluice_app::config::SluiceConfig;
 use sluice_control::Settings;
-use sluice_kafka::{Incoming, Stage};
+use sluice_core::{Incoming, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, QueryTokens};
-use sluice_model::{Batch, Model, ModelWorker, QueryTokenizer};
+use sluice_model::{Batch, QueryTokenizer};
 use sluice_stages::{InferrerStats, QueryInferrer};
+use sluice_torch::{Model, ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
-use crate::bench::write_section;
-use crate::config::SluiceConfig;
+use crate::write_section;
 
 /// Best of `runs` timings of `f`, in seconds (the first call warms up, untimed).
 fn best<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
@@ -102,8 +103,15 @@ pub async fn query(config: SluiceConfig, out: &Path) -> anyhow::Result<()> {
     let base = Settings { cache_enabled: false, max_batch_size: 128, ..config.query_base_settings() };
     let (settings, receiver) = watch::channel(base.clone());
     let worker = ModelWorker::start(model_config.clone()).await?;
-    let mut stage =
-        QueryInferrer::new(worker, model_config, receiver, None, "bench", Arc::new(InferrerStats::default()))?;
+    let mut stage = QueryInferrer::new(
+        TorchLoader,
+        worker,
+        model_config,
+        receiver,
+        None,
+        "bench",
+        Arc::new(InferrerStats::default()),
+    )?;
     let mut by_budget = String::from("| max_batch_tokens | queries/s | vs. batch 1 |\n|---:|---:|---:|\n");
     for budget in [256, 512, 1024, 2048, 4096, 8192, 16384] {
         settings.send_modify(|s| s.max_batch_tokens = budget);

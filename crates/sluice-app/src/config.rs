@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use sluice_control::Settings;
 use sluice_control::cache::LruConfig;
+use sluice_control::{Settings, overrides};
+use sluice_core::{ConfigError, Secret};
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::{BatchPolicy, KafkaConfig};
-use sluice_model::ModelConfig;
+use sluice_model::{ModelConfig, ModelKind};
 use sluice_postgres::PostgresConfig;
 use sluice_stages::fetcher::SyntheticConfig;
 
@@ -40,8 +41,8 @@ pub struct SluiceConfig {
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
     /// Empty: the embedded default (in-process overrides, LRU tier only).
-    /// May hold a password: never logged, redacted in `/status`.
-    pub redis_url: String,
+    /// May hold a password: a [`Secret`], never printed.
+    pub redis_url: Secret,
     pub prefix: String,
     pub pipeline: String,
     pub reconcile_ms: u64,
@@ -171,7 +172,7 @@ pub struct NormalizerConfig {
 pub struct InferrerConfig {
     /// The kinds `sluice run inferrer` serves: each has its own consumer and
     /// batcher, so both can share a process, or each have a deployment.
-    pub serve: Vec<ServedKind>,
+    pub serve: Vec<ModelKind>,
     /// `max_batch_size` is the model batch; `max_wait_ms` bounds how long the
     /// oldest waiting event waits for a fuller batch.
     pub batch: BatchPolicy,
@@ -179,14 +180,6 @@ pub struct InferrerConfig {
     pub model: ModelConfig,
     /// The query model, its batches and its token budget.
     pub query: QueryInferrerConfig,
-}
-
-/// An event kind an inferrer can serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ServedKind {
-    Stock,
-    Query,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,20 +222,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// A configuration error, naming the key.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration key `{key}`: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.to_string(), message: message.into() }
+    ConfigError::new(key, message)
 }
 
 impl SluiceConfig {
-    /// Defaults, then `file`, then the environment, then `overrides` (flags).
+    /// Defaults, then `file`, then the environment (`SLUICE_<SECTION>__<KEY>`),
+    /// then `overrides` (flags). Every error names its key.
     pub fn load(file: Option<&Path>, overrides: &Figment) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(file) = file {
@@ -254,10 +240,27 @@ impl SluiceConfig {
         // Only SLUICE_<SECTION>__<KEY> names: SLUICE_MODEL_DIR, SLUICE_CACHE and
         // the like are read elsewhere and are not configuration keys.
         figment = figment.merge(Env::prefixed("SLUICE_").filter(|k| k.as_str().contains("__")).split("__"));
-        let mut config: Self = figment.merge(overrides.clone()).extract().map_err(|e| {
-            let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
-            anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))
-        })?;
+        Self::extract(&figment.merge(overrides.clone())).map_err(|e| invalid_configuration(&e))
+    }
+
+    /// What a process would load from a configuration file's `text` and its
+    /// environment `variables` (name, value), for checking deployment files:
+    /// the same defaults, parsing and validation as [`SluiceConfig::load`].
+    pub fn from_text(text: &str, variables: &[(String, String)]) -> Result<Self, Vec<ConfigError>> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS)).merge(Toml::string(text));
+        for (name, value) in variables {
+            let Some(key) = name.strip_prefix("SLUICE_").filter(|k| k.contains("__")) else { continue };
+            let key = key.to_lowercase().replace("__", ".");
+            // Parsed as figment parses an environment variable.
+            let value: figment::value::Value = value.parse().unwrap_or_else(|e: std::convert::Infallible| match e {});
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        Self::extract(&figment)
+    }
+
+    fn extract(figment: &Figment) -> Result<Self, Vec<ConfigError>> {
+        let mut config: Self =
+            figment.extract().map_err(|e| e.into_iter().map(|e| config_error(&e)).collect::<Vec<_>>())?;
         if config.inferrer.model.dir.as_os_str().is_empty() {
             config.inferrer.model.dir = default_model_dir("SLUICE_MODEL_DIR", "stock-lstm");
         }
@@ -269,7 +272,7 @@ impl SluiceConfig {
         *warmup = (*warmup).max(config.inferrer.batch.max_batch_size);
         let warmup = &mut config.inferrer.query.model.warmup_batch_size;
         *warmup = (*warmup).max(config.inferrer.query.batch.max_batch_size);
-        config.validate()?;
+        config.validate().map_err(|e| vec![e])?;
         Ok(config)
     }
 
@@ -280,6 +283,10 @@ impl SluiceConfig {
 
     /// Rules the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // A setting that can also change live is checked against its one
+        // declaration (sluice_control::overrides::FIELDS).
+        let live = |name: &str| overrides::field(name).map(|f| f.bounds).expect("a declared live setting");
+        let check = |key: &str, name: &str, value: u64| live(name).check_count(value).map_err(|m| invalid(key, m));
         for (key, policy) in [
             ("fetcher.batch", &self.fetcher.batch),
             ("normalizer.batch", &self.normalizer.batch),
@@ -288,18 +295,27 @@ impl SluiceConfig {
             ("writer.batch", &self.writer.batch),
         ] {
             // The models' batch size may be left to the device (0).
-            let least = usize::from(!key.starts_with("inferrer."));
-            if !(least..=65_536).contains(&policy.max_batch_size) {
-                return Err(invalid(
-                    &format!("{key}.max_batch_size"),
-                    format!("{} is outside {least}..=65536", policy.max_batch_size),
-                ));
+            let by_device = key.starts_with("inferrer.") && policy.max_batch_size == 0;
+            if !by_device {
+                check(&format!("{key}.max_batch_size"), "max_batch_size", policy.max_batch_size as u64)?;
             }
-            if policy.max_wait_ms > 60_000 {
-                return Err(invalid(&format!("{key}.max_wait_ms"), format!("{} is over 60000", policy.max_wait_ms)));
+            check(&format!("{key}.max_wait_ms"), "max_wait_ms", policy.max_wait_ms)?;
+        }
+        for (key, model) in
+            [("inferrer.model", &self.inferrer.model), ("inferrer.query.model", &self.inferrer.query.model)]
+        {
+            overrides::check_version_name(&model.version).map_err(|m| invalid(&format!("{key}.version"), m))?;
+            // 0: half the cores.
+            if model.intra_op_threads != 0 {
+                check(&format!("{key}.intra_op_threads"), "intra_op_threads", model.intra_op_threads as u64)?;
             }
         }
-        self.kafka.validate().map_err(|(key, message)| invalid(&key, message))?;
+        live("min_confidence")
+            .check_ratio(self.writer.min_confidence)
+            .map_err(|m| invalid("writer.min_confidence", m))?;
+        check("cache.ttl_s", "cache_ttl_s", self.cache.ttl_s)?;
+        check("inferrer.query.max_batch_tokens", "max_batch_tokens", self.inferrer.query.max_batch_tokens as u64)?;
+        self.kafka.validate()?;
         let t = &self.topics;
         let names = t.names();
         for (i, (key, name)) in names.iter().enumerate() {
@@ -328,17 +344,7 @@ impl SluiceConfig {
         if !(1024..=64 << 20).contains(&self.fetcher.max_request_bytes) {
             return Err(invalid("fetcher.max_request_bytes", "outside 1024..=67108864 (1 KiB to 64 MiB)"));
         }
-        let c = self.writer.min_confidence;
-        if !(c.is_finite() && (0.0..=1.0).contains(&c)) {
-            return Err(invalid("writer.min_confidence", format!("{c} is outside 0..=1")));
-        }
         let name_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        for (key, version) in [
-            ("inferrer.model.version", &self.inferrer.model.version),
-            ("inferrer.query.model.version", &self.inferrer.query.model.version),
-        ] {
-            sluice_control::overrides::check_version_name(version).map_err(|message| invalid(key, message))?;
-        }
         if !name_ok(&self.control.prefix) {
             return Err(invalid("control.prefix", "not a key prefix (A-Z a-z 0-9 . _ -)"));
         }
@@ -350,25 +356,19 @@ impl SluiceConfig {
         }
         if self.fetcher.source == SourceKind::Postgres || self.writer.postgres || !self.postgres.dsn.is_empty() {
             self.postgres.validate().map_err(|e| match e {
-                sluice_postgres::PostgresError::Config { key, message } => invalid(key, message),
+                sluice_postgres::PostgresError::Config(e) => e,
                 other => invalid("postgres", other.to_string()),
             })?;
         }
-        let url = &self.control.redis_url;
+        let url = self.control.redis_url.expose();
         if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
             return Err(invalid("control.redis_url", "must start with redis:// or rediss://"));
-        }
-        if !(1..=30 * 24 * 3600).contains(&self.cache.ttl_s) {
-            return Err(invalid("cache.ttl_s", "outside 1..=2592000"));
         }
         if self.cache.lru.max_entries == 0 {
             return Err(invalid("cache.lru.max_entries", "must be above 0"));
         }
         if self.cache.lru.max_bytes < 1024 {
             return Err(invalid("cache.lru.max_bytes", "must be at least 1024"));
-        }
-        if !(1..=16_777_216).contains(&self.inferrer.query.max_batch_tokens) {
-            return Err(invalid("inferrer.query.max_batch_tokens", "outside 1..=16777216"));
         }
         if !(1..=1_048_576).contains(&self.normalizer.max_query_bytes) {
             return Err(invalid("normalizer.max_query_bytes", "outside 1..=1048576"));
@@ -384,6 +384,12 @@ impl SluiceConfig {
 }
 
 impl SluiceConfig {
+    /// The configuration as JSON, for `sluice config` and `/status`: every
+    /// secret (DSN, Redis URL, librdkafka property values) shows as `<redacted>`.
+    pub fn shown(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     /// The settings overrides can change, as configured (before any override).
     pub fn base_settings(&self) -> Settings {
         Settings {
@@ -411,12 +417,35 @@ impl SluiceConfig {
     }
 }
 
-/// `redis://user:secret@host` → `redis://***@host`: for logs and `/status`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
-        _ => url.to_string(),
+/// One of figment's errors as a [`ConfigError`] naming the dotted key.
+fn config_error(e: &figment::Error) -> ConfigError {
+    use figment::error::{Actual, Kind};
+    let key = e.path.join(".");
+    let what = |actual: &Actual| match actual {
+        Actual::Str(_) | Actual::Char(_) => "string",
+        Actual::Unsigned(_) | Actual::Signed(_) => "integer",
+        Actual::Float(_) => "float",
+        Actual::Bool(_) => "boolean",
+        Actual::Seq => "array",
+        Actual::Map => "table",
+        _ => "another type",
+    };
+    match &e.kind {
+        Kind::UnknownField(field, _) => {
+            let key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            ConfigError::new(&key, format!("unknown key {key} (every key: crates/sluice-app/src/default.toml)"))
+        }
+        Kind::InvalidType(actual, expected) => {
+            ConfigError::new(&key, format!("{key} has type {}, Sluice expects {expected}", what(actual)))
+        }
+        kind => ConfigError::new(&key, kind.to_string()),
     }
+}
+
+/// The errors of a configuration that cannot load, one per line.
+fn invalid_configuration(errors: &[ConfigError]) -> anyhow::Error {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
 }
 
 /// Where `make setup` exports the fixture model.

@@ -27,20 +27,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
 use sluice_control::Settings;
 use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
-use sluice_model::{Batch, Model};
+use sluice_model::Batch;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
 use sluice_stages::{Inferrer, InferrerStats};
+use sluice_torch::{Model, TorchLoader};
 use tokio::sync::watch;
 
-use crate::bench::{inputs, run, write_section};
 use crate::cluster::{LocalCluster, ThreadCpu, cpu_seconds, rss_bytes, thread_cpu_seconds};
-use crate::config::SluiceConfig;
-use crate::launch::StageKind;
+use crate::{inputs, run, write_section};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -245,16 +246,17 @@ fn raw_model(config: &SluiceConfig, options: &Options) -> anyhow::Result<Vec<Poi
 async fn inferrer_in_memory(
     config: &SluiceConfig,
     options: &Options,
-    incoming: &[sluice_kafka::Incoming],
+    incoming: &[sluice_core::Incoming],
 ) -> anyhow::Result<Vec<Point>> {
     let mut points = Vec::new();
     for &size in &options.sizes {
         let model = config.inferrer.model.clone();
         let worker =
-            sluice_model::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
+            sluice_torch::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
                 .await?;
         let settings = Settings { max_batch_size: size, cache_enabled: false, ..config.base_settings() };
         let mut inferrer = Inferrer::new(
+            TorchLoader,
             worker,
             model,
             watch::channel(settings).1,
@@ -299,7 +301,8 @@ async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow
     const ACKNOWLEDGED: &str = "sluice_stage_events_acknowledged_total";
     let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
-    let cpu = || -> Vec<ThreadCpu> { cluster.children.iter().map(|(_, c)| thread_cpu_seconds(c.id())).collect() };
+    let cpu =
+        || -> Vec<ThreadCpu> { cluster.processes().into_iter().map(|(_, pid)| thread_cpu_seconds(pid)).collect() };
     let start = cpu();
     let mut began = None;
     loop {
@@ -314,19 +317,19 @@ async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow
             let rate = done / now.duration_since(began).as_secs_f64();
             let per_1000 = |seconds: f64| seconds * 1e6 / done;
             let processes = cluster
-                .children
-                .iter()
+                .processes()
+                .into_iter()
                 .zip(cpu().iter().zip(&start))
-                .map(|((name, child), (end, start))| {
+                .map(|((name, pid), (end, start))| {
                     let (kafka, model, other) =
                         (end.kafka - start.kafka, end.model - start.model, end.other - start.other);
                     ProcessUse {
-                        name: name.clone(),
+                        name,
                         cpu_ms_per_1000_events: per_1000(kafka + model + other),
                         kafka_client_ms_per_1000_events: per_1000(kafka),
                         model_ms_per_1000_events: per_1000(model),
                         other_ms_per_1000_events: per_1000(other),
-                        peak_rss_mib: rss_bytes(child.id()).1 as f64 / (1 << 20) as f64,
+                        peak_rss_mib: rss_bytes(pid).1 as f64 / (1 << 20) as f64,
                     }
                 })
                 .collect();
@@ -341,7 +344,7 @@ async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow
 async fn inferrer_through_broker(
     config: &SluiceConfig,
     size: usize,
-    incoming: &[sluice_kafka::Incoming],
+    incoming: &[sluice_core::Incoming],
 ) -> anyhow::Result<Point> {
     let mut config = config.clone();
     let run = format!("batching{}i{size}", std::process::id());
@@ -461,11 +464,11 @@ async fn low_load_latency(config: &SluiceConfig, wait: u64, rate: u32, raw: &[Po
 /// The broker alone: the backlog of windows published and read back by this
 /// process (no stage running), with the broker's CPU and ours for each half;
 /// then 200 small records, each published and read back before the next.
-async fn broker_floor(config: &SluiceConfig, incoming: &[sluice_kafka::Incoming]) -> anyhow::Result<BrokerFloor> {
+async fn broker_floor(config: &SluiceConfig, incoming: &[sluice_core::Incoming]) -> anyhow::Result<BrokerFloor> {
     let mut config = config.clone();
     let run = format!("batching{}floor", std::process::id());
     let cluster = LocalCluster::broker(&mut config, &run).await?;
-    let broker = cluster.pid("tansu").ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    let broker = cluster.broker.pid();
     let me = std::process::id();
     let per_1000 = |seconds: f64| seconds * 1e6 / incoming.len() as f64;
     let cpu = || (cpu_seconds(broker), cpu_seconds(me));

@@ -43,13 +43,7 @@ impl GpuMonitor {
             loop {
                 let readings = tokio::task::block_in_place(|| read(&nvml));
                 for r in &readings {
-                    let gpu = r.index.to_string();
-                    metrics::gauge!("sluice_gpu_memory_used_bytes", "gpu" => gpu.clone())
-                        .set(r.memory_used_bytes as f64);
-                    metrics::gauge!("sluice_gpu_memory_total_bytes", "gpu" => gpu.clone())
-                        .set(r.memory_total_bytes as f64);
-                    metrics::gauge!("sluice_gpu_utilization_ratio", "gpu" => gpu)
-                        .set(f64::from(r.utilization_percent) / 100.0);
+                    crate::telemetry::gpu(r.index, r.memory_used_bytes, r.memory_total_bytes, r.utilization_percent);
                 }
                 *reporting.readings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = readings;
                 tokio::select! {

@@ -12,13 +12,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
 use sluice_kafka::client::Publisher;
 use sluice_stages::generate::{generate, generate_queries};
 
-use crate::bench::write_section;
 use crate::cluster::{LocalCluster, cpu_seconds, rss_bytes};
-use crate::config::SluiceConfig;
-use crate::launch::StageKind;
+use crate::write_section;
 
 /// Memory of one process over the drain.
 #[derive(Default, Clone, Copy)]
@@ -38,7 +38,7 @@ pub async fn backlog(mut config: SluiceConfig, events: usize, stock_every: usize
     let mut stock = generate(&run, stocks, 0, config.fetcher.synthetic.universe).into_iter();
     let mut queries = generate_queries(&run, events - stocks).into_iter();
     let mut publisher = Publisher::new(&config.kafka, "bench-backlog")?;
-    let bar = crate::produce::progress(events as u64, "publishing the backlog");
+    let bar = sluice_app::produce::progress(events as u64, "publishing the backlog");
     let publishing = Instant::now();
     for i in 0..events {
         let is_stock = stock_every != 0 && i % stock_every == 0;
@@ -50,7 +50,7 @@ pub async fn backlog(mut config: SluiceConfig, events: usize, stock_every: usize
     publisher.finish().await?;
     bar.finish_and_clear();
     let published = publishing.elapsed().as_secs_f64();
-    let broker_after_publish = cluster.pid("tansu").map_or(0, |pid| rss_bytes(pid).0);
+    let broker_after_publish = rss_bytes(cluster.broker.pid()).0;
 
     // The stages, started on the backlog. Only the output topic as a sink: the
     // question is the stages' memory, not PostgreSQL's speed.
@@ -58,12 +58,12 @@ pub async fn backlog(mut config: SluiceConfig, events: usize, stock_every: usize
     let kinds = StageKind::ALL;
     cluster.start_stages(&config, &kinds, &[]).await?;
     let ready = draining.elapsed().as_secs_f64();
-    let names: Vec<String> = cluster.children.iter().map(|(n, _)| n.clone()).collect();
+    let names: Vec<String> = cluster.processes().into_iter().map(|(n, _)| n).collect();
     let mut memory = vec![Memory::default(); names.len()];
     let mut milestone = 0;
     let mut first_at = None;
     let deadline = Duration::from_secs(3600);
-    let bar = crate::produce::progress(events as u64, "draining");
+    let bar = sluice_app::produce::progress(events as u64, "draining");
     loop {
         let done = cluster.metric(StageKind::Writer, "sluice_stage_events_acknowledged_total") as usize;
         bar.set_position(done as u64);
@@ -72,27 +72,25 @@ pub async fn backlog(mut config: SluiceConfig, events: usize, stock_every: usize
         }
         let marks = [events / 10, events / 2, events * 9 / 10];
         while milestone < marks.len() && done >= marks[milestone] {
-            for ((_, child), m) in cluster.children.iter().zip(&mut memory) {
-                m.at[milestone] = rss_bytes(child.id()).0;
+            for ((_, pid), m) in cluster.processes().into_iter().zip(&mut memory) {
+                m.at[milestone] = rss_bytes(pid).0;
             }
             milestone += 1;
         }
         if done >= events {
             break;
         }
-        for (name, child) in &mut cluster.children {
-            anyhow::ensure!(child.try_wait()?.is_none(), "{name} exited while draining");
-        }
+        cluster.check_running("draining")?;
         anyhow::ensure!(draining.elapsed() < deadline, "only {done} of {events} drained after {deadline:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     bar.finish_and_clear();
     let drained = draining.elapsed().as_secs_f64();
-    for ((_, child), m) in cluster.children.iter().zip(&mut memory) {
-        m.peak = rss_bytes(child.id()).1;
+    for ((_, pid), m) in cluster.processes().into_iter().zip(&mut memory) {
+        m.peak = rss_bytes(pid).1;
     }
     let dead = kinds.iter().map(|k| cluster.metric(*k, "sluice_stage_dead_letters_total")).sum::<f64>().abs();
-    let cpu: Vec<f64> = cluster.children.iter().map(|(_, c)| cpu_seconds(c.id())).collect();
+    let cpu: Vec<f64> = cluster.processes().into_iter().map(|(_, pid)| cpu_seconds(pid)).collect();
     drop(cluster);
 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;

@@ -7,36 +7,58 @@ use clap::Subcommand;
 use serde_json::json;
 use sluice_control::admin;
 use sluice_control::link::RedisLink;
-use sluice_control::overrides::{self, FIELDS};
+use sluice_control::overrides::{self, Follower};
 use sluice_control::store::{OverrideStore, RawHash, Scope, ScopedOverrides};
 use sluice_control::{Overrides, Settings};
-use sluice_model::ModelConfig;
+use sluice_model::{ModelConfig, ModelKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SluiceConfig;
 use crate::launch::{batch_size_choice, cancel_on_signals, model_name, override_store, start_control};
 
+/// Which overrides a command reads or writes.
+#[derive(Debug, Clone, clap::Args)]
+#[group(multiple = false)]
+pub struct ScopeArgs {
+    /// This model's overrides (its metadata's name), which win over the shared ones.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The writer's overrides (`min_confidence`), which win over the shared ones.
+    #[arg(long)]
+    pub writer: bool,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> Scope {
+        match (&self.model, self.writer) {
+            (_, true) => Scope::Writer,
+            (Some(model), false) => Scope::Model(model.clone()),
+            (None, false) => Scope::All,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum OverridesAction {
-    /// Print the raw overrides of both scopes and the settings they give.
+    /// Print the raw overrides of the shared scope and one model's (by default
+    /// the stock model's) or the writer's, and the settings they give.
     Get {
-        /// Scope: this model's overrides (default: the configured model).
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        scope: ScopeArgs,
     },
     /// Set one field (checked first); every stage applies it within a second.
+    /// Without --model or --writer: the shared scope, for every model and the writer.
     Set {
         field: String,
         value: String,
-        /// Set it for this model only (wins over the all-models scope).
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        scope: ScopeArgs,
     },
     /// Remove one field: the configured value applies again.
     Unset {
         field: String,
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        scope: ScopeArgs,
     },
     /// Print the effective settings each time they change, until Ctrl-C.
     Watch,
@@ -75,10 +97,6 @@ fn shown(raw: &RawHash) -> serde_json::Value {
     }
 }
 
-fn scope(model: Option<String>) -> Scope {
-    model.map_or(Scope::All, Scope::Model)
-}
-
 /// The model named `name` (the stock model unless it is the query model's
 /// name) and its settings as configured.
 fn model_of<'a>(config: &'a SluiceConfig, name: &str) -> (&'a ModelConfig, Settings) {
@@ -90,47 +108,71 @@ fn model_of<'a>(config: &'a SluiceConfig, name: &str) -> (&'a ModelConfig, Setti
 }
 
 pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow::Result<()> {
-    let model = model_name(&config.inferrer.model);
     match action {
-        OverridesAction::Get { model: asked } => {
+        OverridesAction::Get { scope } => {
             let (store, _) = redis_store(&config)?;
-            let model = asked.unwrap_or(model);
-            let raw = store.read(&model).await?;
-            let (served, mut base) = model_of(&config, &model);
-            // 0 leaves the batch size to the device: show what the stages use.
-            let query_model = served == &config.inferrer.query.model;
-            let choice = batch_size_choice(served, base.max_batch_size, query_model, false).await?;
-            base.max_batch_size = choice.batch_size;
-            let by = if choice.by == "device" && served.autotune_p99_ms > 0 {
-                "autotune (measured by each inferrer at start, see its /status; the device default is shown)"
-            } else {
-                choice.by
+            let scope = match scope.scope() {
+                Scope::All => Scope::Model(model_name(&config.inferrer.model)),
+                other => other,
             };
+            let raw = store.read(scope.clone()).await?;
+            let (served, mut base) = model_of(&config, scope.label());
+            // 0 leaves a model's batch size to the device: show what the stages use.
+            let mut by = None;
+            if scope != Scope::Writer {
+                let kind = if served == &config.inferrer.query.model { ModelKind::Query } else { ModelKind::Stock };
+                let choice = batch_size_choice(served, base.max_batch_size, kind, false).await?;
+                base.max_batch_size = choice.batch_size;
+                by = Some(if choice.by == "device" && served.autotune_p99_ms > 0 {
+                    "autotune (measured by each inferrer at start, see its /status; the device default is shown)"
+                } else {
+                    choice.by
+                });
+            }
             let versions = |v: &str| served.has_version(v);
-            let (overrides, refused) = store.parse(&model, &raw, &ScopedOverrides::default(), &versions);
-            let effective = overrides.effective(&base);
+            let (parsed, refused) = store.parse(scope.clone(), &raw, &ScopedOverrides::default(), &versions);
+            let effective = parsed.effective(&base);
             let refused: Vec<_> = refused
                 .iter()
                 .map(|r| json!({"key": r.key, "field": r.field, "value": r.value, "reason": r.reason}))
                 .collect();
-            out(&serde_json::to_string_pretty(&json!({
-                "model": model,
+            let mut report = json!({
+                "scope": scope.label(),
                 store.key(&Scope::All): shown(&raw.all),
-                store.key(&Scope::Model(model.clone())): shown(&raw.model),
+                store.key(&scope): shown(&raw.model),
                 "refused": refused,
                 "effective": effective,
-                "max_batch_size_by": by,
-            }))?)
+            });
+            if let Some(by) = by {
+                report["model"] = json!(scope.label());
+                report["max_batch_size_by"] = json!(by);
+            }
+            out(&serde_json::to_string_pretty(&report)?)
         }
-        OverridesAction::Set { field, value, model } => {
+        OverridesAction::Set { field, value, scope } => {
             let (store, _) = redis_store(&config)?;
+            let scope = scope.scope();
+            let spec = overrides::field(&field).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown field {field:?} (known: {})",
+                    overrides::names().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            match (&scope, spec.follower) {
+                (Scope::Writer, Follower::Models) => {
+                    anyhow::bail!("`{field}` is a model setting: set it with --model or for all")
+                }
+                (Scope::Model(_), Follower::Writer) => {
+                    anyhow::bail!("`{field}` is the writer's: set it with --writer or for all")
+                }
+                _ => {}
+            }
             // A version for one model is checked against that model; for all
             // models, against any.
-            let served: Vec<&ModelConfig> = match &model {
-                Some(name) => vec![model_of(&config, name).0],
-                None => vec![&config.inferrer.model, &config.inferrer.query.model],
+            let served: Vec<&ModelConfig> = match &scope {
+                Scope::Model(name) => vec![model_of(&config, name).0],
+                _ => vec![&config.inferrer.model, &config.inferrer.query.model],
             };
-            let scope = scope(model);
             let key = store.key(&scope);
             Overrides::default()
                 .check(&field, &value, &|v| served.iter().any(|m| m.has_version(v)))
@@ -138,10 +180,14 @@ pub async fn overrides(config: SluiceConfig, action: OverridesAction) -> anyhow:
             store.set(&scope, &field, &value).await?;
             out(&format!("{key} {field} = {value}"))
         }
-        OverridesAction::Unset { field, model } => {
-            anyhow::ensure!(FIELDS.contains(&field.as_str()), "unknown field {field:?} (known: {})", FIELDS.join(", "));
+        OverridesAction::Unset { field, scope } => {
+            anyhow::ensure!(
+                overrides::field(&field).is_some(),
+                "unknown field {field:?} (known: {})",
+                overrides::names().collect::<Vec<_>>().join(", ")
+            );
             let (store, _) = redis_store(&config)?;
-            let scope = scope(model);
+            let scope = scope.scope();
             let removed = store.unset(&scope, &field).await?;
             out(&format!("{} {field} {}", store.key(&scope), if removed { "removed" } else { "was not set" }))
         }

@@ -5,22 +5,17 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
+use sluice_app::config::SluiceConfig;
 use sluice_control::Settings;
 use sluice_control::cache::{LruConfig, PredictionCache};
 use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
-use sluice_kafka::{Incoming, Stage};
-use sluice_messages::codec;
-use sluice_messages::envelope::{Envelope, Payload};
-use sluice_model::{ModelMetadata, ModelWorker};
-use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_stages::generate::{Expected, generate};
-use sluice_stages::{Inferrer, InferrerStats, Normalizer};
+use sluice_stages::{Inferrer, InferrerStats};
+use sluice_torch::{ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
-use crate::config::SluiceConfig;
+use crate::{inputs, run, write_section};
 
 /// One measured path.
 struct Row {
@@ -33,48 +28,6 @@ impl Row {
     fn micros_per_event(&self) -> f64 {
         self.seconds * 1e6 / self.events as f64
     }
-}
-
-/// Normalised inputs for `n` distinct events, encoded as the inferrer reads them.
-pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
-    let model = &config.inferrer.model;
-    let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
-    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig::default());
-    let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
-    let normalizer = Normalizer::new(stats, metadata.days(), "bench");
-    let mut out = Vec::with_capacity(n);
-    for (i, e) in generate("bench", n, 0, 5000).into_iter().enumerate() {
-        let Expected::Prediction { symbol, as_of } = e.expected else { continue };
-        let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of }, shape)?;
-        let window = sluice_messages::envelope::StockWindow { symbol, as_of, rows: 30, cols: 105, values };
-        let envelope = Envelope {
-            event_id: e.event_id,
-            traceparent: None,
-            requested_at_ms: 0,
-            updated_at_ms: 0,
-            attempt: 0,
-            payload: Payload::Normalized(normalizer.normalize(&window)?),
-        };
-        out.push(Incoming {
-            key: None,
-            payload: codec::encode(&envelope),
-            topic: "bench".into(),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-            traceparent: None,
-        });
-    }
-    Ok(out)
-}
-
-pub(crate) async fn run(inferrer: &mut Inferrer, inputs: &[Incoming], batch: usize) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    for chunk in inputs.chunks(batch) {
-        inferrer.process(chunk).await.map_err(|f| anyhow::anyhow!(f.message))?;
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 pub async fn cache(
@@ -94,7 +47,15 @@ pub async fn cache(
             let worker =
                 ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: batch, ..model.clone() }).await?;
             let settings = watch::channel(settings).1;
-            anyhow::Ok(Inferrer::new(worker, model, settings, cache, "bench", Arc::new(InferrerStats::default()))?)
+            anyhow::Ok(Inferrer::new(
+                TorchLoader,
+                worker,
+                model,
+                settings,
+                cache,
+                "bench",
+                Arc::new(InferrerStats::default()),
+            )?)
         }
     };
     let mut rows = Vec::new();
@@ -162,29 +123,13 @@ pub async fn cache(
          Each path runs the inferrer stage's `process` on the same {n} distinct normalised\n\
          windows (30 × 105) from memory, with no broker: decode, cache look-up or model,\n\
          encode. Ratios are within this one run.\n\n{table}",
-        redis = redis_url.as_ref().map_or(String::new(), |u| format!(" --redis-url {}", crate::config::redact_url(u))),
+        redis = redis_url
+            .as_ref()
+            .map_or(String::new(), |u| format!(" --redis-url {}", sluice_core::Secret::new(u.as_str()).shown())),
         when = chrono::Utc::now().format("%Y-%m-%d"),
         n = inputs.len(),
     );
     write_section(out, "cache", &section)?;
     writeln!(std::io::stdout(), "{section}")?;
-    Ok(())
-}
-
-/// Replaces (or appends) the section between `<!-- bench:NAME -->` markers, so
-/// that each benchmark rewrites only its own part of the file.
-pub fn write_section(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
-    let (start, end) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
-    let text = std::fs::read_to_string(path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nFigures written by `sluice bench`; each section says how it was measured.\n".into()
-    });
-    let block = format!("{start}\n{section}{end}\n");
-    let updated = match (text.find(&start), text.find(&end)) {
-        (Some(a), Some(b)) if b > a => {
-            format!("{}{block}{}", &text[..a], text[b + end.len()..].trim_start_matches('\n'))
-        }
-        _ => format!("{}\n{block}", text.trim_end()),
-    };
-    std::fs::write(path, updated)?;
     Ok(())
 }

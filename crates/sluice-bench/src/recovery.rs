@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::generate::generate;
 
-use crate::bench::write_section;
 use crate::cluster::LocalCluster;
-use crate::config::SluiceConfig;
-use crate::launch::StageKind;
+use crate::write_section;
 
 /// Events per second of the steady stream.
 const RATE: usize = 500;

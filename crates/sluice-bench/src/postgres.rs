@@ -8,13 +8,13 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
 use sluice_kafka::client::Publisher;
 use sluice_stages::fetcher::{SyntheticSource, trading_days_back};
 
-use crate::bench::write_section;
-use crate::cluster::{LocalCluster, cpu_seconds, http_get, machine_cpu_seconds, metric, postgres_cpu_seconds};
-use crate::config::SluiceConfig;
-use crate::launch::StageKind;
+use crate::cluster::{LocalCluster, cpu_seconds, http_get, machine_cpu_seconds, postgres_cpu_seconds};
+use crate::write_section;
 
 /// One timed run of the job.
 struct Run {
@@ -51,12 +51,12 @@ impl Snapshot {
                         "sluice_stage_batch_size_sum",
                         "sluice_stage_batch_wait_seconds_sum",
                     ]
-                    .map(|series| metric(&body, series, name)),
+                    .map(|series| sluice_testkit::prometheus::sum(&body, series, &[("stage", name)])),
                 )
             })
             .collect();
         Self {
-            cpu: cluster.children.iter().map(|(name, c)| (name.clone(), cpu_seconds(c.id()))).collect(),
+            cpu: cluster.processes().into_iter().map(|(name, pid)| (name, cpu_seconds(pid))).collect(),
             postgres_cpu: postgres_cpu_seconds(),
             machine_cpu: machine_cpu_seconds(),
             stages,
@@ -141,7 +141,7 @@ pub async fn postgres(
     let env = [
         ("SLUICE_FETCHER__SOURCE", "postgres"),
         ("SLUICE_WRITER__POSTGRES", "true"),
-        ("SLUICE_POSTGRES__DSN", config.postgres.dsn.as_str()),
+        ("SLUICE_POSTGRES__DSN", config.postgres.dsn.expose()),
         ("SLUICE_POSTGRES__SCHEMA", config.postgres.schema.as_str()),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));

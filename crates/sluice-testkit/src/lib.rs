@@ -1,9 +1,18 @@
-//! Shared helpers of the integration tests: a real tansu broker process, the
-//! `sluice` binary as separate stage processes, and the cached fixtures.
+//! Local deployments for the integration tests and the benchmarks: a real
+//! tansu broker process, the `sluice` binary as separate stage processes, a
+//! private `redis-server`, the cached fixtures, and one reader each for HTTP
+//! endpoints, Prometheus text and `/proc` (kafka-delta-ingest's
+//! `tests/helpers`). [`TestPipeline`] starts a whole deployment in one call
+//! and stops it on drop.
 //!
 //! Each test gets its own topics and consumer groups (a unique prefix), so
 //! tests can share a machine; the heavy ones take [`heavy_test_lock`] so that
 //! two of them do not fight over the two cores.
+
+mod pipeline;
+pub mod prometheus;
+
+pub use pipeline::{Processes, TestPipeline};
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -107,11 +116,17 @@ impl Broker {
     /// `advertised` (`host:port`) instead of where it listens: a proxy in front
     /// of it then carries every connection, not only the first.
     pub fn start_advertising(advertised: Option<&str>) -> Self {
+        Self::try_start(advertised).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Broker::start_advertising`], with the reason when it cannot start.
+    pub fn try_start(advertised: Option<&str>) -> Result<Self, String> {
         let tansu = std::env::var_os("SLUICE_TANSU").map_or_else(|| cache_dir().join("bin/tansu"), PathBuf::from);
-        assert!(tansu.exists(), "{} is missing: run `make setup`", tansu.display());
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let log = File::create(temp_dir("tansu").join("tansu.log")).expect("log file");
+        if !tansu.exists() {
+            return Err(format!("{} is missing: run `make setup`", tansu.display()));
+        }
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = File::create(temp_dir("tansu").join("tansu.log")).map_err(|e| format!("tansu's log file: {e}"))?;
         let child = Command::new(&tansu)
             .args(["broker", "--listener-url", &format!("tcp://{addr}")])
             .args(["--advertised-listener-url", &format!("tcp://{}", advertised.unwrap_or(&addr))])
@@ -119,13 +134,26 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start tansu");
+            .map_err(|e| format!("starting {}: {e}", tansu.display()))?;
+        let broker = Self { child, addr };
         let started = Instant::now();
-        while TcpStream::connect(&addr).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "tansu did not listen on {addr} within 30 s");
+        while TcpStream::connect(&broker.addr).is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("tansu did not listen on {} within 30 s", broker.addr));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, addr }
+        Ok(broker)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it (its in-memory topics are gone with it).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open but nothing is
@@ -146,21 +174,28 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// A process's peak resident memory so far in bytes (`VmHWM` in
-/// `/proc/PID/status`), or 0 when it cannot be read.
-pub fn peak_rss_bytes(pid: u32) -> u64 {
+/// A process's resident memory now (`VmRSS`) and its peak so far (`VmHWM`),
+/// in bytes, from `/proc/PID/status`; zeros when it cannot be read.
+pub fn rss_bytes(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A process's peak resident memory so far in bytes (`VmHWM`).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    rss_bytes(pid).1
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -251,6 +286,12 @@ impl StageProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills it (its in-memory topics are gone with it).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The stage's log so far.
@@ -359,7 +400,7 @@ pub fn reference_predictions(
 ) -> HashMap<String, (f32, f32)> {
     use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
     use sluice_stages::generate::Expected;
-    let model = sluice_model::Model::load(&model_config(version)).expect("model");
+    let model = sluice_torch::Model::load(&model_config(version)).expect("model");
     let metadata = model.metadata().clone();
     let shape = WindowShape { days: metadata.days(), features: metadata.features() };
     let source = SyntheticSource::new(SyntheticConfig::default());
@@ -443,15 +484,38 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Asks `GET path` on `port` every 100 ms until the answer satisfies `ok`
+/// (code, body), at most `within`; panics with the last answer.
+pub fn wait_for_http(port: u16, path: &str, within: Duration, ok: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let started = Instant::now();
+    loop {
+        let answer = http_get(port, path);
+        if let Some((code, body)) = &answer
+            && ok(*code, body)
+        {
+            return (*code, body.clone());
+        }
+        assert!(started.elapsed() < within, "GET {path} on {port}: not as expected within {within:?}: {answer:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `GET path` on a stage's `observe.listen` port: (status code, body), or
 /// `None` while nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let text = http_response(port, path)?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// The whole HTTP/1.0 response to `GET path` (status line, headers, body), or
+/// `None` while nothing answers.
+pub fn http_response(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    Some(text)
 }

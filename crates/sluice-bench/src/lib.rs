@@ -1,0 +1,97 @@
+//! Sluice's benchmarks (`sluice bench ...`), apart from the binary that
+//! dispatches to them and from the tests: each measures within one run,
+//! repeats where it says so, and writes its section of `docs/benchmarks.md`
+//! (or its own files under `docs/benchmarks/`).
+//!
+//! - [`cache`]: a cache hit against a model run, in process.
+//! - [`query`]: the query model by batch size and token budget.
+//! - [`postgres`]: the users' 5,000-stock job through PostgreSQL.
+//! - [`batching`]: what batching buys, from the raw model to the pipeline.
+//! - [`backlog`]: a backlog drained with bounded memory.
+//! - [`recovery`]: answers again after the inferrer is killed.
+//! - [`cluster`]: a local deployment (tansu and stage processes) they share.
+
+pub mod backlog;
+pub mod batching;
+pub mod cache;
+pub mod cluster;
+pub mod postgres;
+pub mod query;
+pub mod recovery;
+
+use std::path::Path;
+use std::time::Instant;
+
+use sluice_app::config::SluiceConfig;
+use sluice_core::{Incoming, Stage};
+use sluice_messages::codec;
+use sluice_messages::envelope::{Envelope, Payload};
+use sluice_model::ModelMetadata;
+use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::generate::{Expected, generate};
+use sluice_stages::{Inferrer, Normalizer};
+use sluice_torch::TorchLoader;
+
+/// Normalised inputs for `n` distinct events, encoded as the inferrer reads them.
+pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
+    let model = &config.inferrer.model;
+    let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
+    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
+    let source = SyntheticSource::new(SyntheticConfig::default());
+    let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
+    let normalizer = Normalizer::new(stats, metadata.days(), "bench");
+    let mut out = Vec::with_capacity(n);
+    for (i, e) in generate("bench", n, 0, 5000).into_iter().enumerate() {
+        let Expected::Prediction { symbol, as_of } = e.expected else { continue };
+        let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of }, shape)?;
+        let window = sluice_messages::envelope::StockWindow { symbol, as_of, rows: 30, cols: 105, values };
+        let envelope = Envelope {
+            event_id: e.event_id,
+            traceparent: None,
+            requested_at_ms: 0,
+            updated_at_ms: 0,
+            attempt: 0,
+            payload: Payload::Normalized(normalizer.normalize(&window)?),
+        };
+        out.push(Incoming {
+            key: None,
+            payload: codec::encode(&envelope),
+            topic: "bench".into(),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+            traceparent: None,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) async fn run(
+    inferrer: &mut Inferrer<TorchLoader>,
+    inputs: &[Incoming],
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    for chunk in inputs.chunks(batch) {
+        inferrer.process(chunk).await.map_err(|f| anyhow::anyhow!(f.message))?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Replaces (or appends) the section between `<!-- bench:NAME -->` markers, so
+/// that each benchmark rewrites only its own part of the file.
+pub fn write_section(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
+    let (start, end) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        "# Benchmarks\n\nFigures written by `sluice bench`; each section says how it was measured.\n".into()
+    });
+    let block = format!("{start}\n{section}{end}\n");
+    let updated = match (text.find(&start), text.find(&end)) {
+        (Some(a), Some(b)) if b > a => {
+            format!("{}{block}{}", &text[..a], text[b + end.len()..].trim_start_matches('\n'))
+        }
+        _ => format!("{}\n{block}", text.trim_end()),
+    };
+    std::fs::write(path, updated)?;
+    Ok(())
+}
