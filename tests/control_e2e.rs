@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
 use sluice_control::store::{OverrideStore, Scope};
-use sluice_kafka::KafkaConfig;
-use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_kafka::client::Publisher;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
 use sluice_testkit::{
-    Broker, RedisServer, StageProcess, heavy_test_lock, reference_predictions, sluice, tail, temp_dir, unique,
-    write_config,
+    Processes, RedisServer, StageProcess, TestPipeline, heavy_test_lock, reference_predictions, sluice, tail, temp_dir,
+    unique, write_config,
 };
 
 fn now_ms() -> i64 {
@@ -25,31 +24,24 @@ fn now_ms() -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
     let mut redis = RedisServer::start();
-    let dir = temp_dir("control-e2e");
-    let prefix = unique("ctl");
     let pipeline = unique("pipeline");
     let extra =
         format!("[control]\nredis_url = \"{}\"\nprefix = \"sluice-test\"\npipeline = \"{pipeline}\"\n", redis.url());
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
+    let mut p = TestPipeline::start("control-e2e", 2, &extra, Processes::OneProcess);
     let link = std::sync::Arc::new(RedisLink::new(&redis.url()).expect("url"));
     let store = OverrideStore::Redis { link, keys: KeyLayout::new("sluice-test", &pipeline) };
 
     let events = generate("ctl", 9000, 0, SyntheticConfig::default().universe);
     let expected = [("1", reference_predictions(&events, "1")), ("2", reference_predictions(&events, "2"))];
-    let mut process = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
     // Every stage has joined its group and got partitions: events flow at once.
-    process.wait_for_log("kind=\"assign\"", 4, Duration::from_secs(60));
+    p.stages[0].wait_for_log("kind=\"assign\"", 4, Duration::from_secs(60));
 
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&format!("{prefix}.predictions")]).expect("reader");
-    let mut publisher = Publisher::new(&kafka, "control-e2e").expect("publisher");
-    let requests = format!("{prefix}.requests");
+    let reader = p.reader(&["predictions"]);
+    let mut publisher = Publisher::new(&p.kafka, "control-e2e").expect("publisher");
+    let requests = p.topic("requests");
 
     // Publish 1,000 events a second for 9 s, acting on the pipeline as time passes.
     let mut seen: HashMap<String, Vec<PredictionRecord>> = HashMap::new();
@@ -107,7 +99,7 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
             seen.entry(p.event_id.clone()).or_default().push(p);
         }
     }
-    let logs = process.logs();
+    let logs = p.stages[0].logs();
     let tail = tail(&logs, 40);
 
     // Nothing lost; every answer equals its version's reference.
@@ -159,8 +151,8 @@ async fn overrides_a_redis_restart_and_a_model_switch_under_load_lose_nothing() 
     let duplicates = all.len() - seen.len();
     eprintln!("control e2e: {} predictions, {duplicates} duplicates, {switched} by version 2", all.len());
 
-    process.signal("TERM");
-    assert!(process.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain\n{tail}");
+    p.stages[0].signal("TERM");
+    assert!(p.stages[0].wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain\n{tail}");
 }
 
 /// Garbage in the override hashes, as a careless client could write it into
@@ -183,10 +175,8 @@ async fn garbage_in_the_override_hashes_is_refused_field_by_field_and_reported_o
         "[control]\nredis_url = \"{LOCAL_REDIS}\"\nprefix = \"sluice-test\"\npipeline = \"{pipeline}\"\nreconcile_ms = 100\n"
     );
     let config = write_config(&dir, "127.0.0.1:1", &unique("garbage"), 1, &extra);
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")))
-        .expect("config");
-    let inferrer = StageProcess::start(&config, "inferrer", &dir);
+    let listen = format!("127.0.0.1:{port}");
+    let inferrer = StageProcess::command(&config, &["--listen", &listen, "run", "inferrer"], "inferrer", &dir);
     let status = || -> Option<serde_json::Value> { serde_json::from_str(&http_get(port, "/status")?.1).ok() };
     let started = Instant::now();
     while status().is_none() {
@@ -244,11 +234,7 @@ async fn garbage_in_the_override_hashes_is_refused_field_by_field_and_reported_o
     assert!(refusals.iter().any(|l| l.contains(&model_key) && l.contains("not a hash")), "{refusals:?}");
     assert!(refusals.iter().any(|l| l.contains("(1048576 bytes)")), "{refusals:?}");
     let metrics = http_get(port, "/metrics").expect("metrics").1;
-    let refused: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("sluice_overrides_refused_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let refused = sluice_testkit::prometheus::sum(&metrics, "sluice_overrides_refused_total", &[]);
     assert_eq!(refused, 4.0, "{metrics}");
 
     // The operator's tools name the key.

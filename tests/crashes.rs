@@ -6,16 +6,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use sluice_kafka::KafkaConfig;
-use sluice_kafka::client::TopicReader;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_postgres::PostgresConfig;
 use sluice_stages::generate::{Expected, generate};
-use sluice_testkit::{
-    Broker, LOCAL_POSTGRES, StageProcess, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, unique_schema,
-    write_config, write_events,
-};
+use sluice_testkit::{LOCAL_POSTGRES, Processes, TestPipeline, start_stages, unique_schema, write_events};
 
 /// A small deterministic generator (xorshift), seeded per run and printed, so
 /// that a failing schedule can be replayed.
@@ -31,18 +26,14 @@ impl Rng {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
-    let _heavy = heavy_test_lock();
     let seed = std::env::var("SLUICE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| u64::from(std::process::id()) * 2_654_435_761 + 1);
     eprintln!("crash schedule seed: {seed} (SLUICE_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed.max(1));
-    let broker = Broker::start();
-    let dir = temp_dir("crashes");
-    let prefix = unique("crash");
     let schema = unique_schema("crashes");
     // Small batches keep the stream long enough for several kills.
     let extra = format!(
@@ -51,9 +42,8 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
          [writer]\nbatch = {{ max_batch_size = 8, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n\
          [postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
-    sluice(&config, &["db", "migrate"]);
+    let mut p = TestPipeline::start("crashes", 2, &extra, Processes::None);
+    p.sluice(&["db", "migrate"]);
     // Published in eight waves, one before each kill, so that every kill
     // lands while work is in flight.
     let events = generate("crash", 3200, 50, 5000);
@@ -63,12 +53,12 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
         .map(|e| e.event_id.as_str())
         .collect();
     let invalid = events.len() - valid.len();
-    let mut stages = start_stages(&config, &dir);
+    p.stages = start_stages(&p.config, &p.dir);
     let waves: Vec<std::path::PathBuf> = events
         .chunks(400)
         .enumerate()
         .map(|(i, wave)| {
-            let wave_dir = dir.join(format!("wave-{i}"));
+            let wave_dir = p.path(&format!("wave-{i}"));
             std::fs::create_dir_all(&wave_dir).expect("wave dir");
             write_events(&wave_dir, wave.iter().map(|e| &e.json))
         })
@@ -83,10 +73,6 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
         let row = row.expect("count");
         (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
     };
-    let logs = |stages: &[StageProcess]| {
-        stages.iter().map(|s| format!("--- {}\n{}", s.stage, tail(&s.logs(), 20))).collect::<String>()
-    };
-
     // Kill each stage twice, in a shuffled order, at pseudo-random moments.
     let mut order: Vec<usize> = [0, 1, 2, 3, 0, 1, 2, 3].to_vec();
     for i in (1..order.len()).rev() {
@@ -95,22 +81,21 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
     let mut kills = Vec::new();
     let (mut rows_then, mut mid_stream) = (0, 0);
     for (wave, stage) in waves.iter().zip(order) {
-        sluice(&config, &["produce", "--file", wave.to_str().expect("utf-8")]);
+        p.sluice(&["produce", "--file", wave.to_str().expect("utf-8")]);
         // Flowing again (the last restart has joined and rows are landing),
         // then a moment later the kill, mid-stream.
         let started = Instant::now();
         while count().await.0 < rows_then + 50 {
-            assert!(started.elapsed() < Duration::from_secs(120), "stuck after {kills:?}\n{}", logs(&stages));
+            assert!(started.elapsed() < Duration::from_secs(120), "stuck after {kills:?}\n{}", p.logs(20));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
         let rows = count().await.0;
         rows_then = rows;
-        stages[stage].signal("KILL");
-        assert!(stages[stage].wait(Duration::from_secs(10)).is_some(), "{} did not die", stages[stage].stage);
-        let name = stages[stage].stage.clone();
-        stages[stage] = StageProcess::start(&config, &name, &dir);
-        kills.push(format!("{name}@{rows}"));
+        p.stages[stage].signal("KILL");
+        assert!(p.stages[stage].wait(Duration::from_secs(10)).is_some(), "{} did not die", p.stages[stage].stage);
+        p.restart(stage);
+        kills.push(format!("{}@{rows}", p.stages[stage].stage));
         mid_stream += usize::from(rows < valid.len());
     }
     // The last wave may be done when the last kill lands; the others are not.
@@ -122,12 +107,11 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
     let (rows, distinct) = count().await;
-    assert_eq!((rows, distinct), (valid.len(), valid.len()), "rows after kills {kills:?}\n{}", logs(&stages));
+    assert_eq!((rows, distinct), (valid.len(), valid.len()), "rows after kills {kills:?}\n{}", p.logs(20));
 
     // The output topic: at least one record per valid event, a dead letter per invalid one.
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
-    let reader = TopicReader::new(&kafka, &unique("audit"), &[&predictions, &dead]).expect("reader");
+    let dead = p.topic("dead-letters");
+    let reader = p.reader(&["predictions", "dead-letters"]);
     let mut outputs: HashMap<String, usize> = HashMap::new();
     let mut letters: HashMap<String, usize> = HashMap::new();
     let mut first = true;
@@ -155,6 +139,6 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
     let duplicates: usize = outputs.values().map(|n| n - 1).sum();
     eprintln!("crash test: kills {kills:?}; {duplicates} duplicate output records; {rows} rows, none duplicated");
     drop(client);
-    drop(stages);
+    p.stages.clear();
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }

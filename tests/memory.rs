@@ -8,13 +8,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sluice_kafka::KafkaConfig;
-use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_kafka::client::Publisher;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_postgres::PostgresConfig;
-use sluice_testkit::{
-    Broker, LOCAL_POSTGRES, StageProcess, heavy_test_lock, peak_rss_bytes, sluice, tail, temp_dir, unique,
-    unique_schema, write_config,
-};
+use sluice_testkit::{LOCAL_POSTGRES, Processes, StageProcess, TestPipeline, rss_bytes, tail, unique_schema};
 
 const BIG: usize = 150;
 const BIG_BYTES: usize = 5 << 20;
@@ -24,35 +21,21 @@ const BIG_BYTES: usize = 5 << 20;
 /// the allocator. Without the byte bound, the queue alone held 2,048 messages.
 const BOUND: u64 = 200 << 20;
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn a_stalled_stage_holds_a_bounded_number_of_bytes_whatever_the_message_sizes() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("memory");
-    let prefix = unique("memory");
     let schema = unique_schema("memory");
     let extra = format!(
         "[fetcher]\nsource = \"postgres\"\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\nstatement_timeout_ms = 60000\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 1, &extra);
-    sluice(&config, &["topics", "create"]);
-    sluice(&config, &["db", "migrate"]);
-    sluice(&config, &["db", "seed", "--symbols", "5", "--days", "40", "--end", "2024-05-31"]);
+    let p = TestPipeline::start("memory", 1, &extra, Processes::None);
+    p.sluice(&["db", "migrate"]);
+    p.sluice(&["db", "seed", "--symbols", "5", "--days", "40", "--end", "2024-05-31"]);
 
-    let mut fetcher = StageProcess::start(&config, "fetcher", &dir);
+    let mut fetcher = StageProcess::start(&p.config, "fetcher", &p.dir);
     fetcher.wait_for_log("rebalance", 1, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(1));
-    let start_rss = rss_bytes(fetcher.pid());
+    let start_rss = rss_bytes(fetcher.pid()).0;
 
     // Stall it: its next history query waits on a lock.
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
@@ -63,11 +46,10 @@ async fn a_stalled_stage_holds_a_bounded_number_of_bytes_whatever_the_message_si
     lock.batch_execute("LOCK TABLE features IN ACCESS EXCLUSIVE MODE").await.expect("lock");
 
     let kafka = KafkaConfig {
-        brokers: broker.addr.clone(),
         producer_properties: BTreeMap::from([("message.max.bytes".to_string(), "8000000".into())]),
-        ..KafkaConfig::default()
+        ..p.kafka.clone()
     };
-    let requests = format!("{prefix}.requests");
+    let requests = p.topic("requests");
     let mut publisher = Publisher::new(&kafka, "memory-test").expect("publisher");
     publisher
         .send(&requests, None, br#"{"kind":"stock","event_id":"first","symbol":"S0001","as_of":"2024-05-31"}"#)
@@ -87,19 +69,19 @@ async fn a_stalled_stage_holds_a_bounded_number_of_bytes_whatever_the_message_si
     let stalled = Instant::now();
     let mut peak = 0;
     while stalled.elapsed() < Duration::from_secs(15) {
-        peak = peak.max(rss_bytes(fetcher.pid()));
+        peak = peak.max(rss_bytes(fetcher.pid()).0);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(fetcher.running(), "the fetcher died\n{}", tail(&fetcher.logs(), 20));
     lock.rollback().await.expect("unlock");
     drop(locker);
 
-    let dead = format!("{prefix}.dead-letters");
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&dead, &format!("{prefix}.fetched")]).expect("reader");
+    let dead = p.topic("dead-letters");
+    let reader = p.reader(&["dead-letters", "fetched"]);
     let (mut letters, mut fetched) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(120);
     while (letters < BIG || fetched < 1) && Instant::now() < deadline {
-        peak = peak.max(rss_bytes(fetcher.pid()));
+        peak = peak.max(rss_bytes(fetcher.pid()).0);
         let Some(record) = reader.next(Duration::from_millis(200)).await else { continue };
         let record = record.expect("read");
         if record.topic == dead {
@@ -111,7 +93,7 @@ async fn a_stalled_stage_holds_a_bounded_number_of_bytes_whatever_the_message_si
             fetched += 1;
         }
     }
-    let high_water = peak_rss_bytes(fetcher.pid()).max(peak);
+    let high_water = rss_bytes(fetcher.pid()).1.max(peak);
     eprintln!(
         "fetcher resident memory: {} MiB at start, {} MiB at most with {BIG} x 5 MiB requests",
         start_rss >> 20,

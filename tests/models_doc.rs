@@ -9,17 +9,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sluice_kafka::KafkaConfig;
-use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_kafka::client::Publisher;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::envelope::StockWindow;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_model::{Batch, ModelConfig};
 use sluice_stages::Normalizer;
 use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
-use sluice_testkit::{
-    Broker, StageProcess, heavy_test_lock, model_config, python, sluice, tail, temp_dir, unique, write_config,
-};
+use sluice_testkit::{Processes, StageProcess, TestPipeline, model_config, python};
 use sluice_torch::Model;
 
 /// The first fenced block of `language` after `heading` in docs/models.md.
@@ -44,13 +41,12 @@ fn exports(shell: &str) -> Vec<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn the_documented_example_model_is_exported_and_served() {
-    let _heavy = heavy_test_lock();
-    let dir = temp_dir("models-doc");
-    let script = dir.join("export_my_model.py");
+    let mut p = TestPipeline::start("models-doc", 2, "", Processes::None);
+    let script = p.path("export_my_model.py");
     std::fs::write(&script, code_block("## Bring your own stock model", "python")).expect("script");
-    let models = dir.join("models");
+    let models = p.path("models");
     let exported = std::process::Command::new(python()).arg(&script).arg(&models).output().expect("python");
     assert!(exported.status.success(), "the example failed:\n{}", String::from_utf8_lossy(&exported.stderr));
     let model_dir = models.join("my-conv");
@@ -65,14 +61,9 @@ async fn the_documented_example_model_is_exported_and_served() {
     }
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
-    let broker = Broker::start();
-    let prefix = unique("mymodel");
-    let config = write_config(&dir, &broker.addr, &prefix, 2, "");
-    sluice(&config, &["topics", "create"]);
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader");
-    let mut pipeline = StageProcess::command_with_env(&config, &["pipeline"], "pipeline", &dir, &env);
+    let dead = p.topic("dead-letters");
+    let reader = p.reader(&["predictions", "dead-letters"]);
+    p.stages.push(StageProcess::command_with_env(&p.config, &["pipeline"], "pipeline", &p.dir, &env));
 
     // Fetched windows, inline windows of the new shape, one of the old shape, a query.
     let inline: Vec<Vec<f64>> =
@@ -103,12 +94,10 @@ async fn the_documented_example_model_is_exported_and_served() {
         ),
     ));
     events.push(("q".into(), r#"{"kind":"query","event_id":"q","text":"what is my balance"}"#.into()));
-    let mut publisher = Publisher::new(&kafka, "models-doc").expect("publisher");
+    let mut publisher = Publisher::new(&p.kafka, "models-doc").expect("publisher");
+    let requests = p.topic("requests");
     for (id, json) in &events {
-        publisher
-            .send(&format!("{prefix}.requests"), Some(format!("key-{id}").as_bytes()), json.as_bytes())
-            .await
-            .expect("send");
+        publisher.send(&requests, Some(format!("key-{id}").as_bytes()), json.as_bytes()).await.expect("send");
     }
     publisher.finish().await.expect("published");
 
@@ -122,11 +111,11 @@ async fn the_documented_example_model_is_exported_and_served() {
             let letter: DeadLetter = serde_json::from_slice(&record.payload).expect("dead letter");
             letters.insert(letter.event_id.clone().unwrap_or_default(), letter);
         } else {
-            let p: PredictionRecord = serde_json::from_slice(&record.payload).expect("a prediction");
-            seen.insert(p.event_id.clone(), (p, record.key));
+            let prediction: PredictionRecord = serde_json::from_slice(&record.payload).expect("a prediction");
+            seen.insert(prediction.event_id.clone(), (prediction, record.key));
         }
     }
-    assert_eq!(seen.len(), 41, "predictions\n{}", tail(&pipeline.logs(), 30));
+    assert_eq!(seen.len(), 41, "predictions\n{}", p.logs(30));
     assert_eq!(letters.get("old-shape").map(|l| l.reason.as_str()), Some("invalid_window_shape"), "{letters:?}");
     assert_eq!(letters.get("q").map(|l| l.reason.as_str()), Some("unsupported_kind"), "{letters:?}");
 
@@ -136,24 +125,28 @@ async fn the_documented_example_model_is_exported_and_served() {
     assert_eq!((metadata.days(), metadata.features()), (20, 8));
     let normalizer = Normalizer::new(metadata.normalization.as_ref().expect("stats"), 20, "unused");
     let source = SyntheticSource::new(SyntheticConfig::default());
-    for (id, (p, key)) in &seen {
-        assert_eq!((p.model.name.as_str(), p.model.version.as_str()), ("my-conv", "1"));
+    for (id, (prediction, key)) in &seen {
+        assert_eq!((prediction.model.name.as_str(), prediction.model.version.as_str()), ("my-conv", "1"));
         assert_eq!(key.as_deref(), Some(format!("key-{id}").as_bytes()), "keyed like its request");
         let values: Vec<f32> = if id == "inline" {
             inline.iter().flatten().map(|v| *v as f32).collect()
         } else {
             source
                 .window(
-                    &WindowRequest { symbol: p.symbol.clone(), as_of: p.as_of },
+                    &WindowRequest { symbol: prediction.symbol.clone(), as_of: prediction.as_of },
                     WindowShape { days: 20, features: 8 },
                 )
                 .expect("window")
         };
-        let window = StockWindow { symbol: p.symbol.clone(), as_of: p.as_of, rows: 20, cols: 8, values };
+        let window =
+            StockWindow { symbol: prediction.symbol.clone(), as_of: prediction.as_of, rows: 20, cols: 8, values };
         let x = normalizer.normalize(&window).expect("normalised").values;
         let y = model.forward(&Batch::Windows(x), 1).expect("forward");
-        assert!((p.predicted_return - y[0]).abs() < 1e-5 && (p.confidence - y[1]).abs() < 1e-5, "{id}: {p:?} vs {y:?}");
+        assert!(
+            (prediction.predicted_return - y[0]).abs() < 1e-5 && (prediction.confidence - y[1]).abs() < 1e-5,
+            "{id}: {prediction:?} vs {y:?}"
+        );
     }
-    pipeline.signal("TERM");
-    assert!(pipeline.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{}", tail(&pipeline.logs(), 20));
+    p.stages[0].signal("TERM");
+    assert!(p.stages[0].wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{}", p.logs(20));
 }

@@ -134,34 +134,24 @@ async fn a_missing_table_is_not_retried_but_a_bad_dsn_names_its_key() {
 /// `sluice db seed`, `sluice pipeline` on the tansu broker): every event's
 /// prediction equals the reference computed from the same history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn the_pipeline_predicts_from_postgres_history() {
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
-    use sluice_kafka::KafkaConfig;
-    use sluice_kafka::client::TopicReader;
     use sluice_messages::prediction::PredictionRecord;
     use sluice_stages::generate::generate;
-    use sluice_testkit::{
-        Broker, StageProcess, heavy_test_lock, reference_predictions, sluice, temp_dir, unique, write_config,
-        write_events,
-    };
+    use sluice_testkit::{Processes, StageProcess, TestPipeline, reference_predictions};
 
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("pg-e2e");
-    let prefix = unique("pg");
     let schema = unique_schema("pg_e2e");
     let extra = format!(
         "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\n\n[writer]\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
-    assert!(sluice(&config, &["db", "migrate"]).contains("applied 2 migration"));
+    let mut p = TestPipeline::start("pg-e2e", 2, &extra, Processes::None);
+    assert!(p.sluice(&["db", "migrate"]).contains("applied 2 migration"));
     // Enough trading days before every generated as_of (March to mid-September 2024).
     assert!(
-        sluice(&config, &["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"])
+        p.sluice(&["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"])
             .contains("seeded 13000 rows")
     );
 
@@ -187,15 +177,12 @@ async fn the_pipeline_predicts_from_postgres_history() {
         .collect();
     expected.extend(reference_predictions(&singles, "1"));
     let total = events.len() + steps.len();
-    let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let (predictions, dead) = (format!("{prefix}.predictions"), format!("{prefix}.dead-letters"));
-    let reader = TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader");
+    p.stages.push(StageProcess::command(&p.config, &["pipeline"], "pipeline", &p.dir));
+    let dead = p.topic("dead-letters");
+    let reader = p.reader(&["predictions", "dead-letters"]);
     // History starts in January 2024: a week in, the window is short.
     let short = r#"{"kind":"stock","event_id":"short-1","symbol":"S0001","as_of":"2024-01-10"}"#;
-    let lines = events.iter().map(|e| e.json.as_slice()).chain([backfill.as_bytes(), short.as_bytes()]);
-    let file = write_events(&dir, lines);
-    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+    p.produce("events", events.iter().map(|e| e.json.as_slice()).chain([backfill.as_bytes(), short.as_bytes()]));
 
     let mut seen: HashMap<String, PredictionRecord> = HashMap::new();
     let mut letters = Vec::new();
@@ -208,8 +195,8 @@ async fn the_pipeline_predicts_from_postgres_history() {
                     serde_json::from_slice::<sluice_messages::dead_letter::DeadLetter>(&r.payload).expect("letter"),
                 );
             } else {
-                let p: PredictionRecord = serde_json::from_slice(&r.payload).expect("record");
-                seen.insert(p.event_id.clone(), p);
+                let record: PredictionRecord = serde_json::from_slice(&r.payload).expect("record");
+                seen.insert(record.event_id.clone(), record);
             }
         }
     }
@@ -218,16 +205,17 @@ async fn the_pipeline_predicts_from_postgres_history() {
         (letters[0].event_id.as_deref(), letters[0].reason.as_str(), letters[0].stage.as_str()),
         (Some("short-1"), "insufficient_history", "fetcher")
     );
-    assert_eq!(seen.len(), total, "predictions missing\n{}", pipeline.logs());
+    assert_eq!(seen.len(), total, "predictions missing\n{}", p.logs(40));
     for (id, day) in &steps {
         assert_eq!(seen[id].as_of, *day, "a backfill step carries its window's date");
     }
-    for (id, p) in &seen {
+    for (id, record) in &seen {
         let (r, c) = expected[id];
-        assert!((p.predicted_return - r).abs() <= 1e-5 && (p.confidence - c).abs() <= 1e-5, "{p:?} vs ({r}, {c})");
+        let close = (record.predicted_return - r).abs() <= 1e-5 && (record.confidence - c).abs() <= 1e-5;
+        assert!(close, "{record:?} vs ({r}, {c})");
     }
-    pipeline.signal("TERM");
-    assert!(pipeline.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain");
+    p.stages[0].signal("TERM");
+    assert!(p.stages[0].wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "pipeline did not drain");
     // The PostgreSQL sink holds exactly what the output topic carried.
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
         .pool()
@@ -239,9 +227,10 @@ async fn the_pipeline_predicts_from_postgres_history() {
         .expect("rows");
     assert_eq!(rows.len(), total);
     for row in rows {
-        let p = &seen[&row.get::<_, String>(0)];
-        assert_eq!((row.get::<_, f32>(1), row.get::<_, f32>(2)), (p.predicted_return, p.confidence));
-        assert_eq!((row.get::<_, String>(3), row.get::<_, chrono::NaiveDate>(4)), (p.model.version.clone(), p.as_of));
+        let record = &seen[&row.get::<_, String>(0)];
+        assert_eq!((row.get::<_, f32>(1), row.get::<_, f32>(2)), (record.predicted_return, record.confidence));
+        let (version, as_of) = (row.get::<_, String>(3), row.get::<_, chrono::NaiveDate>(4));
+        assert_eq!((version, as_of), (record.model.version.clone(), record.as_of));
     }
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }
@@ -315,32 +304,24 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
 /// Kill the writer (`kill -9`) in the middle of a stream and start it again:
 /// the sink ends with exactly one row per valid event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_testkit::{
-        Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
-    };
+    use sluice_testkit::{Processes, TestPipeline, start_stages};
 
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("pg-kill");
-    let prefix = unique("pgkill");
     let schema = unique_schema("pg_kill");
     // Small writer batches keep the stream going long enough to be cut.
     let extra = format!(
         "[writer]\nbatch = {{ max_batch_size = 4, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
-    sluice(&config, &["db", "migrate"]);
+    let mut p = TestPipeline::start("pg-kill", 2, &extra, Processes::None);
+    p.sluice(&["db", "migrate"]);
     let events = generate("kill", 3000, 100, 5000);
     let valid = events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })).count();
-    let mut stages = start_stages(&config, &dir);
-    let file = write_events(&dir, events.iter().map(|e| &e.json));
-    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+    p.stages = start_stages(&p.config, &p.dir);
+    p.produce("events", events.iter().map(|e| &e.json));
 
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
         .pool()
@@ -353,14 +334,14 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     };
     let started = Instant::now();
     while count().await.0 < 300 {
-        assert!(started.elapsed() < Duration::from_secs(120), "no rows arrived\n{}", stages[3].logs());
+        assert!(started.elapsed() < Duration::from_secs(120), "no rows arrived\n{}", p.logs(40));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stages[3].signal("KILL");
-    assert!(stages[3].wait(Duration::from_secs(10)).is_some(), "the writer did not die");
+    p.stages[3].signal("KILL");
+    assert!(p.stages[3].wait(Duration::from_secs(10)).is_some(), "the writer did not die");
     let at_kill = count().await.0;
     assert!(at_kill < valid, "the stream was over before the kill ({at_kill} rows): make it longer");
-    stages[3] = StageProcess::start(&config, "writer", &dir);
+    p.restart(3);
 
     let started = Instant::now();
     while count().await.0 < valid && started.elapsed() < Duration::from_secs(180) {
@@ -368,14 +349,9 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
     let (rows, distinct) = count().await;
-    assert_eq!(
-        (rows, distinct),
-        (valid, valid),
-        "rows after the restart ({at_kill} at the kill)\n{}",
-        stages[3].logs()
-    );
+    assert_eq!((rows, distinct), (valid, valid), "rows after the restart ({at_kill} at the kill)\n{}", p.logs(40));
     drop(client);
-    drop(stages);
+    p.stages.clear();
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }
 
@@ -384,17 +360,13 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
 /// writes: the stages retry with backoff and resume by themselves, and every
 /// valid event ends with exactly one row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn killed_database_connections_are_retried_and_lose_nothing() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_testkit::{Broker, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events};
+    use sluice_testkit::{Processes, TestPipeline, start_stages};
 
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("pg-terminate");
-    let prefix = unique("pgterm");
     let schema = unique_schema("pg_terminate");
     // The stages' connections carry a name of their own, to be found and killed.
     let app = unique("sluice-pgterm").replace('-', "_");
@@ -403,15 +375,13 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
          [writer]\nbatch = {{ max_batch_size = 8, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n\
          [postgres]\ndsn = \"{LOCAL_POSTGRES} application_name={app}\"\nschema = \"{schema}\"\n"
     );
-    let config = write_config(&dir, &broker.addr, &prefix, 2, &extra);
-    sluice(&config, &["topics", "create"]);
-    sluice(&config, &["db", "migrate"]);
-    sluice(&config, &["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"]);
+    let mut p = TestPipeline::start("pg-terminate", 2, &extra, Processes::None);
+    p.sluice(&["db", "migrate"]);
+    p.sluice(&["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"]);
     let events = generate("term", 2000, 0, 50);
     let valid = events.iter().filter(|e| matches!(e.expected, Expected::Prediction { .. })).count();
-    let stages = start_stages(&config, &dir);
-    let file = write_events(&dir, events.iter().map(|e| &e.json));
-    sluice(&config, &["produce", "--file", file.to_str().expect("utf-8")]);
+    p.stages = start_stages(&p.config, &p.dir);
+    p.produce("events", events.iter().map(|e| &e.json));
 
     let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
         .pool()
@@ -422,9 +392,7 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
         let row = row.expect("count");
         (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
     };
-    let logs = || {
-        stages.iter().map(|s| format!("--- {}\n{}", s.stage, sluice_testkit::tail(&s.logs(), 20))).collect::<String>()
-    };
+    let logs = || p.logs(20);
     let mut killed = 0;
     let started = Instant::now();
     for at in [150, 600, 1200] {
@@ -449,10 +417,10 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
     assert_eq!(count().await, (valid, valid), "rows after {killed} killed connections\n{}", logs());
     // The logs say why the connections ended, not only "db error".
-    let all_logs: String = stages.iter().map(|s| s.logs()).collect();
+    let all_logs: String = p.stages.iter().map(|s| s.logs()).collect();
     assert!(all_logs.contains("SQLSTATE 57P01"), "no stage logged the termination's SQLSTATE\n{}", logs());
     drop(client);
-    drop(stages);
+    p.stages.clear();
     pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
 }
 

@@ -3,13 +3,10 @@
 //! line, no `/status` or `/metrics` answer, no `sluice config` output and no
 //! error message, while the pipeline runs and while Redis is unreachable.
 
-use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sluice_testkit::{
-    Broker, StageProcess, heavy_test_lock, http_response, sluice, sluice_bin, temp_dir, unique, write_config,
-};
+use sluice_testkit::{Processes, StageProcess, TestPipeline, free_port, http_response, sluice_bin};
 
 const SECRETS: [&str; 3] = ["PgSecret-7f3a", "RedisSecret-91bc", "KafkaSecret-4d2e"];
 
@@ -21,10 +18,7 @@ fn assert_no_secret(what: &str, text: &str) {
 
 #[test]
 fn secrets_never_appear_in_logs_status_or_errors() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("secrets");
-    let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = free_port();
     let extra = format!(
         "[kafka.properties]\n\"sasl.username\" = \"sluice\"\n\"sasl.password\" = \"{}\"\n\n\
          [writer]\npostgres = true\n\n\
@@ -35,18 +29,16 @@ fn secrets_never_appear_in_logs_status_or_errors() {
         sluice_testkit::unique_schema("secrets"),
         SECRETS[1]
     );
-    let config = write_config(&dir, &broker.addr, &unique("secrets"), 1, &extra);
-    let config_text = std::fs::read_to_string(&config).expect("config");
+    let p = TestPipeline::start("secrets", 1, &extra, Processes::None);
+    let config_text = std::fs::read_to_string(&p.config).expect("config");
     assert!(SECRETS.iter().all(|s| config_text.contains(s)), "the test must really configure the secrets");
-    let with_port = config_text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(&config, with_port).expect("write");
 
     // `sluice config` prints the effective configuration.
-    assert_no_secret("sluice config", &sluice(&config, &["config"]));
-    sluice(&config, &["topics", "create"]);
+    assert_no_secret("sluice config", &p.sluice(&["config"]));
 
     // A running pipeline, with Redis unreachable (an outage is logged).
-    let mut pipeline = StageProcess::command(&config, &["pipeline"], "pipeline", &dir);
+    let listen = format!("127.0.0.1:{port}");
+    let mut pipeline = StageProcess::command(&p.config, &["--listen", &listen, "pipeline"], "pipeline", &p.dir);
     let started = Instant::now();
     let mut status = None;
     while status.is_none() && started.elapsed() < Duration::from_secs(60) {
@@ -64,7 +56,7 @@ fn secrets_never_appear_in_logs_status_or_errors() {
 
     // Errors: a database that refuses the connection, Redis that is not there.
     let refused = config_text.replace("host=127.0.0.1 user=postgres", "host=127.0.0.1 port=1 user=postgres");
-    let bad = dir.join("refused.toml");
+    let bad = p.path("refused.toml");
     std::fs::write(&bad, refused).expect("write");
     for args in [&["db", "migrate"][..], &["overrides", "get"][..], &["cache", "stats"][..]] {
         let output = Command::new(sluice_bin()).arg("--config").arg(&bad).args(args).output().expect("run");

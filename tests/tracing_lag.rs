@@ -29,7 +29,7 @@ use sluice_stages::inferrer::query::QueryTask;
 use sluice_stages::inferrer::stock::StockTask;
 use sluice_testkit::prometheus::series;
 use sluice_testkit::{
-    Broker, StageProcess, free_port, heavy_test_lock, sluice, start_stages, tail, temp_dir, unique, wait_for_http,
+    Processes, StageProcess, TestPipeline, free_port, heavy_test_lock, tail, temp_dir, unique, wait_for_http,
     write_config,
 };
 use tokio::sync::watch;
@@ -201,22 +201,14 @@ fn hop<'a>(hops: &'a Hops, event: &str, topic: &str) -> (&'a Hop, TraceParent) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let dir = temp_dir("tracing");
-    let prefix = unique("tracing");
-    let config = write_config(
-        &dir,
-        &broker.addr,
-        &prefix,
+    let p = TestPipeline::start(
+        "tracing",
         2,
         "[inferrer]\nserve = [\"stock\"]\n\n[normalizer]\ntokenize_queries = false\n",
+        Processes::EachStage,
     );
-    sluice(&config, &["topics", "create"]);
-    let stages = start_stages(&config, &dir);
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
 
     // Requests with a traceparent header, without one, and with a malformed one
     // (treated as none); and two that become dead letters, in the fetcher (not
@@ -240,8 +232,8 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
         format!(r#"{{"kind": "query", "event_id": "{}", "text": "what is my balance"}}"#, query.0),
         Some(query.1.to_string()),
     ));
-    let producer: FutureProducer = kafka.producer_config("tracing-test").create().expect("producer");
-    let requests_topic = format!("{prefix}.requests");
+    let producer: FutureProducer = p.kafka.producer_config("tracing-test").create().expect("producer");
+    let requests_topic = p.topic("requests");
     for (id, json, traceparent) in &requests {
         let mut record: FutureRecord<'_, str, str> =
             FutureRecord::to(&requests_topic).key(id.as_str()).payload(json.as_str());
@@ -253,10 +245,10 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
     }
 
     // Every topic downstream of the requests, headers and all.
-    let mut config_reader = kafka.consumer_config("tracing-reader", &unique("tracing-reader"));
+    let mut config_reader = p.kafka.consumer_config("tracing-reader", &unique("tracing-reader"));
     config_reader.set("enable.auto.commit", "false").set("statistics.interval.ms", "0");
     let reader: StreamConsumer = config_reader.create().expect("reader");
-    let names: Vec<String> = TOPICS.iter().chain(&["dead-letters"]).map(|t| format!("{prefix}.{t}")).collect();
+    let names: Vec<String> = TOPICS.iter().chain(&["dead-letters"]).map(|t| p.topic(t)).collect();
     reader.subscribe(&names.iter().map(String::as_str).collect::<Vec<_>>()).expect("subscribe");
     let valid_ids: Vec<&str> = traced
         .iter()
@@ -275,11 +267,7 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
     let mut quiet_from: Option<Instant> = None;
     // Until everything arrived, and then 2 s more to catch duplicates.
     while quiet_from.is_none_or(|t| t.elapsed() < Duration::from_secs(2)) {
-        assert!(
-            Instant::now() < deadline,
-            "not every record arrived: {hops:#?}\n{}",
-            stages.iter().map(|s| format!("---- {}\n{}", s.stage, tail(&s.logs(), 20))).collect::<String>()
-        );
+        assert!(Instant::now() < deadline, "not every record arrived: {hops:#?}\n{}", p.logs(20));
         let Ok(received) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else {
             if quiet_from.is_none() && done(&hops) {
                 quiet_from = Some(Instant::now());
@@ -287,7 +275,7 @@ async fn every_record_carries_the_trace_of_its_request_through_every_stage() {
             continue;
         };
         let message = received.expect("read");
-        let topic = message.topic().strip_prefix(&format!("{prefix}.")).expect("our topic").to_string();
+        let topic = message.topic().strip_prefix(&format!("{}.", p.prefix)).expect("our topic").to_string();
         let key = String::from_utf8_lossy(message.key().expect("every record is keyed")).into_owned();
         let envelope = (topic != "predictions" && topic != "dead-letters")
             .then(|| codec::decode(message.payload().unwrap_or_default()).expect("an envelope").traceparent);
