@@ -1,18 +1,17 @@
 //! `sluice dlq replay` after a fix, through the real broker (tansu): query
 //! events dead-lettered by a normalizer that did not tokenize them come back
-//! as intents once it does, and only the dead letters selected are replayed.
+//! as intents once it does, only the dead letters selected are replayed, and
+//! each replayed envelope counts its attempt.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::TopicReader;
+use sluice_messages::codec;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::IntentRecord;
 use sluice_stages::generate::{generate, generate_queries};
-use sluice_testkit::{
-    Broker, StageProcess, heavy_test_lock, sluice, start_stages, temp_dir, unique, write_config, write_events,
-};
+use sluice_testkit::{Processes, StageProcess, TestPipeline, sluice, write_config};
 
 /// Reads until `done` or 120 s: intents by event id, and dead letters.
 async fn read(
@@ -35,28 +34,18 @@ async fn read(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn replayed_dead_letters_are_processed_again_after_a_fix() {
-    let _heavy = heavy_test_lock();
-    let broker = Broker::start();
-    let (dir, fixed_dir) = (temp_dir("dlq"), temp_dir("dlq-fixed"));
-    let prefix = unique("dlq");
-    let broken = write_config(&dir, &broker.addr, &prefix, 2, "[normalizer]\ntokenize_queries = false\n");
-    let fixed = write_config(&fixed_dir, &broker.addr, &prefix, 2, "");
-    sluice(&broken, &["topics", "create"]);
-    let kafka = KafkaConfig { brokers: broker.addr.clone(), ..KafkaConfig::default() };
-    let reader = TopicReader::new(
-        &kafka,
-        &unique("observer"),
-        &[&format!("{prefix}.predictions"), &format!("{prefix}.dead-letters")],
-    )
-    .expect("reader");
-    let mut stages = start_stages(&broken, &dir);
+    let mut p = TestPipeline::start("dlq", 2, "[normalizer]\ntokenize_queries = false\n", Processes::EachStage);
+    let broken = p.config.clone();
+    let fixed_dir = p.path("fixed");
+    std::fs::create_dir_all(&fixed_dir).expect("dir");
+    let fixed = write_config(&fixed_dir, &p.broker.addr, &p.prefix, 2, "");
+    let reader = p.reader(&["predictions", "dead-letters"]);
 
     let queries = generate_queries("dlq", 10);
     let stocks = generate("dlq", 20, 0, 5000);
-    let file = write_events(&dir, queries.iter().chain(&stocks).map(|e| e.json.as_slice()));
-    sluice(&broken, &["produce", "--file", file.to_str().expect("utf-8")]);
+    p.produce("events", queries.iter().chain(&stocks).map(|e| e.json.as_slice()));
     let mut seen = (HashMap::new(), Vec::new());
     read(&reader, &mut seen, |s| s.1.len() >= 10).await;
     assert_eq!(seen.1.len(), 10, "{:?}", seen.1);
@@ -72,23 +61,38 @@ async fn replayed_dead_letters_are_processed_again_after_a_fix() {
     assert_eq!((none["read"].as_u64(), none["matched"].as_u64()), (Some(10), Some(0)), "{none}");
 
     // The fix: a normalizer that tokenizes queries. Then replay.
-    let normalizer = stages.iter().position(|s| s.stage == "normalizer").expect("normalizer");
-    stages[normalizer].signal("TERM");
-    assert!(stages[normalizer].wait(Duration::from_secs(30)).is_some_and(|s| s.success()));
-    stages[normalizer] = StageProcess::start(&fixed, "normalizer", &fixed_dir);
+    let normalizer = p.stages.iter().position(|s| s.stage == "normalizer").expect("normalizer");
+    p.stages[normalizer].signal("TERM");
+    assert!(p.stages[normalizer].wait(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    p.stages[normalizer] = StageProcess::start(&fixed, "normalizer", &fixed_dir);
     let replayed = sluice(&fixed, &["dlq", "replay", "--reason", "unsupported_kind", "--idle-ms", "1500"]);
     let replayed: serde_json::Value = serde_json::from_str(&replayed).expect("report");
     assert_eq!(replayed["republished"].as_u64(), Some(10), "{replayed}");
-    assert_eq!(replayed["by_topic"][format!("{prefix}.fetched")].as_u64(), Some(10), "{replayed}");
+    assert_eq!(replayed["by_topic"][p.topic("fetched")].as_u64(), Some(10), "{replayed}");
 
     read(&reader, &mut seen, |s| s.0.len() >= 10).await;
-    let logs: String = stages.iter().map(|s| format!("--- {}\n{}", s.stage, s.logs())).collect();
-    assert_eq!(seen.0.len(), 10, "every replayed query gets its intent\n{logs}");
+    assert_eq!(seen.0.len(), 10, "every replayed query gets its intent\n{}", p.logs(40));
     for q in &queries {
         assert!(seen.0.contains_key(&q.event_id), "{} missing", q.event_id);
     }
     assert_eq!(seen.1.len(), 10, "no new dead letters: {:?}", &seen.1[10..]);
-    for stage in &mut stages {
+    // On the fetched topic, each query twice: as the fetcher wrote it
+    // (attempt 0) and as the replay republished it (attempt 1).
+    let fetched = p.reader(&["fetched"]);
+    let mut attempts: HashMap<String, Vec<u32>> = HashMap::new();
+    // The first read waits for the group join too.
+    let mut wait = Duration::from_secs(15);
+    while let Some(r) = fetched.next(wait).await {
+        wait = Duration::from_secs(3);
+        let envelope = codec::decode(&r.expect("read").payload).expect("an envelope");
+        attempts.entry(envelope.event_id).or_default().push(envelope.attempt);
+    }
+    for q in &queries {
+        let mut seen = attempts.get(&q.event_id).cloned().unwrap_or_default();
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 1], "{}'s envelopes on the fetched topic", q.event_id);
+    }
+    for stage in &mut p.stages {
         stage.signal("TERM");
         assert!(stage.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{} did not drain", stage.stage);
     }

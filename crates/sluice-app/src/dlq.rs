@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_messages::codec;
 use sluice_messages::dead_letter::DeadLetter;
 
 use crate::config::SluiceConfig;
@@ -88,6 +89,7 @@ pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Res
         let payload = letter
             .payload()
             .with_context(|| format!("dead letter at {}:{}: payload_base64", record.partition, record.offset))?;
+        let payload = count_attempt(payload, letter.source.topic == config.topics.requests);
         if let Some(publisher) = &mut publisher {
             publisher.send(&letter.source.topic, letter.key.as_deref().map(str::as_bytes), &payload).await?;
             done.republished += 1;
@@ -103,4 +105,41 @@ pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Res
     }
     writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&done)?)?;
     Ok(done)
+}
+
+/// An envelope replayed onto an internal topic counts one more attempt
+/// (`Envelope::attempt`); a request (JSON from the producer) and bytes that
+/// are no envelope (dead-lettered for that) go back as they were.
+fn count_attempt(payload: Vec<u8>, is_request: bool) -> Vec<u8> {
+    if is_request {
+        return payload;
+    }
+    match codec::decode(&payload) {
+        Ok(mut envelope) => {
+            envelope.attempt = envelope.attempt.saturating_add(1);
+            codec::encode(&envelope)
+        }
+        Err(_) => payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_messages::envelope::{Envelope, Payload, QueryText};
+
+    use super::*;
+
+    #[test]
+    fn a_replayed_envelope_counts_an_attempt_and_other_bytes_go_back_unchanged() {
+        let envelope = Envelope::new("q-1", Payload::Query(QueryText { text: "hello".into() }));
+        let once = count_attempt(codec::encode(&envelope), false);
+        let twice = codec::decode(&count_attempt(once, false)).expect("an envelope");
+        assert_eq!((twice.attempt, twice.event_id.as_str(), twice.payload), (2, "q-1", envelope.payload.clone()));
+        let request = br#"{"kind":"query","event_id":"q-1","text":"hello"}"#.to_vec();
+        assert_eq!(count_attempt(request.clone(), true), request);
+        let garbage = vec![codec::MAGIC, 0xff, 1, 2];
+        assert_eq!(count_attempt(garbage.clone(), false), garbage);
+        // A request topic's payload is never rewritten, whatever its bytes.
+        assert_eq!(count_attempt(codec::encode(&envelope), true), codec::encode(&envelope));
+    }
 }
