@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
-use sluice_postgres::PostgresConfig;
 use sluice_stages::generate::{Expected, generate};
-use sluice_testkit::{LOCAL_POSTGRES, Processes, TestPipeline, start_stages, unique_schema, write_events};
+use sluice_testkit::{LOCAL_POSTGRES, Processes, SinkRows, TestPipeline, start_stages, unique_schema, write_events};
 
 /// A small deterministic generator (xorshift), seeded per run and printed, so
 /// that a failing schedule can be replayed.
@@ -64,15 +63,8 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
         })
         .collect();
 
-    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
-        .pool()
-        .expect("pool");
-    let client = pool.get().await.expect("client");
-    let count = || async {
-        let row = client.query_one("SELECT count(*), count(DISTINCT event_id) FROM stock_predictions", &[]).await;
-        let row = row.expect("count");
-        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
-    };
+    let sink = SinkRows::connect(&schema).await;
+    let count = || sink.count();
     // Kill each stage twice, in a shuffled order, at pseudo-random moments.
     let mut order: Vec<usize> = [0, 1, 2, 3, 0, 1, 2, 3].to_vec();
     for i in (1..order.len()).rev() {
@@ -138,7 +130,6 @@ async fn every_stage_killed_repeatedly_loses_nothing_and_duplicates_no_row() {
     assert!(letters.len() >= invalid, "{} dead-lettered events of {invalid} invalid", letters.len());
     let duplicates: usize = outputs.values().map(|n| n - 1).sum();
     eprintln!("crash test: kills {kills:?}; {duplicates} duplicate output records; {rows} rows, none duplicated");
-    drop(client);
     p.stages.clear();
-    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+    sink.drop_schema().await;
 }

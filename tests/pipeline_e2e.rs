@@ -9,14 +9,13 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::TopicReader;
 use sluice_messages::dead_letter::DeadLetter;
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::{Expected, GeneratedEvent, generate};
 use sluice_testkit::{
-    Processes, StageProcess, TestPipeline, peak_rss_bytes, reference_predictions, sluice, start_stages, tail, unique,
+    Processes, StageProcess, TestPipeline, peak_rss_bytes, reference_predictions, sluice, start_stages, tail,
     write_events,
 };
 
@@ -83,23 +82,48 @@ async fn read_until(
     }
 }
 
-fn dump_logs(stages: &[StageProcess]) -> String {
-    stages.iter().map(|s| format!("---- {} ({})\n{}", s.stage, s.log.display(), tail(&s.logs(), 40))).collect()
+/// The stages started as processes of their own, `events` published, and
+/// everything read until `first` predictions are out (mid-stream for the tests
+/// that then break something).
+async fn stream(p: &mut TestPipeline, events: &[GeneratedEvent], first: usize) -> (TopicReader, Seen) {
+    p.stages = start_stages(&p.config, &p.dir);
+    let reader = p.reader(&["predictions", "dead-letters"]);
+    p.produce("events", events.iter().map(|e| &e.json));
+    let mut seen = Seen::default();
+    read_until(&reader, &p.topic("predictions"), &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {
+        s.predictions.len() >= first
+    })
+    .await;
+    assert!(seen.predictions.len() >= first, "the pipeline did not get going\n{}", p.logs(40));
+    assert!(seen.predictions.len() < events.len(), "the stream was over too soon: make it longer");
+    (reader, seen)
 }
 
-fn reader(brokers: &str, prefix: &str) -> TopicReader {
-    let kafka = KafkaConfig { brokers: brokers.to_string(), ..KafkaConfig::default() };
-    let predictions = format!("{prefix}.predictions");
-    let dead = format!("{prefix}.dead-letters");
-    TopicReader::new(&kafka, &unique("observer"), &[&predictions, &dead]).expect("reader")
+/// Reads the rest, then: every event has a prediction, none names an unknown
+/// event, nothing was dead-lettered. Returns the duplicates (at-least-once).
+async fn assert_none_lost(
+    p: &TestPipeline,
+    reader: &TopicReader,
+    seen: &mut Seen,
+    events: &[GeneratedEvent],
+    across: &str,
+) -> usize {
+    read_until(reader, &p.topic("predictions"), seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
+        s.predictions.len() >= events.len()
+    })
+    .await;
+    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
+    assert_eq!(missing, 0, "{missing} events lost {across}\n{}", p.logs(40));
+    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
+    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    seen.prediction_count() - seen.predictions.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn ten_thousand_events_through_four_processes() {
-    let pipeline = TestPipeline::start("e2e", 4, "", Processes::None);
-    let (broker, dir, prefix, config) =
-        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
+    let mut p = TestPipeline::start("e2e", 4, "", Processes::None);
 
     // About 1% invalid, of eight different kinds.
     let events = generate("e2e", 10_000, 100, SyntheticConfig::default().universe);
@@ -110,21 +134,18 @@ async fn ten_thousand_events_through_four_processes() {
     let expected = reference_predictions(&events, "1");
     assert_eq!(expected.len(), valid_count);
 
-    let mut stages = start_stages(&config, &dir);
-    let reader = reader(&broker.addr, &prefix);
-    let published = sluice(
-        &config,
-        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
-    );
+    p.stages = start_stages(&p.config, &p.dir);
+    let reader = p.reader(&["predictions", "dead-letters"]);
+    let file = write_events(&p.dir, events.iter().map(|e| &e.json));
+    let published = p.sluice(&["produce", "--file", file.to_str().expect("utf-8")]);
     assert!(published.contains("published 10000 events"), "{published}");
 
     let mut seen = Seen::default();
-    let predictions_topic = format!("{prefix}.predictions");
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(5), |s| {
+    read_until(&reader, &p.topic("predictions"), &mut seen, Duration::from_secs(600), Duration::from_secs(5), |s| {
         s.prediction_count() >= valid_count && s.dead_count() >= invalid.len()
     })
     .await;
-    let logs = dump_logs(&stages);
+    let logs = p.logs(40);
 
     // Every valid event: exactly one prediction, equal to the reference.
     let missing: Vec<&String> = expected.keys().filter(|id| !seen.predictions.contains_key(*id)).take(5).collect();
@@ -137,11 +158,11 @@ async fn ten_thousand_events_through_four_processes() {
     for (id, records) in &seen.predictions {
         let (r, c) = expected.get(id).unwrap_or_else(|| panic!("a prediction for {id}, which is not a valid event"));
         assert_eq!(records.len(), 1, "{id} has {} predictions", records.len());
-        let p = &records[0];
-        worst = worst.max((p.predicted_return - r).abs()).max((p.confidence - c).abs());
+        let record = &records[0];
+        worst = worst.max((record.predicted_return - r).abs()).max((record.confidence - c).abs());
         // A cached answer (none expected: generated inputs do not repeat) has no batch.
-        let sized = if p.cached { p.batch_size == 0 } else { (1..=64).contains(&p.batch_size) };
-        assert!(sized && p.kind == "stock" && p.model.version == "1", "{p:?}");
+        let sized = if record.cached { record.batch_size == 0 } else { (1..=64).contains(&record.batch_size) };
+        assert!(sized && record.kind == "stock" && record.model.version == "1", "{record:?}");
     }
     assert!(worst <= TOLERANCE, "a prediction differs from the reference by {worst}");
 
@@ -157,9 +178,7 @@ async fn ten_thousand_events_through_four_processes() {
         let letter = &letters[0];
         assert_eq!(letter.reason, reason, "{}: {}", e.event_id, letter.detail);
         assert!(!letter.detail.is_empty() && !letter.stage.is_empty());
-        assert!(
-            letter.source.topic == format!("{prefix}.requests") || letter.source.topic == format!("{prefix}.fetched")
-        );
+        assert!(letter.source.topic == p.topic("requests") || letter.source.topic == p.topic("fetched"));
         assert!(letter.source.offset >= 0 && letter.source.partition >= 0);
     }
     // Nothing else.
@@ -167,10 +186,10 @@ async fn ten_thousand_events_through_four_processes() {
     assert_eq!(seen.dead_count(), invalid.len(), "extra dead letters");
 
     // SIGTERM drains and exits cleanly.
-    for stage in &stages {
+    for stage in &p.stages {
         stage.signal("TERM");
     }
-    for stage in &mut stages {
+    for stage in &mut p.stages {
         let status = stage.wait(Duration::from_secs(30));
         assert!(
             status.is_some_and(|s| s.success()),
@@ -188,50 +207,25 @@ async fn ten_thousand_events_through_four_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn killing_the_inferrer_mid_stream_loses_nothing() {
     // Small batches and a slow deadline keep the inferrer busy long enough to be
     // killed in the middle of the stream.
-    let pipeline = TestPipeline::start(
+    let mut p = TestPipeline::start(
         "restart",
         4,
         "[inferrer]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
         Processes::None,
     );
-    let (broker, dir, prefix, config) =
-        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("restart", 4000, 0, SyntheticConfig::default().universe);
-
-    let mut stages = start_stages(&config, &dir);
-    let reader = reader(&broker.addr, &prefix);
-    sluice(
-        &config,
-        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
-    );
-    let predictions_topic = format!("{prefix}.predictions");
-    let mut seen = Seen::default();
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {
-        s.predictions.len() >= 500
-    })
-    .await;
+    let (reader, mut seen) = stream(&mut p, &events, 500).await;
     let before_kill = seen.predictions.len();
-    assert!(before_kill >= 500, "the pipeline did not get going\n{}", dump_logs(&stages));
-    assert!(before_kill < events.len(), "the stream was over before the kill: make it longer");
 
-    stages[2].signal("KILL");
-    assert!(stages[2].wait(Duration::from_secs(10)).is_some(), "the inferrer did not die");
-    stages[2] = StageProcess::start(&config, "inferrer", &dir);
+    p.stages[2].signal("KILL");
+    assert!(p.stages[2].wait(Duration::from_secs(10)).is_some(), "the inferrer did not die");
+    p.restart(2);
 
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
-        s.predictions.len() >= events.len()
-    })
-    .await;
-    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
-    let duplicates = seen.prediction_count() - seen.predictions.len();
-    assert_eq!(missing, 0, "{missing} events lost after the inferrer was killed\n{}", dump_logs(&stages));
-    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
-    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    let duplicates = assert_none_lost(&p, &reader, &mut seen, &events, "after the inferrer was killed").await;
     // At-least-once: a kill can re-deliver what the dead inferrer had not committed.
     std::io::stderr()
         .write_all(
@@ -246,55 +240,37 @@ async fn killing_the_inferrer_mid_stream_loses_nothing() {
 /// partitions pause; nothing is lost, nothing stalls, and the duplicates (work
 /// in flight for a partition that moved) are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
-    let pipeline = TestPipeline::start(
+    let mut p = TestPipeline::start(
         "rebalance",
         4,
         "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
         Processes::None,
     );
-    let (broker, dir, prefix, config) =
-        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("rebalance", 4000, 0, SyntheticConfig::default().universe);
-    let mut stages = start_stages(&config, &dir);
-    let reader = reader(&broker.addr, &prefix);
-    sluice(
-        &config,
-        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
-    );
-    let predictions_topic = format!("{prefix}.predictions");
-    let mut seen = Seen::default();
-    let at_least = |n: usize| move |s: &Seen| s.predictions.len() >= n;
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(400)).await;
+    let (reader, mut seen) = stream(&mut p, &events, 400).await;
     assert!(seen.predictions.len() < 2000, "the stream was nearly over before the join: make it longer");
 
     // A second inferrer joins the group: wait for its first assignment (the
     // topic names contain "rebalance" too, so that word matched at start-up,
     // before the join, and the first inferrer could leave mid-join).
-    let joined = StageProcess::start(&config, "inferrer", &dir);
+    let joined = StageProcess::start(&p.config, "inferrer", &p.dir);
     joined.wait_for_log("kind=\"assign\"", 1, Duration::from_secs(60));
     let next = seen.predictions.len() + 600;
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, at_least(next)).await;
+    let at_least = |s: &Seen| s.predictions.len() >= next;
+    read_until(&reader, &p.topic("predictions"), &mut seen, Duration::from_secs(300), Duration::ZERO, at_least).await;
     // The first leaves, draining what it holds.
-    stages[2].signal("TERM");
-    assert!(stages[2].wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "the first inferrer did not drain");
-    stages.push(joined);
+    p.stages[2].signal("TERM");
+    let drained = p.stages[2].wait(Duration::from_secs(30)).is_some_and(|s| s.success());
+    assert!(drained, "the first inferrer did not drain");
+    p.stages.push(joined);
 
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
-        s.predictions.len() >= events.len()
-    })
-    .await;
-    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
-    let duplicates = seen.prediction_count() - seen.predictions.len();
-    assert_eq!(missing, 0, "{missing} events lost across the rebalances\n{}", dump_logs(&stages));
-    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
-    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    let duplicates = assert_none_lost(&p, &reader, &mut seen, &events, "across the rebalances").await;
     // Bounded by what one inferrer can hold in flight (its queue and a few batches).
     assert!(duplicates <= 2048 + 64, "{duplicates} duplicates");
-    let logs = stages[2..].iter().map(|s| s.logs()).collect::<String>();
-    assert!(logs.contains("cooperative"), "the group uses the cooperative protocol\n{}", dump_logs(&stages));
+    let logs = p.stages[2..].iter().map(|s| s.logs()).collect::<String>();
+    assert!(logs.contains("cooperative"), "the group uses the cooperative protocol\n{}", p.logs(40));
     std::io::stderr()
         .write_all(
             format!("rebalance test: {duplicates} duplicates at the output topic after a join and a leave\n")
@@ -308,39 +284,26 @@ async fn inferrers_joining_and_leaving_mid_stream_lose_nothing() {
 /// commit, the producer flush, leaving the group), so each exits instead of
 /// waiting on a broker that will not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
-    let mut pipeline = TestPipeline::start(
+    let mut p = TestPipeline::start(
         "drain",
         2,
         "[runtime]\ndrain_timeout_ms = 2000\n\n[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
         Processes::None,
     );
-    let (dir, prefix, config) = (pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
-    let mut stages = start_stages(&config, &dir);
     let events = generate("drain", 3000, 0, SyntheticConfig::default().universe);
-    sluice(
-        &config,
-        &["produce", "--file", write_events(&dir, events.iter().map(|e| &e.json)).to_str().expect("utf-8")],
-    );
     // Mid-stream: some predictions are out, the rest is in flight.
-    let reader = reader(&pipeline.broker.addr, &prefix);
-    let mut seen = Seen::default();
-    let predictions_topic = format!("{prefix}.predictions");
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(120), Duration::ZERO, |s| {
-        s.predictions.len() >= 200
-    })
-    .await;
-    assert!(seen.predictions.len() < events.len(), "the stream was over before the broker went: make it longer");
-    pipeline.broker.kill();
+    let _ = stream(&mut p, &events, 200).await;
+    p.broker.kill();
     std::thread::sleep(Duration::from_millis(300));
     let stopping = Instant::now();
-    for stage in &stages {
+    for stage in &p.stages {
         stage.signal("TERM");
     }
     // Ten times the drain timeout: a hang would wait on librdkafka's own
     // timeouts (flush, commit, leaving the group: a minute or more).
-    for stage in &mut stages {
+    for stage in &mut p.stages {
         let exited = stage.wait(Duration::from_secs(20));
         // librdkafka reports the broker down ten times a second: without
         // those, the tail shows how far the drain got.
@@ -365,58 +328,40 @@ async fn the_drain_timeout_bounds_shutdown_when_the_broker_is_gone() {
 /// stage rides it out with retries and backoff, none exits, memory stays
 /// bounded, and every event comes out once the broker answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::await_holding_lock, reason = "the pipeline's guard serialises whole tests; nothing else takes it")]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn a_broker_outage_mid_stream_is_ridden_out_and_loses_nothing() {
-    let pipeline = TestPipeline::start(
+    let mut p = TestPipeline::start(
         "outage",
         4,
         "[inferrer]\nserve = [\"stock\"]\nbatch = { max_batch_size = 8, max_wait_ms = 5 }\n",
         Processes::None,
     );
-    let (broker, dir, prefix, config) =
-        (&pipeline.broker, pipeline.dir.clone(), pipeline.prefix.clone(), pipeline.config.clone());
     let events = generate("outage", 4000, 0, SyntheticConfig::default().universe);
     let (first, second) = events.split_at(2500);
-    let mut stages = start_stages(&config, &dir);
-    let reader = reader(&broker.addr, &prefix);
-    sluice(&config, &["produce", "--file", write_events(&dir, first.iter().map(|e| &e.json)).to_str().expect("utf-8")]);
-    let predictions_topic = format!("{prefix}.predictions");
-    let mut seen = Seen::default();
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(300), Duration::ZERO, |s| {
-        s.predictions.len() >= 300
-    })
-    .await;
+    let (reader, mut seen) = stream(&mut p, first, 300).await;
     let before = seen.predictions.len();
-    assert!(before < first.len(), "the stream was over before the outage: make it longer");
 
     // Ten seconds without a broker (the session timeout is six), with a
     // producer publishing into the outage.
-    broker.pause();
-    let second_file = write_events(&dir, second.iter().map(|e| &e.json));
+    p.broker.pause();
+    let second_dir = p.path("second");
+    std::fs::create_dir_all(&second_dir).expect("dir");
+    let second_file = write_events(&second_dir, second.iter().map(|e| &e.json));
     let producing = {
-        let config = config.clone();
+        let config = p.config.clone();
         std::thread::spawn(move || sluice(&config, &["produce", "--file", second_file.to_str().expect("utf-8")]))
     };
     std::thread::sleep(Duration::from_secs(10));
-    for stage in &mut stages {
+    for stage in &mut p.stages {
         assert!(stage.running(), "{} exited during the outage\n{}", stage.stage, tail(&stage.logs(), 30));
     }
-    broker.resume();
+    p.broker.resume();
     let published = producing.join().expect("producer thread");
     assert!(published.contains("published 1500 events"), "{published}");
 
-    read_until(&reader, &predictions_topic, &mut seen, Duration::from_secs(600), Duration::from_secs(3), |s| {
-        s.predictions.len() >= events.len()
-    })
-    .await;
-    let ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let missing = ids.iter().filter(|id| !seen.predictions.contains_key(**id)).count();
-    let duplicates = seen.prediction_count() - seen.predictions.len();
-    assert_eq!(missing, 0, "{missing} events lost across the broker outage\n{}", dump_logs(&stages));
-    assert!(seen.predictions.keys().all(|id| ids.contains(id.as_str())), "predictions for unknown events");
-    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}", seen.dead.values().next());
+    let duplicates = assert_none_lost(&p, &reader, &mut seen, &events, "across the broker outage").await;
     let mut peaks = String::new();
-    for stage in &mut stages {
+    for stage in &mut p.stages {
         assert!(stage.running(), "{} exited after the outage\n{}", stage.stage, tail(&stage.logs(), 30));
         let peak = peak_rss_bytes(stage.pid());
         // Queues are bounded by configuration (the consumer's prefetch, the

@@ -309,7 +309,7 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_testkit::{Processes, TestPipeline, start_stages};
+    use sluice_testkit::{Processes, SinkRows, TestPipeline, start_stages};
 
     let schema = unique_schema("pg_kill");
     // Small writer batches keep the stream going long enough to be cut.
@@ -323,15 +323,8 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     p.stages = start_stages(&p.config, &p.dir);
     p.produce("events", events.iter().map(|e| &e.json));
 
-    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
-        .pool()
-        .expect("pool");
-    let client = pool.get().await.expect("client");
-    let count = || async {
-        let row = client.query_one("SELECT count(*), count(DISTINCT event_id) FROM stock_predictions", &[]).await;
-        let row = row.expect("count");
-        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
-    };
+    let sink = SinkRows::connect(&schema).await;
+    let count = || sink.count();
     let started = Instant::now();
     while count().await.0 < 300 {
         assert!(started.elapsed() < Duration::from_secs(120), "no rows arrived\n{}", p.logs(40));
@@ -350,9 +343,8 @@ async fn killing_the_writer_mid_stream_neither_loses_nor_duplicates_rows() {
     tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show now
     let (rows, distinct) = count().await;
     assert_eq!((rows, distinct), (valid, valid), "rows after the restart ({at_kill} at the kill)\n{}", p.logs(40));
-    drop(client);
     p.stages.clear();
-    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+    sink.drop_schema().await;
 }
 
 /// PostgreSQL connections killed (`pg_terminate_backend`) again and again in
@@ -365,7 +357,7 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     use std::time::{Duration, Instant};
 
     use sluice_stages::generate::{Expected, generate};
-    use sluice_testkit::{Processes, TestPipeline, start_stages};
+    use sluice_testkit::{Processes, SinkRows, TestPipeline, start_stages};
 
     let schema = unique_schema("pg_terminate");
     // The stages' connections carry a name of their own, to be found and killed.
@@ -383,15 +375,8 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     p.stages = start_stages(&p.config, &p.dir);
     p.produce("events", events.iter().map(|e| &e.json));
 
-    let pool = PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: schema.clone(), ..PostgresConfig::default() }
-        .pool()
-        .expect("pool");
-    let client = pool.get().await.expect("client");
-    let count = || async {
-        let row = client.query_one("SELECT count(*), count(DISTINCT event_id) FROM stock_predictions", &[]).await;
-        let row = row.expect("count");
-        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
-    };
+    let sink = SinkRows::connect(&schema).await;
+    let count = || sink.count();
     let logs = || p.logs(20);
     let mut killed = 0;
     let started = Instant::now();
@@ -400,7 +385,8 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
             assert!(started.elapsed() < Duration::from_secs(180), "stuck at {:?}\n{}", count().await, logs());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let n: i64 = client
+        let n: i64 = sink
+            .client
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
                 &[&app],
@@ -419,9 +405,8 @@ async fn killed_database_connections_are_retried_and_lose_nothing() {
     // The logs say why the connections ended, not only "db error".
     let all_logs: String = p.stages.iter().map(|s| s.logs()).collect();
     assert!(all_logs.contains("SQLSTATE 57P01"), "no stage logged the termination's SQLSTATE\n{}", logs());
-    drop(client);
     p.stages.clear();
-    pool.get().await.expect("client").batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop");
+    sink.drop_schema().await;
 }
 
 /// TLS to PostgreSQL: off by default, encrypted (unverified, as libpq's

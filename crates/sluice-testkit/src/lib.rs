@@ -447,6 +447,50 @@ pub fn unique_schema(name: &str) -> String {
     unique(&format!("sluice_{name}")).replace('-', "_").to_lowercase()
 }
 
+/// The PostgreSQL sink's rows in a test's own schema, watched while a pipeline
+/// writes them.
+pub struct SinkRows {
+    pub schema: String,
+    /// A connection of the test's own (for statements of its own).
+    pub client: deadpool_postgres::Object,
+    pool: deadpool_postgres::Pool,
+}
+
+impl std::fmt::Debug for SinkRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkRows").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+impl SinkRows {
+    /// Connects to [`LOCAL_POSTGRES`], for `schema` (created by `sluice db migrate`).
+    pub async fn connect(schema: &str) -> Self {
+        let config = sluice_postgres::PostgresConfig {
+            dsn: LOCAL_POSTGRES.into(),
+            schema: schema.to_string(),
+            ..sluice_postgres::PostgresConfig::default()
+        };
+        let pool = config.pool().expect("pool");
+        let client = pool.get().await.expect("client");
+        Self { schema: schema.to_string(), client, pool }
+    }
+
+    /// (rows, distinct event ids) in `stock_predictions`.
+    pub async fn count(&self) -> (usize, usize) {
+        let sql = "SELECT count(*), count(DISTINCT event_id) FROM stock_predictions";
+        let row = self.client.query_one(sql, &[]).await.expect("count");
+        (row.get::<_, i64>(0) as usize, row.get::<_, i64>(1) as usize)
+    }
+
+    /// Drops the schema (call after the stages have stopped).
+    pub async fn drop_schema(self) {
+        let Self { schema, client, pool } = self;
+        drop(client);
+        let client = pool.get().await.expect("client");
+        client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.expect("drop schema");
+    }
+}
+
 /// Live settings for tests that drive stages or the controller directly.
 pub fn settings() -> sluice_control::Settings {
     sluice_control::Settings {
