@@ -35,23 +35,8 @@ fn batch(poisoned: &[usize]) -> Vec<Incoming> {
                 cols: 105,
                 values,
             };
-            let envelope = Envelope {
-                event_id: format!("e{i}"),
-                traceparent: None,
-                requested_at_ms: 1,
-                updated_at_ms: 1,
-                attempt: 0,
-                payload: Payload::Normalized(window),
-            };
-            Incoming {
-                key: None,
-                payload: codec::encode(&envelope),
-                topic: "in".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp_ms: None,
-                traceparent: None,
-            }
+            let envelope = Envelope::new(&format!("e{i}"), Payload::Normalized(window));
+            Incoming::new("in", 0, i as i64, codec::encode(&envelope))
         })
         .collect()
 }

@@ -272,15 +272,7 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
                     inferred_at_ms: 2,
                 }),
             };
-            Incoming {
-                key: None,
-                payload: codec::encode(&envelope),
-                topic: "t".into(),
-                partition: 0,
-                offset: i,
-                timestamp_ms: None,
-                traceparent: None,
-            }
+            Incoming::new("t", 0, i, codec::encode(&envelope))
         })
         .collect();
     let client = schema.pool.get().await.expect("client");
@@ -549,15 +541,7 @@ async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
                     inferred_at_ms: 2,
                 })
             };
-            Incoming {
-                key: None,
-                payload: codec::encode(&envelope(i, payload)),
-                topic: "t".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp_ms: None,
-                traceparent: None,
-            }
+            Incoming::new("t", 0, i as i64, codec::encode(&envelope(i, payload)))
         })
         .collect();
     let outputs = writer.process(&batch).await.expect("the batch goes through");

@@ -96,15 +96,7 @@ fn envelope(id: &str, tokenizer: &QueryTokenizer, text: &str) -> Incoming {
         attempt: 0,
         payload: Payload::Tokens(QueryTokens { text: text.into(), ids: tokenizer.encode(text).expect("encode") }),
     };
-    Incoming {
-        key: None,
-        payload: codec::encode(&envelope),
-        topic: "tokenized".into(),
-        partition: 0,
-        offset: 0,
-        timestamp_ms: None,
-        traceparent: None,
-    }
+    Incoming::new("tokenized", 0, 0, codec::encode(&envelope))
 }
 
 fn intents(outputs: Vec<Output>) -> Vec<sluice_messages::envelope::QueryIntent> {

@@ -45,23 +45,8 @@ pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Inco
         let Expected::Prediction { symbol, as_of } = e.expected else { continue };
         let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of }, shape)?;
         let window = sluice_messages::envelope::StockWindow { symbol, as_of, rows: 30, cols: 105, values };
-        let envelope = Envelope {
-            event_id: e.event_id,
-            traceparent: None,
-            requested_at_ms: 0,
-            updated_at_ms: 0,
-            attempt: 0,
-            payload: Payload::Normalized(normalizer.normalize(&window)?),
-        };
-        out.push(Incoming {
-            key: None,
-            payload: codec::encode(&envelope),
-            topic: "bench".into(),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-            traceparent: None,
-        });
+        let envelope = Envelope::new(&e.event_id, Payload::Normalized(normalizer.normalize(&window)?));
+        out.push(Incoming::new("bench", 0, i as i64, codec::encode(&envelope)));
     }
     Ok(out)
 }

@@ -81,23 +81,11 @@ pub async fn query(config: SluiceConfig, out: &Path) -> anyhow::Result<()> {
         .zip(&ids)
         .enumerate()
         .map(|(i, (p, ids))| {
-            let envelope = Envelope {
-                event_id: format!("q{i}"),
-                traceparent: None,
-                requested_at_ms: 0,
-                updated_at_ms: 0,
-                attempt: 0,
-                payload: Payload::Tokens(QueryTokens { text: p.text.clone(), ids: ids.clone() }),
-            };
-            Incoming {
-                key: None,
-                payload: codec::encode(&envelope),
-                topic: "bench".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp_ms: None,
-                traceparent: None,
-            }
+            let envelope = Envelope::new(
+                &format!("q{i}"),
+                Payload::Tokens(QueryTokens { text: p.text.clone(), ids: ids.clone() }),
+            );
+            Incoming::new("bench", 0, i as i64, codec::encode(&envelope))
         })
         .collect();
     let base = Settings { cache_enabled: false, max_batch_size: 128, ..config.query_base_settings() };
