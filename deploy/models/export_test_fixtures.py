@@ -13,6 +13,10 @@ writes
   every answer: refused at warm-up), sometimes (confidence 1.5 only on samples
   starting with the sentinel 777.0: those answers are dead letters) and renamed
   (version 1 whose metadata names another model: not a version of this one).
+- OUT/stock-light/1/: a near-free model with the stock fixture's input and
+  outputs ([B, 30, 105] -> [B, 2]: the last day's mean through tanh and a
+  sigmoid, a few element-wise operations). The batching benchmark runs it beside
+  the LSTM to measure the serving path apart from the model (docs/benchmarks/).
 """
 
 import argparse
@@ -78,6 +82,29 @@ def export_variants(stock: str, out: str) -> None:
     print(f"exported stock-variants to {out}")
 
 
+class Light(nn.Module):
+    """Next to nothing per sample: what is left is the serving path's cost."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x[:, -1, :].mean(dim=1)
+        return torch.stack([torch.tanh(last) * 0.05, torch.sigmoid(last)], dim=1)
+
+
+def export_light(stock: str, out: str) -> None:
+    with open(os.path.join(stock, "1", "metadata.json")) as f:
+        metadata = json.load(f)
+    metadata.pop("reference", None)
+    directory = os.path.join(out, "stock-light", "1")
+    os.makedirs(directory, exist_ok=True)
+    scripted = torch.jit.script(Light().eval())
+    scripted.save(os.path.join(directory, "model.pt"))
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump({**metadata, "name": "stock-light", "version": "1"}, f, indent=2)
+    y = scripted(torch.randn(4, 30, 105))
+    assert y.shape == (4, 2) and bool(((y[:, 1] >= 0) & (y[:, 1] <= 1)).all()), y
+    print(f"exported stock-light to {directory}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stock", required=True, help="the stock fixture's directory (with 1/)")
@@ -108,6 +135,7 @@ def main() -> None:
         raise AssertionError("the poison sample did not raise")
     print(f"exported stock-poison to {out}")
     export_variants(args.stock, args.out)
+    export_light(args.stock, args.out)
 
 
 if __name__ == "__main__":

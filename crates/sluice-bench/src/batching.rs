@@ -21,8 +21,17 @@
 //! from the first stage's first acknowledged event to the last stage's last
 //! (the stages' start-up excluded), from the stages' own acknowledged-events
 //! counters.
+//!
+//! Every throughput point is measured `--repeats` times (3 by default): the
+//! report gives the median run and the spread (lowest and highest), and the
+//! plot draws the spread as a bar. With a near-free model beside the LSTM
+//! (`--light-model`, the `stock-light` fixture by default), scenarios 1 to 3
+//! run again with it, which leaves the serving path's own cost: the inferrer's
+//! CPU per event outside the model.
 
+use std::future::Future;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,14 +61,31 @@ pub struct Options {
     pub waits: Vec<u64>,
     /// Events per second in the low-load latency runs.
     pub low_load_rate: u32,
-    pub out_dir: std::path::PathBuf,
+    /// Runs per throughput point (the median is reported, with the spread).
+    pub repeats: usize,
+    /// A near-free model with the stock model's input, measured beside it
+    /// (none: the LSTM alone).
+    pub light_model: Option<PathBuf>,
+    pub out_dir: PathBuf,
 }
 
-/// Throughput at one batch size.
+/// The near-free fixture `make setup` exports, if it is there.
+pub fn light_fixture() -> Option<PathBuf> {
+    let dir = sluice_testkit::cache_dir().join("models/fixtures/stock-light");
+    dir.join("1/model.pt").exists().then_some(dir)
+}
+
+/// Throughput at one batch size: the median of its runs.
 #[derive(Debug, Clone, Serialize)]
 struct Point {
     batch_size: usize,
     events_per_s: f64,
+    /// Every run's events/s, in the order measured (the median's spread).
+    runs: Vec<f64>,
+    /// Through the broker: the inferrer's model thread's CPU time over the
+    /// drain's wall time (1.0: the model never waited for the inferrer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_busy: Option<f64>,
     /// Per model call (raw model only), milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     call_ms: Option<Percentiles>,
@@ -132,12 +158,25 @@ struct BrokerFloor {
     hop_ms: Percentiles,
 }
 
+/// Scenarios 1 to 3 with a near-free model: what is left is the serving path.
+#[derive(Debug, Serialize)]
+struct LightModel {
+    dir: PathBuf,
+    raw_model: Vec<Point>,
+    inferrer_in_memory: Vec<Point>,
+    inferrer_through_broker: Vec<Point>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     measured_on: String,
     machine: String,
+    /// Where the model ran (`cpu`, `cuda:0`) and in what precision.
+    device: String,
+    precision: String,
     intra_op_threads: usize,
     events_per_point: usize,
+    repeats: usize,
     raw_model: Vec<Point>,
     inferrer_in_memory: Vec<Point>,
     inferrer_through_broker: Vec<Point>,
@@ -145,6 +184,43 @@ struct Report {
     one_at_a_time: Point,
     latency: Vec<LatencyPoint>,
     broker_floor: BrokerFloor,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    light_model: Option<LightModel>,
+}
+
+/// Measures a point `repeats` times; the median run (the upper of the two
+/// middle ones for an even count), with every run's rate.
+async fn repeated<F, Fut>(repeats: usize, mut measure: F) -> anyhow::Result<Point>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Point>>,
+{
+    let mut points = Vec::with_capacity(repeats.max(1));
+    for _ in 0..repeats.max(1) {
+        points.push(measure().await?);
+    }
+    Ok(median(points))
+}
+
+/// The median of a point's runs (see [`repeated`]), with every run's rate.
+fn median(mut points: Vec<Point>) -> Point {
+    let runs: Vec<f64> = points.iter().map(|p| p.events_per_s).collect();
+    points.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+    let mut median = points.swap_remove(points.len() / 2);
+    median.runs = runs;
+    median
+}
+
+impl Point {
+    /// A run's rate at a batch size, with nothing else measured yet.
+    fn rate(batch_size: usize, events_per_s: f64) -> Self {
+        Self { batch_size, events_per_s, runs: Vec::new(), model_busy: None, call_ms: None, processes: Vec::new() }
+    }
+}
+
+/// The lowest and highest of a point's runs.
+fn spread(point: &Point) -> (f64, f64) {
+    point.runs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)))
 }
 
 fn percentiles(mut values: Vec<f64>) -> Percentiles {
@@ -156,25 +232,37 @@ fn percentiles(mut values: Vec<f64>) -> Percentiles {
 pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<()> {
     anyhow::ensure!(!options.sizes.is_empty() && options.sizes.iter().all(|s| *s >= 1), "--sizes must be ≥ 1 each");
     let threads = config.inferrer.model.threads();
-    tracing::info!(events = options.events, "preparing inputs");
+    let repeats = options.repeats.max(1);
+    tracing::info!(events = options.events, repeats, "preparing inputs");
     let incoming = inputs(&config, options.events)?;
 
-    let raw = raw_model(&config, &options)?;
+    let (raw, device) = raw_model(&config, &options).await?;
     let memory = inferrer_in_memory(&config, &options, &incoming).await?;
-    let mut broker = Vec::new();
-    for &size in &options.sizes {
-        broker.push(inferrer_through_broker(&config, size, &incoming).await?);
-    }
+    let broker = inferrer_through_broker(&config, &options, &incoming).await?;
     let mut pipeline = Vec::new();
     for &size in &options.sizes {
-        pipeline.push(pipeline_point(&config, size, options.events, false).await?);
+        pipeline.push(repeated(repeats, || pipeline_point(&config, size, options.events, false)).await?);
     }
-    let one_at_a_time = pipeline_point(&config, 1, options.events.min(3000), true).await?;
+    let one_at_a_time = repeated(repeats, || pipeline_point(&config, 1, options.events.min(3000), true)).await?;
     let mut latency = Vec::new();
     for &wait in &options.waits {
         latency.push(low_load_latency(&config, wait, options.low_load_rate, &raw).await?);
     }
     let broker_floor = broker_floor(&config, &incoming).await?;
+    let light_model = match &options.light_model {
+        Some(dir) => {
+            let mut light = config.clone();
+            light.inferrer.model.dir.clone_from(dir);
+            tracing::info!(dir = %dir.display(), "the near-free model");
+            Some(LightModel {
+                dir: dir.clone(),
+                raw_model: raw_model(&light, &options).await?.0,
+                inferrer_in_memory: inferrer_in_memory(&light, &options, &incoming).await?,
+                inferrer_through_broker: inferrer_through_broker(&light, &options, &incoming).await?,
+            })
+        }
+        None => None,
+    };
 
     let report = Report {
         measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
@@ -182,8 +270,11 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
             "{} cores, CPU only, everything (broker, stages, benchmark) on the same cores",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
+        device,
+        precision: format!("{:?}", config.inferrer.model.precision).to_lowercase(),
         intra_op_threads: threads,
         events_per_point: options.events,
+        repeats,
         raw_model: raw,
         inferrer_in_memory: memory,
         inferrer_through_broker: broker,
@@ -191,6 +282,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
         one_at_a_time,
         latency,
         broker_floor,
+        light_model,
     };
     std::fs::create_dir_all(&options.out_dir)?;
     std::fs::write(options.out_dir.join("batching.json"), serde_json::to_string_pretty(&report)?)?;
@@ -212,8 +304,9 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
     Ok(())
 }
 
-/// Scenario 1: `Model::forward` on a prepared batch, in a loop, on this thread.
-fn raw_model(config: &SluiceConfig, options: &Options) -> anyhow::Result<Vec<Point>> {
+/// Scenario 1: `Model::forward` on a prepared batch, in a loop, on this
+/// thread; with the device the model ran on.
+async fn raw_model(config: &SluiceConfig, options: &Options) -> anyhow::Result<(Vec<Point>, String)> {
     let model_config = &config.inferrer.model;
     let model = Model::load(model_config)?;
     model.set_threads(model_config.threads());
@@ -223,23 +316,23 @@ fn raw_model(config: &SluiceConfig, options: &Options) -> anyhow::Result<Vec<Poi
         model.warm_up(size)?;
         let batch = Batch::Windows((0..size * sample).map(|i| ((i % 97) as f32 - 48.0) / 48.0).collect());
         let calls = (options.events / size).max(20);
-        let mut times = Vec::with_capacity(calls);
-        let started = Instant::now();
-        for _ in 0..calls {
-            let call = Instant::now();
-            model.forward(&batch, size)?;
-            times.push(call.elapsed().as_secs_f64() * 1e3);
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(size, per_s = (calls * size) as f64 / seconds, "raw model");
-        points.push(Point {
-            batch_size: size,
-            events_per_s: (calls * size) as f64 / seconds,
-            call_ms: Some(percentiles(times)),
-            processes: Vec::new(),
-        });
+        let (model, batch) = (&model, &batch);
+        let point = repeated(options.repeats, || async move {
+            let mut times = Vec::with_capacity(calls);
+            let started = Instant::now();
+            for _ in 0..calls {
+                let call = Instant::now();
+                model.forward(batch, size)?;
+                times.push(call.elapsed().as_secs_f64() * 1e3);
+            }
+            let per_s = (calls * size) as f64 / started.elapsed().as_secs_f64();
+            tracing::info!(size, per_s, "raw model");
+            Ok(Point { call_ms: Some(percentiles(times)), ..Point::rate(size, per_s) })
+        })
+        .await?;
+        points.push(point);
     }
-    Ok(points)
+    Ok((points, model.device_name()))
 }
 
 /// Scenario 2: the inferrer's `process` on encoded inputs from memory.
@@ -265,22 +358,24 @@ async fn inferrer_in_memory(
             Arc::new(InferrerStats::default()),
         )?;
         run(&mut inferrer, &incoming[..size.min(incoming.len())], size).await?;
-        let seconds = run(&mut inferrer, incoming, size).await?;
-        tracing::info!(size, per_s = incoming.len() as f64 / seconds, "inferrer in memory");
-        points.push(Point {
-            batch_size: size,
-            events_per_s: incoming.len() as f64 / seconds,
-            call_ms: None,
-            processes: Vec::new(),
-        });
+        // The runs borrow the stage in turn, so they are not a closure for `repeated`.
+        let mut runs = Vec::with_capacity(options.repeats.max(1));
+        for _ in 0..options.repeats.max(1) {
+            let per_s = incoming.len() as f64 / run(&mut inferrer, incoming, size).await?;
+            tracing::info!(size, per_s, "inferrer in memory");
+            runs.push(Point::rate(size, per_s));
+        }
+        points.push(median(runs));
     }
     Ok(points)
 }
 
-/// Settings every broker run shares: the stock model only, no cache (every
-/// event is computed), each run on its own broker and topics.
-fn stage_env(inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, String)> {
+/// Settings every broker run shares: the stock model only (the one in
+/// `config`), no cache (every event is computed), each run on its own broker
+/// and topics.
+fn stage_env(config: &SluiceConfig, inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, String)> {
     [
+        ("SLUICE_INFERRER__MODEL__DIR", config.inferrer.model.dir.display().to_string()),
         ("SLUICE_INFERRER__SERVE", "[\"stock\"]".to_string()),
         ("SLUICE_NORMALIZER__TOKENIZE_QUERIES", "false".to_string()),
         ("SLUICE_CACHE__ENABLED", "false".to_string()),
@@ -293,33 +388,48 @@ fn stage_env(inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, Strin
 
 /// Waits until `kind` has acknowledged every one of `events`; returns the
 /// events per second from the first stage's first acknowledgement to then,
-/// and each process's CPU over the same run. Both cover the whole drain: with
+/// each process's CPU from the stages' start, and the inferrer's model
+/// thread's busy fraction over the drain (from the first acknowledgement,
+/// like the rate). The rate and CPU cover the whole drain: with
 /// a backlog, a stage faster than the next one runs ahead and finishes early,
 /// and a rate taken in the middle (from 10% to 90% of the last stage, as at
 /// first) then saw only the slow stage at work and overstated the pipeline.
-async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow::Result<(f64, Vec<ProcessUse>)> {
+async fn drain(
+    cluster: &LocalCluster,
+    kind: StageKind,
+    events: usize,
+) -> anyhow::Result<(f64, Vec<ProcessUse>, Option<f64>)> {
     const ACKNOWLEDGED: &str = "sluice_stage_events_acknowledged_total";
     let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
     let cpu =
         || -> Vec<ThreadCpu> { cluster.processes().into_iter().map(|(_, pid)| thread_cpu_seconds(pid)).collect() };
     let start = cpu();
-    let mut began = None;
+    let inferrer = cluster.processes().iter().position(|(name, _)| name == StageKind::Inferrer.name());
+    let mut began: Option<(Instant, Vec<ThreadCpu>)> = None;
+    // The first acknowledgement came after the previous look: the rate is
+    // taken from then, a lower bound (a fast stage can drain a small backlog
+    // between two looks).
+    let mut looked = Instant::now();
     loop {
         let now = Instant::now();
         if began.is_none() && cluster.metric(first, ACKNOWLEDGED) > 0.0 {
-            began = Some(now);
+            began = Some((looked, cpu()));
         }
+        looked = now;
         let done = cluster.metric(kind, ACKNOWLEDGED);
-        if let Some(began) = began
+        if let Some((began, at_first)) = &began
             && done >= events as f64
         {
-            let rate = done / now.duration_since(began).as_secs_f64();
+            let seconds = now.duration_since(*began).as_secs_f64();
+            let rate = done / seconds;
+            let end = cpu();
+            let busy = inferrer.map(|i| (end[i].model - at_first[i].model) / seconds);
             let per_1000 = |seconds: f64| seconds * 1e6 / done;
             let processes = cluster
                 .processes()
                 .into_iter()
-                .zip(cpu().iter().zip(&start))
+                .zip(end.iter().zip(&start))
                 .map(|((name, pid), (end, start))| {
                     let (kafka, model, other) =
                         (end.kafka - start.kafka, end.model - start.model, end.other - start.other);
@@ -333,15 +443,27 @@ async fn drain(cluster: &LocalCluster, kind: StageKind, events: usize) -> anyhow
                     }
                 })
                 .collect();
-            return Ok((rate, processes));
+            return Ok((rate, processes, busy));
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// Scenario 3: the inferrer process on a backlog of normalised windows.
+/// Scenario 3: the inferrer process on a backlog of normalised windows, by batch size.
 async fn inferrer_through_broker(
+    config: &SluiceConfig,
+    options: &Options,
+    incoming: &[sluice_core::Incoming],
+) -> anyhow::Result<Vec<Point>> {
+    let mut points = Vec::new();
+    for &size in &options.sizes {
+        points.push(repeated(options.repeats, || inferrer_point(config, size, incoming)).await?);
+    }
+    Ok(points)
+}
+
+async fn inferrer_point(
     config: &SluiceConfig,
     size: usize,
     incoming: &[sluice_core::Incoming],
@@ -350,10 +472,10 @@ async fn inferrer_through_broker(
     let run = format!("batching{}i{size}", std::process::id());
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
     publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
-    cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(size, 5)).await?;
-    let (per_s, processes) = drain(&cluster, StageKind::Inferrer, incoming.len()).await?;
-    tracing::info!(size, per_s, "inferrer through the broker");
-    Ok(Point { batch_size: size, events_per_s: per_s, call_ms: None, processes })
+    cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(&config, size, 5)).await?;
+    let (per_s, processes, model_busy) = drain(&cluster, StageKind::Inferrer, incoming.len()).await?;
+    tracing::info!(size, per_s, ?model_busy, "inferrer through the broker");
+    Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
 
 /// Scenario 4 (and one-at-a-time): the four stages on a backlog of requests.
@@ -368,16 +490,16 @@ async fn pipeline_point(config: &SluiceConfig, size: usize, events: usize, every
         requests.iter().map(|e| (Some(e.event_id.as_bytes()), e.json.as_slice())),
     )
     .await?;
-    let mut env = stage_env(size, 5);
+    let mut env = stage_env(&config, size, 5);
     if every_stage {
         for stage in ["FETCHER", "NORMALIZER", "WRITER"] {
             env.push((format!("SLUICE_{stage}__BATCH__MAX_BATCH_SIZE"), "1".into()));
         }
     }
     cluster.start_stages(&config, &StageKind::ALL, &env).await?;
-    let (per_s, processes) = drain(&cluster, StageKind::Writer, events).await?;
+    let (per_s, processes, model_busy) = drain(&cluster, StageKind::Writer, events).await?;
     tracing::info!(size, every_stage, per_s, "pipeline");
-    Ok(Point { batch_size: size, events_per_s: per_s, call_ms: None, processes })
+    Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
 
 async fn publish<'a>(
@@ -399,7 +521,7 @@ async fn low_load_latency(config: &SluiceConfig, wait: u64, rate: u32, raw: &[Po
     let mut config = config.clone();
     let run = format!("batching{}w{wait}", std::process::id());
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
-    cluster.start_stages(&config, &StageKind::ALL, &stage_env(64, wait)).await?;
+    cluster.start_stages(&config, &StageKind::ALL, &stage_env(&config, 64, wait)).await?;
     let events = (rate as usize * 8).max(50);
     let requests = generate(&run, events + 1, 0, SyntheticConfig::default().universe);
     let reader = TopicReader::new(&config.kafka, &format!("{run}-observer"), &[&config.topics.predictions])?;
@@ -542,13 +664,15 @@ fn markdown(report: &Report, options: &Options) -> String {
     let mut md = format!(
         "# Batching: raw model, inferrer, pipeline\n\n\
          Written by `cargo run --release --bin sluice -- bench batching --events {events} --sizes {sizes} \
-         --waits {waits} --rate {rate}`\n\
-         on {when} ({machine}; libtorch intra-op threads: {threads}; the fixture LSTM, input 30 × 105).\n\
+         --waits {waits} --rate {rate} --repeats {repeats}`\n\
+         on {when} ({machine}; the model on {device} in {precision}; libtorch intra-op threads: {threads};\n\
+         the fixture LSTM, input 30 × 105{light}).\n\
          Raw figures: [batching.json](batching.json). Plots: [throughput](batching-throughput.svg),\n\
          [latency](batching-latency.svg). Through the broker, every run has a tansu broker and\n\
          topics of its own, a backlog published before the stages start, the cache off (every\n\
          event computed), and throughput is the backlog over the time from the first stage's first\n\
-         event to the last stage's last.\n\n\
+         event to the last stage's last. Each figure is the median of {repeats} runs, with the\n\
+         lowest and highest in brackets; the ratios are of medians.\n\n\
          ## Throughput by the inferrer's batch size (events/s)\n\n\
          | batch size | raw model | inferrer, in memory | inferrer through the broker | four-stage pipeline | inferrer ÷ raw | pipeline ÷ raw |\n\
          |---:|---:|---:|---:|---:|---:|---:|\n",
@@ -556,18 +680,26 @@ fn markdown(report: &Report, options: &Options) -> String {
         sizes = sizes.join(","),
         waits = waits.join(","),
         rate = options.low_load_rate,
+        repeats = report.repeats,
         when = report.measured_on,
         machine = report.machine,
+        device = report.device,
+        precision = report.precision,
         threads = report.intra_op_threads,
+        light = if report.light_model.is_some() { ", and the near-free `stock-light` beside it" } else { "" },
     );
     for raw in &report.raw_model {
         let size = raw.batch_size;
-        let memory = at_size(&report.inferrer_in_memory, size).unwrap_or(0.0);
+        let cell =
+            |points: &[Point]| points.iter().find(|p| p.batch_size == size).map_or_else(String::new, with_spread);
         let broker = at_size(&report.inferrer_through_broker, size).unwrap_or(0.0);
         let pipeline = at_size(&report.pipeline, size).unwrap_or(0.0);
         md.push_str(&format!(
-            "| {size} | {:.0} | {memory:.0} | {broker:.0} | {pipeline:.0} | {:.2} | {:.2} |\n",
-            raw.events_per_s,
+            "| {size} | {} | {} | {} | {} | {:.2} | {:.2} |\n",
+            with_spread(raw),
+            cell(&report.inferrer_in_memory),
+            cell(&report.inferrer_through_broker),
+            cell(&report.pipeline),
             broker / raw.events_per_s,
             pipeline / raw.events_per_s
         ));
@@ -585,16 +717,16 @@ fn markdown(report: &Report, options: &Options) -> String {
              | pipeline ÷ raw model at the pipeline's best batch size ({b}) | {:.2} | ≥ 0.6: {} |\n\
              | inferrer through the broker ÷ raw model at batch size {b} | {:.2} | ≥ 0.75: {} |\n\
              | pipeline at batch size {b} ÷ one at a time (every stage's batch size 1) | {speedup:.1}× | ≥ 8×: {} |\n\
-             | one at a time, end to end | {:.0} events/s | |\n\
-             | raw model's best (batch size {}) | {:.0} events/s | |\n",
+             | one at a time, end to end | {} events/s | |\n\
+             | raw model's best (batch size {}) | {} events/s | |\n",
             best.events_per_s / raw_there,
             verdict(best.events_per_s / raw_there >= 0.6),
             broker_there / raw_there,
             verdict(broker_there / raw_there >= 0.75),
             verdict(speedup >= 8.0),
-            report.one_at_a_time.events_per_s,
+            with_spread(&report.one_at_a_time),
             best_raw.batch_size,
-            best_raw.events_per_s,
+            with_spread(best_raw),
             b = best.batch_size,
         ));
         md.push_str(&format!(
@@ -662,11 +794,100 @@ fn markdown(report: &Report, options: &Options) -> String {
             if l.within_bound { "yes" } else { "no" }
         ));
     }
-    md.push_str(
-        "\n## GPU\n\nPending: this task had no GPU machine. The CUDA path (device selection with\n\
-         `libtorch_cuda.so` loaded, pinned host buffers, non-blocking copies, autocast, TF32 and\n\
-         cuDNN switches) is built and configurable but its figures are not measured yet.\n",
+    md.push_str(&busy_markdown(report));
+    if let Some(light) = &report.light_model {
+        md.push_str(&light_markdown(light));
+    }
+    if report.device == "cpu" {
+        md.push_str(
+            "\n## GPU\n\nThese figures are the CPU's. `deploy/gpu/run.sh` measures the same on a GPU in one\n\
+             call of the device machine; its report is [gpu.md](gpu.md).\n",
+        );
+    }
+    md
+}
+
+/// The inferrer process's CPU split (through the broker) in µs per event.
+fn inferrer_use(point: &Point) -> Option<&ProcessUse> {
+    point.processes.iter().find(|u| u.name == StageKind::Inferrer.name())
+}
+
+/// How busy the model thread was while the inferrer drained its backlog: its
+/// CPU seconds over the drain's wall seconds (the median run's).
+fn busy_markdown(report: &Report) -> String {
+    let mut md = String::from(
+        "\n## The model thread's busy fraction (inferrer through the broker)\n\n\
+         The model thread's CPU time over the drain's wall time (from the first acknowledgement to\n\
+         the last, as for throughput), in the median run: 1.0 is a model that never waits for the\n\
+         inferrer. Target with a backlog: ≥ 0.9. The CPU per event beside it counts from the stage's\n\
+         start, as everywhere in this report.\n\n\
+         | batch size | busy fraction | inferrer CPU µs/event | of which the model | outside the model |\n\
+         |---:|---:|---:|---:|---:|\n",
     );
+    for point in &report.inferrer_through_broker {
+        if let (Some(u), Some(busy)) = (inferrer_use(point), point.model_busy) {
+            md.push_str(&format!(
+                "| {} | {busy:.2} | {:.1} | {:.1} | {:.1} |\n",
+                point.batch_size,
+                u.cpu_ms_per_1000_events,
+                u.model_ms_per_1000_events,
+                u.cpu_ms_per_1000_events - u.model_ms_per_1000_events
+            ));
+        }
+    }
+    md
+}
+
+/// A median with its spread: `7349 (7012–7701)`.
+fn with_spread(point: &Point) -> String {
+    let (lo, hi) = spread(point);
+    if point.runs.len() > 1 {
+        format!("{:.0} ({lo:.0}–{hi:.0})", point.events_per_s)
+    } else {
+        format!("{:.0}", point.events_per_s)
+    }
+}
+
+/// The serving path apart from the model: the near-free model's scenarios,
+/// and the inferrer's CPU per event outside the model through the broker.
+fn light_markdown(light: &LightModel) -> String {
+    let mut md = format!(
+        "\n## The serving path apart from the model\n\n\
+         The same scenarios with a near-free model (`{}`: the same input and outputs, a few\n\
+         element-wise operations), so that what is measured is what the inferrer does around the\n\
+         model. CPU of the inferrer process through the broker, in µs per event, split by thread:\n\
+         the Kafka client (librdkafka), the model thread, and the rest (decoding, cache look-up,\n\
+         grouping, tensor assembly, encoding, the runtime). Targets: at most 15 µs per event outside\n\
+         the model at batch size ≥ 64, the Kafka client included; in memory ≥ 100,000 events/s.\n\n\
+         | batch size | raw model | inferrer, in memory | inferrer through the broker | inferrer CPU µs/event | Kafka client | model | the rest | outside the model |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        light.dir.display()
+    );
+    for raw in &light.raw_model {
+        let size = raw.batch_size;
+        let find = |points: &'_ [Point]| points.iter().find(|p| p.batch_size == size).cloned();
+        let memory = find(&light.inferrer_in_memory).map_or_else(String::new, |p| with_spread(&p));
+        let broker = find(&light.inferrer_through_broker);
+        let inferrer = broker.as_ref().and_then(inferrer_use);
+        let cpu = inferrer.map_or_else(
+            || "| | | |".to_string(),
+            |u| {
+                format!(
+                    "{:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    u.cpu_ms_per_1000_events,
+                    u.kafka_client_ms_per_1000_events,
+                    u.model_ms_per_1000_events,
+                    u.other_ms_per_1000_events,
+                    u.cpu_ms_per_1000_events - u.model_ms_per_1000_events
+                )
+            },
+        );
+        md.push_str(&format!(
+            "| {size} | {} | {memory} | {} | {cpu}\n",
+            with_spread(raw),
+            broker.as_ref().map_or_else(String::new, with_spread)
+        ));
+    }
     md
 }
 
@@ -736,8 +957,9 @@ fn floor_markdown(report: &Report, best: &Point, raw_eps: f64) -> String {
     md
 }
 
-/// One plotted line: its name, its colour and its (x, y) points.
-type Line<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+/// One plotted line: its name, its colour and its (x, y, lowest, highest)
+/// points; the spread is drawn as a bar where lowest < highest.
+type Line<'a> = (&'a str, &'a str, Vec<(f64, f64, f64, f64)>);
 
 /// A line plot: events/s against batch size (log2 axis), one line per scenario.
 fn throughput_svg(report: &Report) -> String {
@@ -750,7 +972,11 @@ fn throughput_svg(report: &Report) -> String {
     let lines: Vec<Line> = series
         .iter()
         .map(|(name, colour, points)| {
-            (*name, *colour, points.iter().map(|p| ((p.batch_size as f64).log2(), p.events_per_s)).collect())
+            let at = |p: &Point| {
+                let (lo, hi) = spread(p);
+                ((p.batch_size as f64).log2(), p.events_per_s, lo.min(p.events_per_s), hi.max(p.events_per_s))
+            };
+            (*name, *colour, points.iter().map(at).collect())
         })
         .collect();
     plot("Throughput by batch size", "batch size (log2)", "events/s", &lines, |x| format!("{}", 2f64.powf(x).round()))
@@ -758,8 +984,8 @@ fn throughput_svg(report: &Report) -> String {
 
 /// End-to-end p50/p99/p99.9 against the inferrer's `max_wait`, with the bound.
 fn latency_svg(report: &Report) -> String {
-    let pick = |f: fn(&LatencyPoint) -> f64| -> Vec<(f64, f64)> {
-        report.latency.iter().map(|l| (l.inferrer_max_wait_ms as f64, f(l))).collect()
+    let pick = |f: fn(&LatencyPoint) -> f64| -> Vec<(f64, f64, f64, f64)> {
+        report.latency.iter().map(|l| (l.inferrer_max_wait_ms as f64, f(l), f(l), f(l))).collect()
     };
     let lines = vec![
         ("p50", "#1f77b4", pick(|l| l.latency_ms.p50)),
@@ -774,7 +1000,7 @@ fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl 
     let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 200.0, 40.0, 50.0);
     let points = lines.iter().flat_map(|(_, _, p)| p.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
-    for (x, y) in points {
+    for (x, _, _, y) in points {
         x0 = x0.min(*x);
         x1 = x1.max(*x);
         y1 = y1.max(*y);
@@ -810,7 +1036,7 @@ fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl 
             sy(y)
         ));
     }
-    let mut ticks: Vec<f64> = lines.iter().flat_map(|(_, _, p)| p.iter().map(|(x, _)| *x)).collect();
+    let mut ticks: Vec<f64> = lines.iter().flat_map(|(_, _, p)| p.iter().map(|(x, ..)| *x)).collect();
     ticks.sort_by(f64::total_cmp);
     ticks.dedup();
     for x in ticks {
@@ -822,13 +1048,21 @@ fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl 
         ));
     }
     for (i, (name, colour, points)) in lines.iter().enumerate() {
-        let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
+        let path: Vec<String> = points.iter().map(|(x, y, ..)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
         svg.push_str(&format!(
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
             path.join(" ")
         ));
-        for (x, y) in points {
+        for (x, y, lo, hi) in points {
             svg.push_str(&format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n", sx(*x), sy(*y)));
+            if lo < hi {
+                svg.push_str(&format!(
+                    "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"1\"/>\n",
+                    sy(*lo),
+                    sy(*hi),
+                    x = sx(*x)
+                ));
+            }
         }
         let ly = top + 20.0 * i as f64;
         svg.push_str(&format!(
@@ -841,4 +1075,43 @@ fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl 
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(events_per_s: f64) -> Point {
+        Point::rate(8, events_per_s)
+    }
+
+    #[test]
+    fn a_point_is_its_median_run_with_every_run_kept() {
+        let p = median(vec![point(30.0), point(10.0), point(20.0)]);
+        assert_eq!(p.events_per_s, 20.0);
+        assert_eq!(p.runs, vec![30.0, 10.0, 20.0], "in the order measured");
+        assert_eq!(spread(&p), (10.0, 30.0));
+        assert_eq!(with_spread(&p), "20 (10–30)");
+        // An even count takes the upper of the two middle runs; one run has no spread.
+        assert_eq!(median(vec![point(1.0), point(4.0), point(2.0), point(3.0)]).events_per_s, 3.0);
+        assert_eq!(with_spread(&median(vec![point(5.0)])), "5");
+    }
+
+    #[test]
+    fn the_throughput_plot_draws_each_spread() {
+        let mut raw = median(vec![point(10.0), point(30.0), point(20.0)]);
+        raw.batch_size = 4;
+        let svg = plot(
+            "t",
+            "x",
+            "y",
+            &[
+                ("raw", "#000000", vec![(2.0, raw.events_per_s, 10.0, 30.0)]),
+                ("flat", "#111111", vec![(3.0, 5.0, 5.0, 5.0)]),
+            ],
+            |x| format!("{x}"),
+        );
+        // One bar for the point with a spread, none for the one without.
+        assert_eq!(svg.matches("stroke-width=\"1\"").count(), 1, "{svg}");
+    }
 }

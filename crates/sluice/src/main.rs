@@ -196,6 +196,16 @@ enum BenchWhat {
         /// Events per second in the low-load latency runs.
         #[arg(long, default_value_t = 50)]
         rate: u32,
+        /// Runs per throughput point: the median is reported, with the spread.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// A near-free model with the stock model's input, measured beside it
+        /// [default: the stock-light fixture that `make setup` exports].
+        #[arg(long)]
+        light_model: Option<PathBuf>,
+        /// The LSTM alone, without the near-free model.
+        #[arg(long, conflicts_with = "light_model")]
+        no_light_model: bool,
         #[arg(long, default_value = "docs/benchmarks")]
         out_dir: PathBuf,
     },
@@ -297,8 +307,12 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Bench { what: BenchWhat::Postgres { symbols, days, runs, out } } => {
             bench::postgres::postgres(config, symbols, days, runs, &out).await
         }
-        Command::Bench { what: BenchWhat::Batching { events, sizes, waits, rate, out_dir } } => {
-            let options = bench::batching::Options { events, sizes, waits, low_load_rate: rate, out_dir };
+        Command::Bench {
+            what: BenchWhat::Batching { events, sizes, waits, rate, repeats, light_model, no_light_model, out_dir },
+        } => {
+            let light_model = if no_light_model { None } else { light_model.or_else(bench::batching::light_fixture) };
+            let options =
+                bench::batching::Options { events, sizes, waits, low_load_rate: rate, repeats, light_model, out_dir };
             bench::batching::batching(config, options).await
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
