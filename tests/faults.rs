@@ -28,13 +28,13 @@ fn batch(poisoned: &[usize]) -> Vec<Incoming> {
             if poisoned.contains(&i) {
                 values[0] = SENTINEL;
             }
-            let window = StockWindow {
-                symbol: format!("S{i:04}"),
-                as_of: NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
-                rows: 30,
-                cols: 105,
+            let window = StockWindow::new(
+                &format!("S{i:04}"),
+                NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
+                30,
+                105,
                 values,
-            };
+            );
             let envelope = Envelope::new(&format!("e{i}"), Payload::Normalized(window));
             Incoming::new("in", 0, i as i64, codec::encode(&envelope))
         })

@@ -16,13 +16,13 @@ fn valid_envelope() -> Vec<u8> {
         requested_at_ms: 1,
         updated_at_ms: 2,
         attempt: 0,
-        payload: Payload::Fetched(StockWindow {
-            symbol: "S0001".into(),
-            as_of: NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
-            rows: 2,
-            cols: 3,
-            values: vec![0.5, -1.0, 2.0, 3.5, f32::MAX, 0.0],
-        }),
+        payload: Payload::Fetched(StockWindow::new(
+            "S0001",
+            NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
+            2,
+            3,
+            vec![0.5, -1.0, 2.0, 3.5, f32::MAX, 0.0],
+        )),
     })
 }
 

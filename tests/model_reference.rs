@@ -113,6 +113,15 @@ fn bf16_runs_on_the_cpu_and_fp16_is_refused_there() {
     // bfloat16 keeps about 3 significant digits: close, but not float32-exact.
     assert!(diff > 0.0 && diff < 0.05, "bf16 against fp32: max abs difference {diff}");
 
+    // Windows that travelled in bf16 (normalizer.window_precision) give the
+    // bf16 model the very inputs it makes of float32 ones: the same answers,
+    // bit for bit.
+    let mut rounded = reference.inputs.clone();
+    sluice_messages::envelope::WindowPrecision::Bf16.round(&mut rounded);
+    assert_ne!(rounded, reference.inputs, "the reference inputs are not all bf16 values already");
+    let from_bf16 = bf16.forward(&Batch::Windows(rounded), count).expect("forward bf16 windows");
+    assert_eq!(from_bf16, out, "bf16 windows against float32 windows, both in a bf16 model");
+
     let refused = Model::load(&ModelConfig { precision: Precision::Fp16, ..config() }).expect_err("fp16 on the CPU");
     assert!(refused.to_string().contains("fp16"), "{refused}");
 }

@@ -138,8 +138,7 @@ async fn the_documented_example_model_is_exported_and_served() {
                 )
                 .expect("window")
         };
-        let window =
-            StockWindow { symbol: prediction.symbol.clone(), as_of: prediction.as_of, rows: 20, cols: 8, values };
+        let window = StockWindow::new(&prediction.symbol, prediction.as_of, 20, 8, values);
         let x = normalizer.normalize(&window).expect("normalised").values;
         let y = model.forward(&Batch::Windows(x), 1).expect("forward");
         assert!(

@@ -33,13 +33,7 @@ fn date() -> NaiveDate {
 }
 
 fn window(value: f32) -> Payload {
-    Payload::Normalized(StockWindow {
-        symbol: "S0001".into(),
-        as_of: date(),
-        rows: 30,
-        cols: 105,
-        values: vec![value; 3150],
-    })
+    Payload::Normalized(StockWindow::new("S0001", date(), 30, 105, vec![value; 3150]))
 }
 
 async fn inferrer(
@@ -316,13 +310,7 @@ async fn an_answer_outside_its_range_is_a_dead_letter_and_the_rest_is_answered()
         variant_inferrer("sometimes", watch::channel(Settings { cache_enabled: false, ..settings() }).1).await;
     let mut sentinel = vec![0.1; 3150];
     sentinel[0] = 777.0;
-    let odd = Payload::Normalized(StockWindow {
-        symbol: "S0001".into(),
-        as_of: date(),
-        rows: 30,
-        cols: 105,
-        values: sentinel,
-    });
+    let odd = Payload::Normalized(StockWindow::new("S0001", date(), 30, 105, sentinel));
     let batch = vec![
         incoming(0, codec::encode(&envelope("fine", window(0.1)))),
         incoming(1, codec::encode(&envelope("odd", odd))),

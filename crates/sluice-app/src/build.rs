@@ -115,7 +115,8 @@ impl NormalizerConfig {
         let metadata = cx.config.stock_metadata()?;
         let stats = metadata.normalization.as_ref().context("the model's metadata has no normalization statistics")?;
         let topics = &cx.config.topics;
-        let mut stage = Normalizer::new(stats, metadata.days(), &topics.normalized);
+        let mut stage =
+            Normalizer::new(stats, metadata.days(), &topics.normalized).with_precision(self.window_precision);
         if self.tokenize_queries {
             let query = &cx.config.inferrer.query.model;
             let dir = query.version_dir(&query.version);

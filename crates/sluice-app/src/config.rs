@@ -13,9 +13,11 @@ use sluice_control::{Settings, overrides};
 use sluice_core::{ConfigError, Secret};
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::{BatchPolicy, KafkaConfig};
+use sluice_messages::envelope::WindowPrecision;
 use sluice_model::{ModelConfig, ModelKind};
 use sluice_postgres::PostgresConfig;
 use sluice_stages::fetcher::SyntheticConfig;
+use sluice_stages::inferrer::stock::lossless;
 
 const DEFAULTS: &str = include_str!("default.toml");
 
@@ -165,6 +167,12 @@ pub struct NormalizerConfig {
     pub tokenize_queries: bool,
     /// Longer query texts (in UTF-8 bytes) are `text_too_long` dead letters.
     pub max_query_bytes: usize,
+    /// The number format normalised windows travel in to the inferrer:
+    /// `fp32`, or `bf16` / `fp16` (half the bytes through the broker) when
+    /// the stock model computes in that precision anyway
+    /// (`inferrer.model.precision`); otherwise refused unless
+    /// `inferrer.model.accept_lossy_inputs = true`.
+    pub window_precision: WindowPrecision,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -373,6 +381,18 @@ impl SluiceConfig {
         if !(1..=1_048_576).contains(&self.normalizer.max_query_bytes) {
             return Err(invalid("normalizer.max_query_bytes", "outside 1..=1048576"));
         }
+        let (window, model) = (self.normalizer.window_precision, &self.inferrer.model);
+        if !lossless(window, model.precision) && !model.accept_lossy_inputs {
+            return Err(invalid(
+                "normalizer.window_precision",
+                format!(
+                    "{window:?} windows would round the inputs of a model computing in {:?} \
+                     (inferrer.model.precision); set inferrer.model.accept_lossy_inputs = true to allow it",
+                    model.precision
+                )
+                .to_lowercase(),
+            ));
+        }
         if self.inferrer.serve.is_empty() {
             return Err(invalid("inferrer.serve", "must name at least one kind (stock, query)"));
         }
@@ -499,6 +519,23 @@ mod tests {
         assert!(e.to_string().contains("kafka.consumer_properties.enable.auto.commit"), "{e}");
         let e = load_with("[kafka]\nsession_timeout_ms = 10\n").expect_err("range");
         assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn half_precision_windows_need_a_model_in_that_precision_or_consent() {
+        let e = load_with("[normalizer]\nwindow_precision = \"bf16\"\n").expect_err("bf16 windows, fp32 model");
+        let message = e.to_string();
+        assert!(message.contains("normalizer.window_precision") && message.contains("accept_lossy_inputs"), "{e}");
+        let e = load_with("[normalizer]\nwindow_precision = \"fp16\"\n[inferrer.model]\nprecision = \"bf16\"\n")
+            .expect_err("fp16 windows, bf16 model");
+        assert!(e.to_string().contains("normalizer.window_precision"), "{e}");
+        let same = load_with("[normalizer]\nwindow_precision = \"bf16\"\n[inferrer.model]\nprecision = \"bf16\"\n")
+            .expect("bf16 windows for a bf16 model");
+        assert_eq!(same.normalizer.window_precision, WindowPrecision::Bf16);
+        load_with("[normalizer]\nwindow_precision = \"bf16\"\n[inferrer.model]\naccept_lossy_inputs = true\n")
+            .expect("bf16 windows for an fp32 model, asked for");
+        let e = load_with("[normalizer]\nwindow_precision = \"fp8\"\n").expect_err("unknown");
+        assert!(e.to_string().contains("normalizer.window_precision"), "{e}");
     }
 
     #[test]

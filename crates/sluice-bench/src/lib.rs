@@ -32,19 +32,21 @@ use sluice_stages::generate::{Expected, generate};
 use sluice_stages::{Inferrer, Normalizer};
 use sluice_torch::TorchLoader;
 
-/// Normalised inputs for `n` distinct events, encoded as the inferrer reads them.
+/// Normalised inputs for `n` distinct events, encoded as the inferrer reads them
+/// (in `normalizer.window_precision`).
 pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
     let model = &config.inferrer.model;
     let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
     let shape = WindowShape { days: metadata.days(), features: metadata.features() };
     let source = SyntheticSource::new(SyntheticConfig::default());
     let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
-    let normalizer = Normalizer::new(stats, metadata.days(), "bench");
+    let normalizer =
+        Normalizer::new(stats, metadata.days(), "bench").with_precision(config.normalizer.window_precision);
     let mut out = Vec::with_capacity(n);
     for (i, e) in generate("bench", n, 0, 5000).into_iter().enumerate() {
         let Expected::Prediction { symbol, as_of } = e.expected else { continue };
         let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of }, shape)?;
-        let window = sluice_messages::envelope::StockWindow { symbol, as_of, rows: 30, cols: 105, values };
+        let window = sluice_messages::envelope::StockWindow::new(&symbol, as_of, 30, 105, values);
         let envelope = Envelope::new(&e.event_id, Payload::Normalized(normalizer.normalize(&window)?));
         out.push(Incoming::new("bench", 0, i as i64, codec::encode(&envelope)));
     }

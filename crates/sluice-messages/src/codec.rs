@@ -60,7 +60,7 @@ fn approx_payload_len(envelope: &Envelope) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{Payload, StockWindow};
+    use crate::envelope::{Payload, StockWindow, WindowPrecision};
     use chrono::NaiveDate;
 
     fn sample() -> Envelope {
@@ -70,13 +70,30 @@ mod tests {
             requested_at_ms: 1,
             updated_at_ms: 2,
             attempt: 0,
-            payload: Payload::Fetched(StockWindow {
-                symbol: "AAPL".into(),
-                as_of: NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"),
-                rows: 2,
-                cols: 2,
-                values: vec![1.0, -2.5, f32::MAX, 0.0],
-            }),
+            payload: Payload::Fetched(StockWindow::new(
+                "AAPL",
+                NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"),
+                2,
+                2,
+                vec![1.0, -2.5, f32::MAX, 0.0],
+            )),
+        }
+    }
+
+    #[test]
+    fn a_window_in_half_precision_travels_in_half_the_bytes() {
+        let mut envelope = sample();
+        let Payload::Fetched(window) = &mut envelope.payload else { unreachable!() };
+        window.values = (0..3150).map(|i| i as f32 / 7.0).collect();
+        let full = encode(&envelope).len();
+        for precision in [WindowPrecision::Bf16, WindowPrecision::Fp16] {
+            let mut half = envelope.clone();
+            let Payload::Fetched(window) = &mut half.payload else { unreachable!() };
+            window.precision = precision;
+            precision.round(&mut window.values);
+            let bytes = encode(&half);
+            assert!(bytes.len() < full / 2 + 100, "{precision:?}: {} bytes against {full}", bytes.len());
+            assert_eq!(decode(&bytes), Ok(half), "{precision:?} reads back as written");
         }
     }
 

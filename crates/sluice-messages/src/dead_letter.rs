@@ -45,6 +45,8 @@ pub enum Reason {
     UnknownSymbol,
     InsufficientHistory,
     InvalidWindowShape,
+    /// A window in a lower precision than the model computes in.
+    LossyInput,
     NonFiniteInput,
     EmptyText,
     TextTooLong,
@@ -63,7 +65,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order of the documentation's table.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::RequestTooLarge,
         Self::MalformedJson,
         Self::InvalidUtf8,
@@ -72,6 +74,7 @@ impl Reason {
         Self::UnknownSymbol,
         Self::InsufficientHistory,
         Self::InvalidWindowShape,
+        Self::LossyInput,
         Self::NonFiniteInput,
         Self::EmptyText,
         Self::TextTooLong,
@@ -98,6 +101,7 @@ impl Reason {
             Self::UnknownSymbol => "unknown_symbol",
             Self::InsufficientHistory => "insufficient_history",
             Self::InvalidWindowShape => "invalid_window_shape",
+            Self::LossyInput => "lossy_input",
             Self::NonFiniteInput => "non_finite_input",
             Self::EmptyText => "empty_text",
             Self::TextTooLong => "text_too_long",

@@ -40,6 +40,10 @@ pub struct ModelConfig {
     /// CUDA only: allow TF32 in float32 matrix products (Ampere and later;
     /// faster, about 3 decimal digits). Applies to the whole process.
     pub tf32: bool,
+    /// Serve inputs that travelled in a lower precision than the model
+    /// computes in (bf16 or fp16 windows for an fp32 model): off, they are
+    /// dead letters (`lossy_input`), so that rounding is never silent.
+    pub accept_lossy_inputs: bool,
 }
 
 /// The number format the model computes in.
@@ -65,6 +69,7 @@ impl Default for ModelConfig {
             precision: Precision::Fp32,
             cudnn_benchmark: false,
             tf32: false,
+            accept_lossy_inputs: false,
         }
     }
 }

@@ -25,6 +25,11 @@ pub enum StageError {
     /// One day of stored history whose features are not the model's number.
     #[error("{symbol}'s history row of {date} holds {bytes} bytes ({} features); the model needs {want} features", .bytes / 4)]
     HistoryRow { symbol: String, date: NaiveDate, bytes: usize, want: usize },
+    /// A window rounded to a lower precision than the model computes in.
+    #[error(
+        "the window travelled in {input}, the model computes in {model}; set inferrer.model.accept_lossy_inputs = true to serve it"
+    )]
+    LossyInput { input: String, model: String },
     /// NaN or infinity in the input (or produced by normalising it).
     #[error("non-finite {what} at day {day}, feature {feature}")]
     NonFiniteInput { what: &'static str, day: usize, feature: usize },
@@ -66,6 +71,7 @@ impl StageError {
             Self::UnknownSymbol(_) => Reason::UnknownSymbol,
             Self::InsufficientHistory { .. } => Reason::InsufficientHistory,
             Self::WindowShape { .. } | Self::HistoryRow { .. } => Reason::InvalidWindowShape,
+            Self::LossyInput { .. } => Reason::LossyInput,
             Self::NonFiniteInput { .. } => Reason::NonFiniteInput,
             Self::NonFinitePrediction { .. } => Reason::NonFinitePrediction,
             Self::OutOfRange { .. } => Reason::PredictionOutOfRange,

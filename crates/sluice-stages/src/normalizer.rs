@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Payload, QueryTokens, StockWindow};
+use sluice_messages::envelope::{Payload, QueryTokens, StockWindow, WindowPrecision};
 use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
@@ -22,6 +22,8 @@ pub struct Normalizer {
     /// 1 / std, so the hot loop multiplies.
     inv_std: Vec<f32>,
     days: usize,
+    /// The format normalised windows travel in.
+    precision: WindowPrecision,
     output: Arc<str>,
     queries: Option<Queries>,
 }
@@ -54,9 +56,16 @@ impl Normalizer {
             mean: stats.mean.clone(),
             inv_std: stats.std.iter().map(|s| 1.0 / s).collect(),
             days,
+            precision: WindowPrecision::Fp32,
             output: output_topic.into(),
             queries: None,
         }
+    }
+
+    /// Sends windows on in `precision` (rounded to nearest, ties to even).
+    pub fn with_precision(mut self, precision: WindowPrecision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Also tokenizes text queries, onto their own topic.
@@ -97,13 +106,10 @@ impl Normalizer {
                 values.push(z);
             }
         }
-        Ok(StockWindow {
-            symbol: window.symbol.clone(),
-            as_of: window.as_of,
-            rows: window.rows,
-            cols: window.cols,
-            values,
-        })
+        self.precision.round(&mut values);
+        let mut normalized = StockWindow::new(&window.symbol, window.as_of, window.rows, window.cols, values);
+        normalized.precision = self.precision;
+        Ok(normalized)
     }
 }
 
@@ -159,13 +165,7 @@ mod tests {
     }
 
     fn window(values: Vec<f32>) -> StockWindow {
-        StockWindow {
-            symbol: "S0001".into(),
-            as_of: NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"),
-            rows: 2,
-            cols: 2,
-            values,
-        }
+        StockWindow::new("S0001", NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"), 2, 2, values)
     }
 
     #[test]
@@ -173,6 +173,23 @@ mod tests {
         let out = normalizer().normalize(&window(vec![1.0, -2.0, 5.0, -1.0])).expect("normalised");
         assert_eq!(out.values, vec![0.0, 0.0, 2.0, 2.0]);
         assert_eq!((out.rows, out.cols, out.symbol.as_str()), (2, 2, "S0001"));
+    }
+
+    #[test]
+    fn windows_travel_in_bf16_or_fp16_rounded_to_nearest_even() {
+        // z = (1 + 2/3 - 1) / 2 = 1/3 (in f32: 0.33333337), which neither format holds.
+        let x = vec![1.0 + 2.0 / 3.0, -2.0, 1.0, -2.0];
+        let exact = normalizer().normalize(&window(x.clone())).expect("normalised");
+        assert_eq!(exact.precision, WindowPrecision::Fp32);
+        assert!((exact.values[0] - 1.0 / 3.0).abs() < 1e-6, "{}", exact.values[0]);
+        // bf16 0x3EAB (0.333984375) and fp16 0x3555 (0.333251953125), as f32
+        // bits: 1/3 rounded to nearest, as libtorch converts it.
+        let (bf16, fp16) = (f32::from_bits(0x3EAB_0000), f32::from_bits(0x3EAA_A000));
+        for (precision, third) in [(WindowPrecision::Bf16, bf16), (WindowPrecision::Fp16, fp16)] {
+            let out = normalizer().with_precision(precision).normalize(&window(x.clone())).expect("normalised");
+            assert_eq!(out.precision, precision);
+            assert_eq!(out.values, vec![third, 0.0, 0.0, 0.0], "{precision:?}");
+        }
     }
 
     #[test]

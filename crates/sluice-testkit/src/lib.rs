@@ -422,13 +422,13 @@ pub fn reference_predictions(
         let mut input = Vec::with_capacity(chunk.len() * metadata.sample_len());
         for (_, request) in chunk {
             let values = source.window(request, shape).expect("window");
-            let window = sluice_messages::envelope::StockWindow {
-                symbol: request.symbol.clone(),
-                as_of: request.as_of,
-                rows: shape.days as u32,
-                cols: shape.features as u32,
+            let window = sluice_messages::envelope::StockWindow::new(
+                &request.symbol,
+                request.as_of,
+                shape.days as u32,
+                shape.features as u32,
                 values,
-            };
+            );
             input.extend(normalizer.normalize(&window).expect("normalise").values);
         }
         let y = model.forward(&sluice_model::Batch::Windows(input), chunk.len()).expect("forward");

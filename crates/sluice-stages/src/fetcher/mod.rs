@@ -107,7 +107,7 @@ impl Fetcher {
 }
 
 fn window(symbol: &str, as_of: NaiveDate, shape: WindowShape, values: Vec<f32>) -> StockWindow {
-    StockWindow { symbol: symbol.to_string(), as_of, rows: shape.days as u32, cols: shape.features as u32, values }
+    StockWindow::new(symbol, as_of, shape.days as u32, shape.features as u32, values)
 }
 
 /// What became of one input (or one step of a backfill) before the source is asked.

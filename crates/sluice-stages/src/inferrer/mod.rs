@@ -99,6 +99,12 @@ pub trait Task: Send + Sync + 'static {
     /// The row of one input, or why the model cannot take it.
     fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<Self::Row, StageError>;
 
+    /// Whether the model, run as `config` says, may take `row` (a stock
+    /// window in a lower precision than the model computes in may not).
+    fn check_input(_row: &Self::Row, _config: &ModelConfig) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// The cache key of a row under a model's name and version.
     fn cache_key(row: &Self::Row, model: &str, version: &str) -> CacheKey;
 
@@ -217,7 +223,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
                     continue;
                 }
             };
-            match T::accept(payload, &metadata) {
+            match T::accept(payload, &metadata).and_then(|row| T::check_input(&row, served.config()).map(|()| row)) {
                 Ok(row) => rows.push((i, header, row)),
                 Err(e) => outputs.push(dead_letter(i, &e, Some(header.event_id))),
             }

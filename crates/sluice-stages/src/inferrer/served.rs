@@ -64,6 +64,11 @@ impl<L: ModelLoader> ServedModel<L> {
         &self.runner
     }
 
+    /// How the model is run (the configured version, not the serving one).
+    pub(crate) fn config(&self) -> &ModelConfig {
+        &self.model
+    }
+
     pub(crate) fn stats(&self) -> &Arc<InferrerStats> {
         &self.stats
     }

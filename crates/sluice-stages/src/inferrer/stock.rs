@@ -5,8 +5,8 @@ use std::path::Path;
 use sluice_control::Settings;
 use sluice_control::cache::CacheKey;
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Payload, StockPrediction, StockWindow};
-use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata};
+use sluice_messages::envelope::{Payload, StockPrediction, StockWindow, WindowPrecision};
+use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata, Precision};
 
 use super::{Answer, Task};
 use crate::StageError;
@@ -19,6 +19,18 @@ pub struct StockTask;
 /// The outputs a stock model must have.
 const OUTPUTS: [&str; 2] = ["predicted_return", "confidence"];
 
+/// Whether windows travelling in `window` give a model computing in `model`
+/// the very inputs it would make of `f32` windows: `f32`, or the model's own
+/// precision (rounding to bf16 through fp16, or the other way, is not).
+pub fn lossless(window: WindowPrecision, model: Precision) -> bool {
+    matches!(
+        (window, model),
+        (WindowPrecision::Fp32, _)
+            | (WindowPrecision::Bf16, Precision::Bf16)
+            | (WindowPrecision::Fp16, Precision::Fp16)
+    )
+}
+
 impl Task for StockTask {
     const STAGE: &'static str = "inferrer";
     const KIND: ModelKind = ModelKind::Stock;
@@ -27,6 +39,7 @@ impl Task for StockTask {
         Reason::UndecodableEnvelope,
         Reason::UnexpectedPayload,
         Reason::InvalidWindowShape,
+        Reason::LossyInput,
         Reason::ModelError,
         Reason::NonFinitePrediction,
         Reason::PredictionOutOfRange,
@@ -74,6 +87,16 @@ impl Task for StockTask {
             }),
             other => Err(StageError::UnexpectedPayload { expected: "normalized", got: other.kind() }),
         }
+    }
+
+    fn check_input(row: &StockWindow, config: &ModelConfig) -> Result<(), StageError> {
+        if lossless(row.precision, config.precision) || config.accept_lossy_inputs {
+            return Ok(());
+        }
+        Err(StageError::LossyInput {
+            input: format!("{:?}", row.precision).to_lowercase(),
+            model: format!("{:?}", config.precision).to_lowercase(),
+        })
     }
 
     fn cache_key(row: &StockWindow, model: &str, version: &str) -> CacheKey {

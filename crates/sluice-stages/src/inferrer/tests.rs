@@ -13,9 +13,11 @@ use sluice_control::Settings;
 use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Envelope, Payload, StockPrediction, StockWindow};
+use sluice_messages::envelope::{Envelope, Payload, StockPrediction, StockWindow, WindowPrecision};
 use sluice_model::metadata::{Normalization, OutputSpec};
-use sluice_model::{Batch, Inference, ModelConfig, ModelError, ModelKind, ModelLoader, ModelMetadata, ModelRunner};
+use sluice_model::{
+    Batch, Inference, ModelConfig, ModelError, ModelKind, ModelLoader, ModelMetadata, ModelRunner, Precision,
+};
 use tokio::sync::watch;
 
 use super::{Inferrer, InferrerStats};
@@ -158,13 +160,13 @@ fn batch(n: usize, poisoned: &[usize]) -> Vec<Incoming> {
         .map(|i| {
             let mut values = vec![0.25; DAYS * FEATURES];
             values[0] = if poisoned.contains(&i) { POISON } else { i as f32 };
-            let window = StockWindow {
-                symbol: format!("S{i:04}"),
-                as_of: NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
-                rows: DAYS as u32,
-                cols: FEATURES as u32,
+            let window = StockWindow::new(
+                &format!("S{i:04}"),
+                NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
+                DAYS as u32,
+                FEATURES as u32,
                 values,
-            };
+            );
             let envelope = Envelope::new(&format!("e{i}"), Payload::Normalized(window));
             Incoming::new("in", 0, i as i64, codec::encode(&envelope))
         })
@@ -270,4 +272,51 @@ async fn a_new_version_is_switched_in_and_bad_ones_are_refused() {
     assert_eq!((stats.switches.load(Ordering::Relaxed), stats.serving_version()), (1, "2".to_string()));
     let (answers, _) = outcome(&stage.process(&batch(1, &[])).await.expect("process"));
     assert_eq!(answers[0].1.predicted_return, 1.0, "version 2 answers");
+}
+
+#[tokio::test]
+async fn windows_in_a_lower_precision_than_the_model_are_refused_unless_accepted() {
+    let bf16_batch = |n: usize| -> Vec<Incoming> {
+        (0..n)
+            .map(|i| {
+                let mut window = StockWindow::new(
+                    &format!("S{i:04}"),
+                    NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),
+                    DAYS as u32,
+                    FEATURES as u32,
+                    vec![0.25; DAYS * FEATURES],
+                );
+                window.precision = WindowPrecision::Bf16;
+                Incoming::new(
+                    "in",
+                    0,
+                    i as i64,
+                    codec::encode(&Envelope::new(&format!("e{i}"), Payload::Normalized(window))),
+                )
+            })
+            .collect()
+    };
+    let cases = [
+        (Precision::Fp32, false, Some(Reason::LossyInput)),
+        (Precision::Fp16, false, Some(Reason::LossyInput)),
+        (Precision::Fp32, true, None),
+        (Precision::Bf16, false, None),
+    ];
+    for (precision, accept_lossy_inputs, refused) in cases {
+        let loader = FakeLoader::new(usize::MAX);
+        let runner = loader.load(config()).await.expect("version 1");
+        let model = ModelConfig { precision, accept_lossy_inputs, ..config() };
+        let stats = Arc::new(InferrerStats::default());
+        let mut stage = Inferrer::new(loader.clone(), runner, model, watch::channel(settings()).1, None, "out", stats)
+            .expect("stage");
+        let (answers, dead) = outcome(&stage.process(&bf16_batch(3)).await.expect("the batch succeeds"));
+        let case = format!("{precision:?} model, accept_lossy_inputs {accept_lossy_inputs}");
+        match refused {
+            Some(reason) => {
+                assert_eq!(dead, vec![(0, reason), (1, reason), (2, reason)], "{case}");
+                assert!(answers.is_empty() && loader.calls.lock().expect("lock").is_empty(), "{case}: the model ran");
+            }
+            None => assert!(dead.is_empty() && answers.len() == 3, "{case}: {dead:?}"),
+        }
+    }
 }
