@@ -170,6 +170,8 @@ struct LightModel {
 #[derive(Debug, Serialize)]
 struct Report {
     measured_on: String,
+    /// Runs redone because a stage exited during them, and why.
+    redone_runs: Vec<String>,
     machine: String,
     /// Where the model ran (`cpu`, `cuda:0`) and in what precision.
     device: String,
@@ -196,11 +198,29 @@ where
     Fut: Future<Output = anyhow::Result<Point>>,
 {
     let mut points = Vec::with_capacity(repeats.max(1));
-    for _ in 0..repeats.max(1) {
-        points.push(measure().await?);
+    let mut redone = 0;
+    while points.len() < repeats.max(1) {
+        match measure().await {
+            Ok(point) => points.push(point),
+            // A stage that exited mid-run (seen on tansu about once in 40
+            // runs) spoils that run only: it is redone, and the report lists it.
+            Err(e) if redone < MAX_REDONE && e.to_string().contains(" exited (") => {
+                redone += 1;
+                tracing::warn!(error = %e, "a stage exited during a run; the run is redone");
+                REDONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(median(points))
 }
+
+/// Runs redone per point at most, before the benchmark gives up.
+const MAX_REDONE: usize = 2;
+
+/// Why each redone run was redone, for the report: the first line of the
+/// error, with the stage's log kept under the temporary folder.
+static REDONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// The median of a point's runs (see [`repeated`]), with every run's rate.
 fn median(mut points: Vec<Point>) -> Point {
@@ -266,6 +286,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
 
     let report = Report {
         measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        redone_runs: REDONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
         machine: format!(
             "{} cores, CPU only, everything (broker, stages, benchmark) on the same cores",
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -395,15 +416,16 @@ fn stage_env(config: &SluiceConfig, inferrer_batch: usize, inferrer_wait_ms: u64
 /// and a rate taken in the middle (from 10% to 90% of the last stage, as at
 /// first) then saw only the slow stage at work and overstated the pipeline.
 async fn drain(
-    cluster: &LocalCluster,
+    cluster: &mut LocalCluster,
     kind: StageKind,
     events: usize,
 ) -> anyhow::Result<(f64, Vec<ProcessUse>, Option<f64>)> {
     const ACKNOWLEDGED: &str = "sluice_stage_events_acknowledged_total";
     let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
-    let cpu =
-        || -> Vec<ThreadCpu> { cluster.processes().into_iter().map(|(_, pid)| thread_cpu_seconds(pid)).collect() };
+    // The processes do not change during a drain (one that exits ends it).
+    let pids: Vec<u32> = cluster.processes().into_iter().map(|(_, pid)| pid).collect();
+    let cpu = || -> Vec<ThreadCpu> { pids.iter().map(|pid| thread_cpu_seconds(*pid)).collect() };
     let start = cpu();
     let inferrer = cluster.processes().iter().position(|(name, _)| name == StageKind::Inferrer.name());
     let mut began: Option<(Instant, Vec<ThreadCpu>)> = None;
@@ -446,6 +468,8 @@ async fn drain(
             return Ok((rate, processes, busy));
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
+        // A stage that exits would leave the drain waiting out its deadline.
+        cluster.check_running("draining")?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -473,7 +497,7 @@ async fn inferrer_point(
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
     publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
     cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(&config, size, 5)).await?;
-    let (per_s, processes, model_busy) = drain(&cluster, StageKind::Inferrer, incoming.len()).await?;
+    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Inferrer, incoming.len()).await?;
     tracing::info!(size, per_s, ?model_busy, "inferrer through the broker");
     Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
@@ -497,7 +521,7 @@ async fn pipeline_point(config: &SluiceConfig, size: usize, events: usize, every
         }
     }
     cluster.start_stages(&config, &StageKind::ALL, &env).await?;
-    let (per_s, processes, model_busy) = drain(&cluster, StageKind::Writer, events).await?;
+    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Writer, events).await?;
     tracing::info!(size, every_stage, per_s, "pipeline");
     Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
@@ -795,6 +819,19 @@ fn markdown(report: &Report, options: &Options) -> String {
         ));
     }
     md.push_str(&busy_markdown(report));
+    if !report.redone_runs.is_empty() {
+        md.push_str(&format!(
+            "\n## Runs redone\n\n{} run(s) were redone because a stage process exited during them \
+             (the figures above are of the runs that completed):\n\n",
+            report.redone_runs.len()
+        ));
+        for why in &report.redone_runs {
+            // What exited, and the last line its log had.
+            let first = why.lines().next().unwrap_or_default();
+            let last = why.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+            md.push_str(&format!("- {first} `{last}`\n"));
+        }
+    }
     if let Some(light) = &report.light_model {
         md.push_str(&light_markdown(light));
     }
@@ -861,7 +898,7 @@ fn light_markdown(light: &LightModel) -> String {
          the model at batch size ≥ 64, the Kafka client included; in memory ≥ 100,000 events/s.\n\n\
          | batch size | raw model | inferrer, in memory | inferrer through the broker | inferrer CPU µs/event | Kafka client | model | the rest | outside the model |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        light.dir.display()
+        light.dir.file_name().map_or_else(|| light.dir.display().to_string(), |n| n.to_string_lossy().into_owned())
     );
     for raw in &light.raw_model {
         let size = raw.batch_size;

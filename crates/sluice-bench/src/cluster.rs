@@ -25,6 +25,8 @@ pub struct LocalCluster {
     pub brokers: String,
     /// Topic and group prefix of this run.
     pub run: String,
+    /// Where each stage's log goes (`{stage}.log`), to say why one exited.
+    pub logs: std::path::PathBuf,
 }
 
 impl Drop for LocalCluster {
@@ -33,6 +35,7 @@ impl Drop for LocalCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.logs);
     }
 }
 
@@ -45,7 +48,8 @@ impl LocalCluster {
         config.kafka.brokers = brokers.clone();
         config.topics = config.topics.prefixed(run);
         create_topics(&config.kafka, &config.topics.specs()).await?;
-        Ok(Self { broker, stages: Vec::new(), ports: Vec::new(), brokers, run: run.to_string() })
+        let logs = sluice_testkit::temp_dir(&format!("bench-{run}"));
+        Ok(Self { broker, stages: Vec::new(), ports: Vec::new(), brokers, run: run.to_string(), logs })
     }
 
     /// Every process of the cluster, (name, pid): `tansu` first, then the stages.
@@ -55,10 +59,21 @@ impl LocalCluster {
             .collect()
     }
 
-    /// An error if a stage has exited.
+    /// An error if a stage has exited, with the end of its log.
     pub fn check_running(&mut self, while_doing: &str) -> anyhow::Result<()> {
         for (name, child) in &mut self.stages {
-            anyhow::ensure!(child.try_wait()?.is_none(), "{name} exited while {while_doing}");
+            if let Some(status) = child.try_wait()? {
+                let path = self.logs.join(format!("{name}.log"));
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
+                // Kept: the cluster's folder goes when it is dropped.
+                let kept = std::env::temp_dir().join(format!("sluice-bench-{}-{name}.log", self.run));
+                let _ = std::fs::copy(&path, &kept);
+                anyhow::bail!(
+                    "{name} exited ({status}) while {while_doing}; its log ({}) ends:\n{}",
+                    kept.display(),
+                    sluice_testkit::tail(&log, 20)
+                );
+            }
         }
         Ok(())
     }
@@ -111,8 +126,10 @@ impl LocalCluster {
             .env("SLUICE_KAFKA__GROUP_PREFIX", &self.run)
             .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
+            // An error's message, not a backtrace, ends the log of a stage that exits.
+            .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(self.logs.join(format!("{}.log", kind.name())))?);
         for (key, name) in config.topics.names() {
             command.env(format!("SLUICE_TOPICS__{}", key.to_uppercase()), name);
         }
