@@ -288,8 +288,9 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
         measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         redone_runs: REDONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
         machine: format!(
-            "{} cores, CPU only, everything (broker, stages, benchmark) on the same cores",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "{} cores, {}, everything (broker, stages, benchmark) on the same cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            if device == "cpu" { "CPU only" } else { "the model on a GPU" }
         ),
         device,
         precision: format!("{:?}", config.inferrer.model.precision).to_lowercase(),
@@ -756,12 +757,14 @@ fn markdown(report: &Report, options: &Options) -> String {
         md.push_str(&format!(
             "\n## Where the time goes (pipeline at its best batch size, {b})\n\n\
              CPU milliseconds per 1000 events by process, from the stages' start to the last event\n\
-             (two cores: 2000 ms of CPU per second of wall time at most), split by thread: the Kafka\n\
+             ({cores} cores: {cpu_ms} ms of CPU per second of wall time at most), split by thread: the Kafka\n\
              client (librdkafka's threads), the model thread (libtorch), and the rest (the async\n\
              runtime: decoding and encoding envelopes, the stage's own work, metrics):\n\n\
              | process | CPU ms / 1000 events | Kafka client | model | the rest | peak RSS (MiB) |\n\
              |---|---:|---:|---:|---:|---:|\n",
-            b = best.batch_size
+            b = best.batch_size,
+            cores = std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_ms = std::thread::available_parallelism().map_or(1, |n| n.get()) * 1000,
         ));
         let mut total = 0.0;
         for p in &best.processes {
