@@ -17,7 +17,7 @@ use sluice_messages::envelope::WindowPrecision;
 use sluice_model::{ModelConfig, ModelKind};
 use sluice_postgres::PostgresConfig;
 use sluice_stages::fetcher::SyntheticConfig;
-use sluice_stages::inferrer::stock::lossless;
+use sluice_stages::inferrer::stock::admits;
 
 const DEFAULTS: &str = include_str!("default.toml");
 
@@ -382,7 +382,7 @@ impl SluiceConfig {
             return Err(invalid("normalizer.max_query_bytes", "outside 1..=1048576"));
         }
         let (window, model) = (self.normalizer.window_precision, &self.inferrer.model);
-        if !lossless(window, model.precision) && !model.accept_lossy_inputs {
+        if !admits(window, model) {
             return Err(invalid(
                 "normalizer.window_precision",
                 format!(

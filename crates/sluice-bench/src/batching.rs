@@ -425,10 +425,10 @@ async fn drain(
     let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
     // The processes do not change during a drain (one that exits ends it).
-    let pids: Vec<u32> = cluster.processes().into_iter().map(|(_, pid)| pid).collect();
-    let cpu = || -> Vec<ThreadCpu> { pids.iter().map(|pid| thread_cpu_seconds(*pid)).collect() };
+    let processes = cluster.processes();
+    let cpu = || -> Vec<ThreadCpu> { processes.iter().map(|(_, pid)| thread_cpu_seconds(*pid)).collect() };
     let start = cpu();
-    let inferrer = cluster.processes().iter().position(|(name, _)| name == StageKind::Inferrer.name());
+    let inferrer = processes.iter().position(|(name, _)| name == StageKind::Inferrer.name());
     let mut began: Option<(Instant, Vec<ThreadCpu>)> = None;
     // The first acknowledgement came after the previous look: the rate is
     // taken from then, a lower bound (a fast stage can drain a small backlog
@@ -449,24 +449,23 @@ async fn drain(
             let end = cpu();
             let busy = inferrer.map(|i| (end[i].model - at_first[i].model) / seconds);
             let per_1000 = |seconds: f64| seconds * 1e6 / done;
-            let processes = cluster
-                .processes()
-                .into_iter()
+            let uses = processes
+                .iter()
                 .zip(end.iter().zip(&start))
                 .map(|((name, pid), (end, start))| {
                     let (kafka, model, other) =
                         (end.kafka - start.kafka, end.model - start.model, end.other - start.other);
                     ProcessUse {
-                        name,
+                        name: name.clone(),
                         cpu_ms_per_1000_events: per_1000(kafka + model + other),
                         kafka_client_ms_per_1000_events: per_1000(kafka),
                         model_ms_per_1000_events: per_1000(model),
                         other_ms_per_1000_events: per_1000(other),
-                        peak_rss_mib: rss_bytes(pid).1 as f64 / (1 << 20) as f64,
+                        peak_rss_mib: rss_bytes(*pid).1 as f64 / (1 << 20) as f64,
                     }
                 })
                 .collect();
-            return Ok((rate, processes, busy));
+            return Ok((rate, uses, busy));
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
         // A stage that exits would leave the drain waiting out its deadline.

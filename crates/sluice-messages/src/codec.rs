@@ -49,7 +49,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, MessageError> {
 fn approx_payload_len(envelope: &Envelope) -> usize {
     use crate::envelope::Payload;
     match &envelope.payload {
-        Payload::Fetched(w) | Payload::Normalized(w) => w.values.len() * 4,
+        Payload::Fetched(w) | Payload::Normalized(w) => w.values.len() * w.precision.width(),
         Payload::Query(q) => q.text.len(),
         Payload::Prediction(_) => 64,
         Payload::Tokens(t) => t.text.len() + t.ids.len() * 4,

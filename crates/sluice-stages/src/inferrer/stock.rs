@@ -19,16 +19,19 @@ pub struct StockTask;
 /// The outputs a stock model must have.
 const OUTPUTS: [&str; 2] = ["predicted_return", "confidence"];
 
-/// Whether windows travelling in `window` give a model computing in `model`
-/// the very inputs it would make of `f32` windows: `f32`, or the model's own
-/// precision (rounding to bf16 through fp16, or the other way, is not).
-pub fn lossless(window: WindowPrecision, model: Precision) -> bool {
-    matches!(
-        (window, model),
-        (WindowPrecision::Fp32, _)
-            | (WindowPrecision::Bf16, Precision::Bf16)
-            | (WindowPrecision::Fp16, Precision::Fp16)
-    )
+/// Whether a model run as `config` says may take windows that travelled in
+/// `window`: windows that give it the very inputs it would make of `f32` ones
+/// (`f32`, or the model's own precision; rounding to bf16 through fp16, or
+/// the other way, does not), or any when `accept_lossy_inputs` says so. The
+/// configuration and the inferrer both ask this.
+pub fn admits(window: WindowPrecision, config: &ModelConfig) -> bool {
+    config.accept_lossy_inputs
+        || matches!(
+            (window, config.precision),
+            (WindowPrecision::Fp32, _)
+                | (WindowPrecision::Bf16, Precision::Bf16)
+                | (WindowPrecision::Fp16, Precision::Fp16)
+        )
 }
 
 impl Task for StockTask {
@@ -90,7 +93,7 @@ impl Task for StockTask {
     }
 
     fn check_input(row: &StockWindow, config: &ModelConfig) -> Result<(), StageError> {
-        if lossless(row.precision, config.precision) || config.accept_lossy_inputs {
+        if admits(row.precision, config) {
             return Ok(());
         }
         Err(StageError::LossyInput {
