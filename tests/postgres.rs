@@ -7,7 +7,9 @@ use sluice_postgres::PostgresConfig;
 use sluice_postgres::history::PgHistory;
 use sluice_postgres::migrate::migrate;
 use sluice_postgres::seed::seed;
-use sluice_stages::fetcher::{HistorySource, SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::fetcher::{
+    HistorySource, SyntheticConfig, SyntheticHistory, SyntheticSource, WindowRequest, WindowShape,
+};
 use sluice_testkit::{
     Broker, LOCAL_POSTGRES, StageProcess, free_port, heavy_test_lock, sluice, temp_dir, unique, unique_schema,
     wait_for_http, write_config,
@@ -46,10 +48,10 @@ impl Schema {
 async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
     let schema = Schema::new("pg_windows").await;
     let end = date(2024, 5, 31);
-    let rows = seed(&schema.pool, 5, 60, end, SHAPE.features).await.expect("seed");
+    let rows = seed(&schema.pool, 5, 60, end, SHAPE.features, SyntheticHistory::Noise).await.expect("seed");
     assert_eq!(rows, 5 * 60);
     // Seeding again replaces rather than duplicates.
-    seed(&schema.pool, 5, 60, end, SHAPE.features).await.expect("seed again");
+    seed(&schema.pool, 5, 60, end, SHAPE.features, SyntheticHistory::Noise).await.expect("seed again");
     let client = schema.pool.get().await.expect("client");
     let count: i64 = client.query_one("SELECT count(*) FROM features", &[]).await.expect("count").get(0);
     assert_eq!(count, 300);
@@ -61,7 +63,11 @@ async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
             .collect();
     let history = PgHistory::new(schema.pool.clone());
     let fetched = history.fetch(&requests, SHAPE).await.expect("fetch");
-    let synthetic = SyntheticSource::new(SyntheticConfig { universe: 5, history_start: date(2000, 1, 1) });
+    let synthetic = SyntheticSource::new(SyntheticConfig {
+        universe: 5,
+        history_start: date(2000, 1, 1),
+        ..SyntheticConfig::default()
+    });
     for (request, window) in requests.iter().zip(fetched) {
         let window = window.expect("enough history");
         let by_hand: Vec<f32> = client
@@ -92,7 +98,7 @@ async fn fetched_windows_equal_a_hand_written_query_and_the_synthetic_source() {
 #[tokio::test]
 async fn short_or_missing_history_is_insufficient_history() {
     let schema = Schema::new("pg_short").await;
-    seed(&schema.pool, 2, 40, date(2024, 5, 31), SHAPE.features).await.expect("seed");
+    seed(&schema.pool, 2, 40, date(2024, 5, 31), SHAPE.features, SyntheticHistory::Noise).await.expect("seed");
     let history = PgHistory::new(schema.pool.clone());
     let requests = vec![
         // 40 trading days up to 2024-05-31 start on 2024-04-08: 9 of them by 2024-04-18.
@@ -107,6 +113,38 @@ async fn short_or_missing_history_is_insufficient_history() {
     let missing = results[1].as_ref().expect_err("missing");
     assert_eq!(missing.reason(), "insufficient_history");
     assert!(results[2].is_ok(), "one bad request does not fail the others");
+    schema.drop_it().await;
+}
+
+/// A backfill's series read from PostgreSQL: each step's window, cut from the
+/// series, equals the window fetched alone for its date, also around a day
+/// the table has no row for (a holiday), which shifts every window across it.
+#[tokio::test]
+async fn a_backfill_series_equals_its_windows_fetched_one_by_one_across_a_missing_day() {
+    use sluice_core::{Incoming, Output, Stage};
+    use sluice_messages::codec;
+    use sluice_messages::envelope::Payload;
+    use sluice_stages::Fetcher;
+
+    let schema = Schema::new("pg_series").await;
+    seed(&schema.pool, 1, 120, date(2024, 6, 28), SHAPE.features, SyntheticHistory::Noise).await.expect("seed");
+    let client = schema.pool.get().await.expect("client");
+    assert_eq!(client.execute("DELETE FROM features WHERE trade_date = '2024-05-27'", &[]).await.expect("delete"), 1);
+    drop(client);
+    let history = PgHistory::new(schema.pool.clone());
+    let mut fetcher = Fetcher::new(Box::new(history.clone()), SHAPE, "fetched");
+    let json =
+        r#"{"kind":"stock","event_id":"b-1","symbol":"S0000","from":"2024-04-01","as_of":"2024-06-28","stride":5}"#;
+    let outputs = fetcher.process(&[Incoming::new("requests", 0, 0, json.as_bytes().to_vec())]).await.expect("fetched");
+    let [Output::Send { payload, .. }] = &outputs[..] else { panic!("one series: {outputs:?}") };
+    let Payload::FetchedSeries(series) = codec::decode(payload).expect("envelope").payload else { panic!("a series") };
+    assert_eq!(series.steps.len(), 13);
+    assert!(series.steps.iter().any(|s| s.as_of == date(2024, 5, 27)), "a step on the missing day");
+    for step in &series.steps {
+        let request = WindowRequest { symbol: "S0000".into(), as_of: step.as_of };
+        let alone = history.fetch(&[request], SHAPE).await.expect("fetch").remove(0).expect("window");
+        assert_eq!(series.step_values(step), Some(&alone[..]), "{}", step.event_id);
+    }
     schema.drop_it().await;
 }
 
@@ -655,7 +693,7 @@ async fn database_errors_say_what_happened() {
 #[tokio::test]
 async fn a_history_row_of_the_wrong_width_names_its_symbol_and_date() {
     let schema = Schema::new("pg_short_row").await;
-    seed(&schema.pool, 1, 40, date(2024, 5, 31), SHAPE.features).await.expect("seed");
+    seed(&schema.pool, 1, 40, date(2024, 5, 31), SHAPE.features, SyntheticHistory::Noise).await.expect("seed");
     let client = schema.pool.get().await.expect("client");
     let short = sluice_postgres::packed::pack(&[0.5; 104]);
     client

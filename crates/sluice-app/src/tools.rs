@@ -56,7 +56,9 @@ pub async fn db_seed(config: &SluiceConfig, symbols: usize, days: usize, end: ch
     let model = &config.inferrer.model;
     let metadata = sluice_model::ModelMetadata::load(&model.version_dir(&model.version))?;
     let started = std::time::Instant::now();
-    let rows = sluice_postgres::seed::seed(&pool, symbols, days, end, metadata.features()).await?;
+    let rows =
+        sluice_postgres::seed::seed(&pool, symbols, days, end, metadata.features(), config.fetcher.synthetic.history)
+            .await?;
     writeln!(std::io::stdout(), "seeded {rows} rows in {:.1} s", started.elapsed().as_secs_f64())?;
     Ok(())
 }

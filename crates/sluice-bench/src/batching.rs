@@ -33,6 +33,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -77,7 +78,7 @@ pub fn light_fixture() -> Option<PathBuf> {
 
 /// Throughput at one batch size: the median of its runs.
 #[derive(Debug, Clone, Serialize)]
-struct Point {
+pub(crate) struct Point {
     batch_size: usize,
     events_per_s: f64,
     /// Every run's events/s, in the order measured (the median's spread).
@@ -92,7 +93,7 @@ struct Point {
     /// Per process (through the broker only): CPU per 1000 events from the
     /// stages' start to the last event, and peak resident MiB.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    processes: Vec<ProcessUse>,
+    pub(crate) processes: Vec<ProcessUse>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -103,9 +104,9 @@ struct Percentiles {
 }
 
 #[derive(Debug, Clone, Serialize)]
-struct ProcessUse {
-    name: String,
-    cpu_ms_per_1000_events: f64,
+pub(crate) struct ProcessUse {
+    pub(crate) name: String,
+    pub(crate) cpu_ms_per_1000_events: f64,
     /// Of which the Kafka client's threads (librdkafka), the model thread, and
     /// the rest (the async runtime: decoding, encoding, the stage's own work).
     kafka_client_ms_per_1000_events: f64,
@@ -192,7 +193,7 @@ struct Report {
 
 /// Measures a point `repeats` times; the median run (the upper of the two
 /// middle ones for an even count), with every run's rate.
-async fn repeated<F, Fut>(repeats: usize, mut measure: F) -> anyhow::Result<Point>
+pub(crate) async fn repeated<F, Fut>(repeats: usize, mut measure: F) -> anyhow::Result<Point>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Point>>,
@@ -214,6 +215,9 @@ where
     }
     Ok(median(points))
 }
+
+/// Pipeline runs so far: each names its topics and groups apart.
+static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs redone per point at most, before the benchmark gives up.
 const MAX_REDONE: usize = 2;
@@ -261,9 +265,14 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
     let broker = inferrer_through_broker(&config, &options, &incoming).await?;
     let mut pipeline = Vec::new();
     for &size in &options.sizes {
-        pipeline.push(repeated(repeats, || pipeline_point(&config, size, options.events, false)).await?);
+        pipeline.push(repeated(repeats, || pipeline_point(&config, size, options.events, &[])).await?);
     }
-    let one_at_a_time = repeated(repeats, || pipeline_point(&config, 1, options.events.min(3000), true)).await?;
+    // One at a time: every stage's batch size 1.
+    let one: Vec<(String, String)> = ["FETCHER", "NORMALIZER", "WRITER"]
+        .iter()
+        .map(|stage| (format!("SLUICE_{stage}__BATCH__MAX_BATCH_SIZE"), "1".to_string()))
+        .collect();
+    let one_at_a_time = repeated(repeats, || pipeline_point(&config, 1, options.events.min(3000), &one)).await?;
     let mut latency = Vec::new();
     for &wait in &options.waits {
         latency.push(low_load_latency(&config, wait, options.low_load_rate, &raw).await?);
@@ -287,11 +296,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
     let report = Report {
         measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         redone_runs: REDONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
-        machine: format!(
-            "{} cores, {}, everything (broker, stages, benchmark) on the same cores",
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-            if device == "cpu" { "CPU only" } else { "the model on a GPU" }
-        ),
+        machine: format!("{}, {}", machine(), if device == "cpu" { "CPU only" } else { "the model on a GPU" }),
         device,
         precision: format!("{:?}", config.inferrer.model.precision).to_lowercase(),
         intra_op_threads: threads,
@@ -502,10 +507,24 @@ async fn inferrer_point(
     Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
 
-/// Scenario 4 (and one-at-a-time): the four stages on a backlog of requests.
-async fn pipeline_point(config: &SluiceConfig, size: usize, events: usize, every_stage: bool) -> anyhow::Result<Point> {
+/// The cores, and that everything shares them.
+pub(crate) fn machine() -> String {
+    format!(
+        "{} cores, everything (broker, stages, benchmark) on the same cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    )
+}
+
+/// Scenario 4: the four stages on a backlog of requests, with `extra`
+/// (`SLUICE_…` settings) on top of the benchmark's.
+pub(crate) async fn pipeline_point(
+    config: &SluiceConfig,
+    size: usize,
+    events: usize,
+    extra: &[(String, String)],
+) -> anyhow::Result<Point> {
     let mut config = config.clone();
-    let run = format!("batching{}p{size}{}", std::process::id(), if every_stage { "all" } else { "" });
+    let run = format!("batching{}p{size}{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
     let requests = generate(&run, events, 0, SyntheticConfig::default().universe);
     publish(
@@ -515,14 +534,10 @@ async fn pipeline_point(config: &SluiceConfig, size: usize, events: usize, every
     )
     .await?;
     let mut env = stage_env(&config, size, 5);
-    if every_stage {
-        for stage in ["FETCHER", "NORMALIZER", "WRITER"] {
-            env.push((format!("SLUICE_{stage}__BATCH__MAX_BATCH_SIZE"), "1".into()));
-        }
-    }
+    env.extend_from_slice(extra);
     cluster.start_stages(&config, &StageKind::ALL, &env).await?;
     let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Writer, events).await?;
-    tracing::info!(size, every_stage, per_s, "pipeline");
+    tracing::info!(size, ?extra, per_s, "pipeline");
     Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }
 
@@ -878,7 +893,7 @@ fn busy_markdown(report: &Report) -> String {
 }
 
 /// A median with its spread: `7349 (7012–7701)`.
-fn with_spread(point: &Point) -> String {
+pub(crate) fn with_spread(point: &Point) -> String {
     let (lo, hi) = spread(point);
     if point.runs.len() > 1 {
         format!("{:.0} ({lo:.0}–{hi:.0})", point.events_per_s)

@@ -9,12 +9,14 @@
 //! - [`batching`]: what batching buys, from the raw model to the pipeline.
 //! - [`backlog`]: a backlog drained with bounded memory.
 //! - [`recovery`]: answers again after the inferrer is killed.
+//! - [`compression`]: producer compression by codec, on realistic history.
 //! - [`cluster`]: a local deployment (tansu and stage processes) they share.
 
 pub mod backlog;
 pub mod batching;
 pub mod cache;
 pub mod cluster;
+pub mod compression;
 pub mod postgres;
 pub mod query;
 pub mod recovery;
@@ -22,12 +24,13 @@ pub mod recovery;
 use std::path::Path;
 use std::time::Instant;
 
+use chrono::NaiveDate;
 use sluice_app::config::SluiceConfig;
 use sluice_core::{Incoming, Stage};
 use sluice_messages::codec;
-use sluice_messages::envelope::{Envelope, Payload};
+use sluice_messages::envelope::{Envelope, Payload, StockWindow, WindowPrecision};
 use sluice_model::ModelMetadata;
-use sluice_stages::fetcher::{SyntheticConfig, SyntheticSource, WindowRequest, WindowShape};
+use sluice_stages::fetcher::{SyntheticConfig, SyntheticHistory, SyntheticSource, WindowRequest, WindowShape};
 use sluice_stages::generate::{Expected, generate};
 use sluice_stages::{Inferrer, Normalizer};
 use sluice_torch::TorchLoader;
@@ -35,20 +38,43 @@ use sluice_torch::TorchLoader;
 /// Normalised inputs for `n` distinct events, encoded as the inferrer reads them
 /// (in `normalizer.window_precision`).
 pub(crate) fn inputs(config: &SluiceConfig, n: usize) -> anyhow::Result<Vec<Incoming>> {
+    let requests = job_requests("bench", n);
+    let windows = normalized_windows(config, SyntheticHistory::Noise, config.normalizer.window_precision, &requests)?;
+    Ok(windows.into_iter().enumerate().map(|(i, (_, payload))| Incoming::new("bench", 0, i as i64, payload)).collect())
+}
+
+/// (event id, symbol, as_of) of `n` generated stock events (5,000 symbols).
+pub(crate) fn job_requests(prefix: &str, n: usize) -> Vec<(String, String, NaiveDate)> {
+    generate(prefix, n, 0, 5000)
+        .into_iter()
+        .filter_map(|e| match e.expected {
+            Expected::Prediction { symbol, as_of } => Some((e.event_id, symbol, as_of)),
+            Expected::DeadLetter { .. } | Expected::Intent { .. } => None,
+        })
+        .collect()
+}
+
+/// The synthetic source's window for each (event id, symbol, as_of) of
+/// `requests`, normalised in `precision` and encoded as the inferrer reads it:
+/// (event id, envelope).
+pub(crate) fn normalized_windows(
+    config: &SluiceConfig,
+    history: SyntheticHistory,
+    precision: WindowPrecision,
+    requests: &[(String, String, NaiveDate)],
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let model = &config.inferrer.model;
     let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
     let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig::default());
+    let source = SyntheticSource::new(SyntheticConfig { history, ..SyntheticConfig::default() });
     let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
-    let normalizer =
-        Normalizer::new(stats, metadata.days(), "bench").with_precision(config.normalizer.window_precision);
-    let mut out = Vec::with_capacity(n);
-    for (i, e) in generate("bench", n, 0, 5000).into_iter().enumerate() {
-        let Expected::Prediction { symbol, as_of } = e.expected else { continue };
-        let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of }, shape)?;
-        let window = sluice_messages::envelope::StockWindow::new(&symbol, as_of, 30, 105, values);
-        let envelope = Envelope::new(&e.event_id, Payload::Normalized(normalizer.normalize(&window)?));
-        out.push(Incoming::new("bench", 0, i as i64, codec::encode(&envelope)));
+    let normalizer = Normalizer::new(stats, shape.days, "bench").with_precision(precision);
+    let mut out = Vec::with_capacity(requests.len());
+    for (event_id, symbol, as_of) in requests {
+        let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of: *as_of }, shape)?;
+        let window = StockWindow::new(symbol, *as_of, shape.days as u32, shape.features as u32, values);
+        let envelope = Envelope::new(event_id, Payload::Normalized(normalizer.normalize(&window)?));
+        out.push((event_id.clone(), codec::encode(&envelope)));
     }
     Ok(out)
 }

@@ -133,7 +133,8 @@ pub async fn postgres(
     let seeding = Instant::now();
     let model = &config.inferrer.model;
     let features = sluice_model::ModelMetadata::load(&model.version_dir(&model.version))?.features();
-    let rows = sluice_postgres::seed::seed(&pool, symbols, days, end, features).await?;
+    let rows =
+        sluice_postgres::seed::seed(&pool, symbols, days, end, features, config.fetcher.synthetic.history).await?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
 
     // Broker and stages, each a process of its own.

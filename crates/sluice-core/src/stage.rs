@@ -48,7 +48,10 @@ pub enum Output {
     /// Publish `payload` to `topic`.
     Send { source: usize, topic: Arc<str>, key: Option<Vec<u8>>, payload: Vec<u8> },
     /// The input cannot be processed: publish it to the dead-letter topic.
-    DeadLetter { source: usize, reason: Reason, detail: String, event_id: Option<String> },
+    /// `original`: the bytes to keep (and replay) instead of the input's,
+    /// where the input carries several events and only this one failed (a
+    /// step of a backfill's series: its own window's envelope).
+    DeadLetter { source: usize, reason: Reason, detail: String, event_id: Option<String>, original: Option<Vec<u8>> },
 }
 
 /// A whole batch failed. Poison inputs are not batch failures (they are

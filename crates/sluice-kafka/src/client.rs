@@ -3,12 +3,14 @@
 //! from their beginning without committing anything.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use rdkafka::{ClientContext, Message};
 
 use crate::{KafkaConfig, KafkaRuntimeError};
 
@@ -17,7 +19,9 @@ const WINDOW: usize = 20_000;
 
 /// Publishes records and reports any that the broker did not take.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<Sent>,
+    /// What librdkafka's statistics last said was sent (see [`Sent`]).
+    sent: Arc<AtomicU64>,
     in_flight: VecDeque<(String, DeliveryFuture)>,
     delivered: u64,
 }
@@ -33,9 +37,19 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig, client_id: &str) -> Result<Self, KafkaRuntimeError> {
-        let producer =
-            kafka.producer_config(client_id).create().map_err(|e| KafkaRuntimeError::client("publisher", e))?;
-        Ok(Self { producer, in_flight: VecDeque::new(), delivered: 0 })
+        let sent = Arc::new(AtomicU64::new(0));
+        let producer = kafka
+            .producer_config(client_id)
+            .create_with_context(Sent { bytes: sent.clone() })
+            .map_err(|e| KafkaRuntimeError::client("publisher", e))?;
+        Ok(Self { producer, sent, in_flight: VecDeque::new(), delivered: 0 })
+    }
+
+    /// Bytes sent to the brokers so far (requests and their framing, after
+    /// compression), as of librdkafka's last statistics: 0 unless
+    /// `kafka.producer_properties."statistics.interval.ms"` is set.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Queues one record; waits for the oldest delivery when the window is full.
@@ -77,6 +91,23 @@ impl Publisher {
         self.settle().await?;
         let _ = self.producer.flush(Duration::from_secs(5));
         Ok(self.delivered)
+    }
+}
+
+/// The publisher's callbacks: librdkafka's statistics, for [`Publisher::bytes_sent`].
+struct Sent {
+    bytes: Arc<AtomicU64>,
+}
+
+impl ClientContext for Sent {
+    fn stats_raw(&self, statistics: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Totals {
+            tx_bytes: u64,
+        }
+        if let Ok(totals) = serde_json::from_slice::<Totals>(statistics) {
+            self.bytes.store(totals.tx_bytes, Ordering::Relaxed);
+        }
     }
 }
 

@@ -392,7 +392,7 @@ async fn process_loop<S: Stage>(
                             let detail =
                                 format!("an output of {} bytes is larger than the producer allows", payload.len());
                             let input = &batch.items[source];
-                            let letter = dead_letter(name, input, Reason::OutputTooLarge, detail, None);
+                            let letter = dead_letter(name, input, Reason::OutputTooLarge, detail, None, None);
                             let key = input.key.as_deref();
                             let trace = Some(&hops[source]);
                             (
@@ -403,10 +403,10 @@ async fn process_loop<S: Stage>(
                         Err(e) => return Err(e),
                     }
                 }
-                Output::DeadLetter { source, reason, detail, event_id } => {
+                Output::DeadLetter { source, reason, detail, event_id, original } => {
                     check_source(name, source, batch.items.len())?;
                     let input = &batch.items[source];
-                    let letter = dead_letter(name, input, reason, detail, event_id);
+                    let letter = dead_letter(name, input, reason, detail, event_id, original.as_deref());
                     let (key, trace) = (input.key.as_deref(), Some(&hops[source]));
                     (dead_letter_topic.clone(), enqueue(producer, &dead_letter_topic, key, &letter, trace).await?)
                 }
@@ -438,9 +438,11 @@ fn dead_letter(
     reason: Reason,
     detail: String,
     event_id: Option<String>,
+    original: Option<&[u8]>,
 ) -> Vec<u8> {
     telemetry::dead_lettered(stage, reason, &detail, event_id.as_deref());
-    let kept = input.payload.len().min(MAX_DEAD_LETTER_PAYLOAD);
+    let payload = original.unwrap_or(&input.payload);
+    let kept = payload.len().min(MAX_DEAD_LETTER_PAYLOAD);
     let letter = DeadLetter {
         stage: stage.to_string(),
         reason: reason.as_str().to_string(),
@@ -448,9 +450,9 @@ fn dead_letter(
         source: input.coordinates(),
         event_id,
         key: input.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
-        payload_base64: DeadLetter::encode_payload(&input.payload[..kept]),
-        payload_bytes: input.payload.len() as u64,
-        payload_truncated: kept < input.payload.len(),
+        payload_base64: DeadLetter::encode_payload(&payload[..kept]),
+        payload_bytes: payload.len() as u64,
+        payload_truncated: kept < payload.len(),
         dead_at_ms: sluice_messages::now_ms(),
     };
     serde_json::to_vec(&letter).expect("a DeadLetter always serialises")
@@ -491,8 +493,8 @@ async fn process_with_retry<S: Stage>(
 
 /// Hands one record to librdkafka, waiting while its queue is full; with
 /// `trace`, as its `traceparent` header.
-pub(crate) async fn enqueue(
-    producer: &FutureProducer,
+pub(crate) async fn enqueue<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
@@ -567,7 +569,7 @@ mod tests {
 
     #[test]
     fn dead_letters_carry_the_reason_and_the_original_coordinates() {
-        let json = dead_letter("fetcher", &input(b"{bad".to_vec()), Reason::MalformedJson, "eof".into(), None);
+        let json = dead_letter("fetcher", &input(b"{bad".to_vec()), Reason::MalformedJson, "eof".into(), None, None);
         let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
         assert_eq!(
             (letter.stage.as_str(), letter.reason.as_str(), letter.detail.as_str()),
@@ -582,11 +584,18 @@ mod tests {
     #[test]
     fn a_huge_input_is_cut_so_that_its_dead_letter_stays_publishable() {
         let big = vec![b'x'; 3 * MAX_DEAD_LETTER_PAYLOAD];
-        let json = dead_letter("fetcher", &input(big), Reason::MalformedJson, "eof".into(), None);
+        let json = dead_letter("fetcher", &input(big.clone()), Reason::MalformedJson, "eof".into(), None, None);
         assert!(json.len() < 2 * MAX_DEAD_LETTER_PAYLOAD, "{} bytes", json.len());
         let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
         assert!(letter.payload_truncated);
         assert_eq!(letter.payload_bytes, 3 * MAX_DEAD_LETTER_PAYLOAD as u64);
         assert_eq!(letter.payload().expect("base64").len(), MAX_DEAD_LETTER_PAYLOAD);
+
+        // One event of a large input that carries several keeps its own bytes whole.
+        let own = b"one step's window".as_slice();
+        let json = dead_letter("inferrer", &input(big), Reason::ModelError, "x".into(), Some("b:1".into()), Some(own));
+        let letter: DeadLetter = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!((letter.payload().expect("base64").as_slice(), letter.payload_truncated), (own, false));
+        assert_eq!((letter.payload_bytes, letter.source.offset), (own.len() as u64, 42), "the input's coordinates");
     }
 }

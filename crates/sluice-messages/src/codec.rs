@@ -54,6 +54,10 @@ fn approx_payload_len(envelope: &Envelope) -> usize {
         Payload::Prediction(_) => 64,
         Payload::Tokens(t) => t.text.len() + t.ids.len() * 4,
         Payload::Intent(i) => i.text.len() + 64 * (1 + i.top.len()),
+        Payload::FetchedSeries(s) | Payload::NormalizedSeries(s) => {
+            s.history.values.len() * s.history.precision.width()
+                + s.steps.iter().map(|s| 16 + s.event_id.len()).sum::<usize>()
+        }
     }
 }
 

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 /// Version 2: window values travel as little-endian bytes (version 1 wrote
 /// them as a sequence of floats). Version 3: a window says the number format
 /// its values travel in ([`WindowPrecision`]: 4 bytes each, or 2 for bf16 and
-/// fp16).
-pub const ENVELOPE_VERSION: u8 = 3;
+/// fp16). Version 4: a backfill's history may travel once for all its steps
+/// ([`StockSeries`]).
+pub const ENVELOPE_VERSION: u8 = 4;
 
 /// One event on its way between stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +91,10 @@ pub enum Payload {
     Tokens(QueryTokens),
     /// The query model's answer, from the inferrer.
     Intent(QueryIntent),
+    /// Raw history of several steps of a backfill, from the fetcher.
+    FetchedSeries(StockSeries),
+    /// z-scored history of several steps of a backfill, from the normalizer.
+    NormalizedSeries(StockSeries),
 }
 
 impl Payload {
@@ -102,6 +107,8 @@ impl Payload {
             Self::Prediction(_) => "prediction",
             Self::Tokens(_) => "tokens",
             Self::Intent(_) => "intent",
+            Self::FetchedSeries(_) => "fetched_series",
+            Self::NormalizedSeries(_) => "normalized_series",
         }
     }
 }
@@ -124,6 +131,56 @@ impl StockWindow {
     /// A window whose values travel as `f32`.
     pub fn new(symbol: &str, as_of: NaiveDate, rows: u32, cols: u32, values: Vec<f32>) -> Self {
         Self { symbol: symbol.to_string(), as_of, rows, cols, precision: WindowPrecision::Fp32, values }
+    }
+}
+
+/// Several steps of one backfill with their history carried once: a step's
+/// window is the `window` rows of `history` that end at its `end_row`. A
+/// backfill steps every `stride` trading days over windows of 30, so its
+/// windows share `1 - stride / 30` of their rows; carried one by one, each
+/// row crossed the broker up to `30 / stride` times. The fetcher sends one
+/// where steps overlap, and the inferrer forms the windows where the model
+/// needs them. Each step is its own event, under its own `event_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockSeries {
+    /// Consecutive days of history, oldest first; `as_of` is its last day.
+    pub history: StockWindow,
+    /// Rows per step's window.
+    pub window: u32,
+    /// Oldest first.
+    pub steps: Vec<SeriesStep>,
+}
+
+/// One step of a [`StockSeries`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesStep {
+    pub event_id: String,
+    pub as_of: NaiveDate,
+    /// The history row of `as_of`: the last row of the step's window.
+    pub end_row: u32,
+}
+
+impl StockSeries {
+    /// The values of `step`'s window, if the series holds all of its rows.
+    pub fn step_values(&self, step: &SeriesStep) -> Option<&[f32]> {
+        let (cols, window) = (self.history.cols as usize, self.window as usize);
+        let end = (step.end_row as usize + 1).checked_mul(cols)?;
+        let start = end.checked_sub(window * cols)?;
+        self.history.values.get(start..end)
+    }
+
+    /// `step`'s window on its own, as it would travel without the series.
+    pub fn step_window(&self, step: &SeriesStep) -> Option<StockWindow> {
+        let values = self.step_values(step)?.to_vec();
+        let h = &self.history;
+        Some(StockWindow {
+            symbol: h.symbol.clone(),
+            as_of: step.as_of,
+            precision: h.precision,
+            rows: self.window,
+            cols: h.cols,
+            values,
+        })
     }
 }
 

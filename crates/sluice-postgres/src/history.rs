@@ -8,7 +8,9 @@ use chrono::NaiveDate;
 use deadpool_postgres::Pool;
 use sluice_core::BatchFailure;
 use sluice_stages::StageError;
-use sluice_stages::fetcher::{FetchResults, HistorySource, WindowRequest, WindowShape};
+use sluice_stages::fetcher::{
+    FetchResults, HistorySource, Series, SeriesFuture, SeriesRequest, SeriesResults, WindowRequest, WindowShape,
+};
 
 use crate::packed::unpack_into;
 use crate::{PostgresError, Retry};
@@ -23,6 +25,17 @@ CROSS JOIN LATERAL (
     WHERE symbol = r.symbol AND trade_date <= r.as_of
     ORDER BY trade_date DESC
     LIMIT $3
+) f";
+
+/// The same for backfills' series: the last `$3[i]` days of each request.
+const SERIES: &str = "\
+SELECT r.req, f.trade_date, f.features
+FROM unnest($1::text[], $2::date[], $3::int8[]) WITH ORDINALITY AS r(symbol, as_of, n, req)
+CROSS JOIN LATERAL (
+    SELECT trade_date, features FROM features
+    WHERE symbol = r.symbol AND trade_date <= r.as_of
+    ORDER BY trade_date DESC
+    LIMIT r.n
 ) f";
 
 /// History from the `features` table.
@@ -50,12 +63,44 @@ impl PgHistory {
                 slot.push((row.get(1), row.get(2)));
             }
         }
-        Ok(requests.iter().zip(days).map(|(request, packed)| window(request, shape, &packed)).collect())
+        Ok(requests.iter().zip(days).map(|(request, packed)| window_of(request, shape, &packed)).collect())
+    }
+}
+
+impl PgHistory {
+    async fn series(&self, requests: &[SeriesRequest], features: usize) -> Result<SeriesResults, PostgresError> {
+        let symbols: Vec<&str> = requests.iter().map(|r| r.symbol.as_str()).collect();
+        let dates: Vec<NaiveDate> = requests.iter().map(|r| r.as_of).collect();
+        let limits: Vec<i64> = requests.iter().map(|r| r.rows as i64).collect();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(SERIES).await?;
+        let rows = client.query(&statement, &[&symbols, &dates, &limits]).await?;
+        let mut days: Vec<Vec<(NaiveDate, &[u8])>> = requests.iter().map(|r| Vec::with_capacity(r.rows)).collect();
+        for row in &rows {
+            let req: i64 = row.get(0);
+            if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
+                slot.push((row.get(1), row.get(2)));
+            }
+        }
+        Ok(requests
+            .iter()
+            .zip(days)
+            .map(|(request, packed)| {
+                let shape = WindowShape { days: packed.len(), features };
+                let window = WindowRequest { symbol: request.symbol.clone(), as_of: request.as_of };
+                let values = window_of(&window, shape, &packed)?;
+                Ok(Series { dates: packed.iter().rev().map(|(date, _)| *date).collect(), values })
+            })
+            .collect())
     }
 }
 
 /// One request's window, oldest day first, from its packed days newest first.
-fn window(request: &WindowRequest, shape: WindowShape, packed: &[(NaiveDate, &[u8])]) -> Result<Vec<f32>, StageError> {
+fn window_of(
+    request: &WindowRequest,
+    shape: WindowShape,
+    packed: &[(NaiveDate, &[u8])],
+) -> Result<Vec<f32>, StageError> {
     if packed.len() < shape.days {
         return Err(StageError::InsufficientHistory {
             symbol: request.symbol.clone(),
@@ -90,13 +135,17 @@ impl HistorySource for PgHistory {
         requests: &'a [WindowRequest],
         shape: WindowShape,
     ) -> Pin<Box<dyn Future<Output = Result<FetchResults, BatchFailure>> + Send + 'a>> {
-        Box::pin(async move {
-            self.windows(requests, shape).await.map_err(|e| {
-                // The runtime retries retryable failures with backoff and reports them.
-                // A read has no rows to isolate: only a statement that cannot
-                // work (class 42) stops the stage.
-                if e.retry() == Retry::Never { BatchFailure::fatal(e) } else { BatchFailure::retryable(e) }
-            })
-        })
+        Box::pin(async move { self.windows(requests, shape).await.map_err(failure) })
     }
+
+    fn fetch_series<'a>(&'a self, requests: &'a [SeriesRequest], features: usize) -> Option<SeriesFuture<'a>> {
+        Some(Box::pin(async move { self.series(requests, features).await.map_err(failure) }))
+    }
+}
+
+/// The runtime retries retryable failures with backoff and reports them. A
+/// read has no rows to isolate: only a statement that cannot work (class 42)
+/// stops the stage.
+fn failure(e: PostgresError) -> BatchFailure {
+    if e.retry() == Retry::Never { BatchFailure::fatal(e) } else { BatchFailure::retryable(e) }
 }

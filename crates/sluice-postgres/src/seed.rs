@@ -7,7 +7,7 @@
 use chrono::NaiveDate;
 use deadpool_postgres::Pool;
 use futures_util::pin_mut;
-use sluice_stages::fetcher::{SyntheticSource, synthetic_row, trading_days_back};
+use sluice_stages::fetcher::{SyntheticHistory, SyntheticSource, synthetic_row, trading_days_back};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
@@ -21,6 +21,7 @@ pub async fn seed(
     days: usize,
     end: NaiveDate,
     features: usize,
+    history: SyntheticHistory,
 ) -> Result<u64, PostgresError> {
     let mut dates = trading_days_back(end, NaiveDate::MIN, days);
     dates.reverse();
@@ -34,7 +35,7 @@ pub async fn seed(
     for s in 0..symbols {
         let symbol = SyntheticSource::symbol(s);
         for day in &dates {
-            let row = crate::packed::pack(&synthetic_row(&symbol, *day, features));
+            let row = crate::packed::pack(&synthetic_row(&symbol, *day, features, history));
             writer.as_mut().write(&[&symbol, day, &row]).await?;
         }
     }

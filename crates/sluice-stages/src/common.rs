@@ -10,7 +10,21 @@ use crate::StageError;
 
 /// A dead letter for input `source`.
 pub(crate) fn dead_letter(source: usize, error: &StageError, event_id: Option<String>) -> Output {
-    Output::DeadLetter { source, reason: error.reason(), detail: error.to_string(), event_id }
+    Output::DeadLetter { source, reason: error.reason(), detail: error.to_string(), event_id, original: None }
+}
+
+/// A dead letter for one event of input `source` that carries several (a
+/// step of a backfill's series), keeping `original`, the event's own
+/// envelope, to replay instead of the whole input.
+pub(crate) fn dead_letter_of(source: usize, error: &StageError, header: &Header, original: Option<Payload>) -> Output {
+    let original = original.map(|payload| codec::encode(&Envelope::from_parts(header, payload)));
+    Output::DeadLetter {
+        source,
+        reason: error.reason(),
+        detail: error.to_string(),
+        event_id: Some(header.event_id.clone()),
+        original,
+    }
 }
 
 /// Decodes input `source`'s envelope, or returns its dead letter.
@@ -22,6 +36,20 @@ pub(crate) fn decode(source: usize, input: &Incoming) -> Result<Envelope, Output
 /// event id when the input had no key).
 pub(crate) fn forward(source: usize, input: &Incoming, topic: &Arc<str>, header: &Header, payload: Payload) -> Output {
     send(source, input, topic, &Envelope::from_parts(header, payload))
+}
+
+/// Sends a record that carries several events (a backfill's series) keyed
+/// like the input, or with no key where the input had none: each event's
+/// answer is then keyed by its own id, as [`forward`] keys one alone.
+pub(crate) fn forward_several(
+    source: usize,
+    input: &Incoming,
+    topic: &Arc<str>,
+    header: &Header,
+    payload: Payload,
+) -> Output {
+    let payload = codec::encode(&Envelope::from_parts(header, payload));
+    Output::Send { source, topic: topic.clone(), key: input.key.clone(), payload }
 }
 
 /// Addresses an encoded envelope to `topic`.

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Payload, QueryTokens, StockWindow, WindowPrecision};
+use sluice_messages::envelope::{Header, Payload, QueryTokens, SeriesStep, StockSeries, StockWindow, WindowPrecision};
 use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
 use crate::StageError;
-use crate::common::{dead_letter, decode, forward};
+use crate::common::{dead_letter, dead_letter_of, decode, forward, forward_several};
 
 /// The normalizer stage.
 #[derive(Debug)]
@@ -88,29 +88,95 @@ impl Normalizer {
 
     /// z-scores a window, refusing wrong shapes and non-finite values.
     pub fn normalize(&self, window: &StockWindow) -> Result<StockWindow, StageError> {
-        let features = self.mean.len();
         let (rows, cols) = (window.rows as usize, window.cols as usize);
-        if rows != self.days || cols != features || window.values.len() != rows * cols {
+        if rows != self.days {
+            return Err(StageError::WindowShape { rows, cols, want_rows: self.days, want_cols: self.mean.len() });
+        }
+        let (normalized, bad) = self.z_scores(window)?;
+        match bad.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(normalized),
+        }
+    }
+
+    /// z-scores every row of `history` (any number of rows of the right
+    /// width), with the first non-finite value of each row that has one,
+    /// by row. Those rows' values are left as they came.
+    fn z_scores(&self, history: &StockWindow) -> Result<(StockWindow, Vec<StageError>), StageError> {
+        let features = self.mean.len();
+        let (rows, cols) = (history.rows as usize, history.cols as usize);
+        if cols != features || history.values.len() != rows * cols {
             return Err(StageError::WindowShape { rows, cols, want_rows: self.days, want_cols: features });
         }
-        let mut values = Vec::with_capacity(window.values.len());
-        for (day, row) in window.values.chunks_exact(features).enumerate() {
+        let mut values = Vec::with_capacity(history.values.len());
+        let mut bad = Vec::new();
+        for (day, row) in history.values.chunks_exact(features).enumerate() {
+            let mut first_bad = None;
             for (feature, ((x, mean), inv_std)) in row.iter().zip(&self.mean).zip(&self.inv_std).enumerate() {
-                if !x.is_finite() {
-                    return Err(StageError::NonFiniteInput { what: "input", day, feature });
-                }
                 let z = (x - mean) * inv_std;
-                if !z.is_finite() {
-                    return Err(StageError::NonFiniteInput { what: "z-score", day, feature });
+                if first_bad.is_none() && !z.is_finite() {
+                    let what = if x.is_finite() { "z-score" } else { "input" };
+                    first_bad = Some(StageError::NonFiniteInput { what, day, feature });
                 }
                 values.push(z);
             }
+            bad.extend(first_bad);
         }
         self.precision.round(&mut values);
-        let mut normalized = StockWindow::new(&window.symbol, window.as_of, window.rows, window.cols, values);
+        let mut normalized = StockWindow::new(&history.symbol, history.as_of, history.rows, history.cols, values);
         normalized.precision = self.precision;
-        Ok(normalized)
+        Ok((normalized, bad))
     }
+
+    /// z-scores a backfill's series: each step whose window has a non-finite
+    /// value is a dead letter of its own (keeping its fetched window, to
+    /// replay alone), and the rest go on together.
+    fn normalize_series(&self, source: usize, input: &Incoming, header: &Header, series: &StockSeries) -> Vec<Output> {
+        let (history, bad) = match self.z_scores(&series.history) {
+            Ok(z) => z,
+            Err(e) => {
+                return series.steps.iter().map(|step| step_dead_letter(source, &e, header, series, step)).collect();
+            }
+        };
+        let mut outputs = Vec::new();
+        let mut steps = Vec::with_capacity(series.steps.len());
+        for step in &series.steps {
+            let (end, window) = (step.end_row as usize, series.window as usize);
+            if window != self.days || series.step_values(step).is_none() {
+                let e = StageError::WindowShape {
+                    rows: window,
+                    cols: history.cols as usize,
+                    want_rows: self.days,
+                    want_cols: self.mean.len(),
+                };
+                outputs.push(step_dead_letter(source, &e, header, series, step));
+                continue;
+            }
+            // The first bad row within the window, its day counted from the window's start.
+            let first = end + 1 - window;
+            let error = bad.iter().find_map(|e| match e {
+                StageError::NonFiniteInput { what, day, feature } if (first..=end).contains(day) => {
+                    Some(StageError::NonFiniteInput { what, day: day - first, feature: *feature })
+                }
+                _ => None,
+            });
+            match error {
+                Some(e) => outputs.push(step_dead_letter(source, &e, header, series, step)),
+                None => steps.push(step.clone()),
+            }
+        }
+        if !steps.is_empty() {
+            let normalized = StockSeries { history, window: series.window, steps };
+            outputs.push(forward_several(source, input, &self.output, header, Payload::NormalizedSeries(normalized)));
+        }
+        outputs
+    }
+}
+
+/// A dead letter for one step of a fetched series, with its own window to replay.
+fn step_dead_letter(source: usize, e: &StageError, header: &Header, series: &StockSeries, step: &SeriesStep) -> Output {
+    let header = Header { event_id: step.event_id.clone(), ..header.clone() };
+    dead_letter_of(source, e, &header, series.step_window(step).map(Payload::Fetched))
 }
 
 impl Stage for Normalizer {
@@ -123,35 +189,43 @@ impl Stage for Normalizer {
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
-        Ok(batch
-            .iter()
-            .enumerate()
-            .map(|(i, input)| {
-                let (header, payload) = match decode(i, input) {
-                    Ok(envelope) => envelope.into_parts(),
-                    Err(dead) => return dead,
-                };
-                let result = match (&payload, &self.queries) {
-                    (Payload::Fetched(window), _) => {
-                        self.normalize(window).map(|w| (&self.output, Payload::Normalized(w)))
-                    }
-                    (Payload::Query(query), Some(queries)) => {
-                        Self::tokenize(queries, &query.text).map(|t| (&queries.output, Payload::Tokens(t)))
-                    }
-                    (Payload::Query(_), None) => Err(StageError::UnsupportedKind {
-                        kind: "query",
-                        why: "no query model is configured (normalizer.queries is off)",
-                    }),
-                    (other, _) => {
-                        Err(StageError::UnexpectedPayload { expected: "fetched or query", got: other.kind() })
-                    }
-                };
-                match result {
-                    Ok((topic, payload)) => forward(i, input, topic, &header, payload),
-                    Err(e) => dead_letter(i, &e, Some(header.event_id)),
+        let mut outputs = Vec::with_capacity(batch.len());
+        for (i, input) in batch.iter().enumerate() {
+            let (header, payload) = match decode(i, input) {
+                Ok(envelope) => envelope.into_parts(),
+                Err(dead) => {
+                    outputs.push(dead);
+                    continue;
                 }
-            })
-            .collect())
+            };
+            if let Payload::FetchedSeries(series) = &payload {
+                outputs.extend(self.normalize_series(i, input, &header, series));
+                continue;
+            }
+            outputs.push(self.normalize_one(i, input, &header, &payload));
+        }
+        Ok(outputs)
+    }
+}
+
+impl Normalizer {
+    /// A window's or a query's output.
+    fn normalize_one(&self, i: usize, input: &Incoming, header: &Header, payload: &Payload) -> Output {
+        let result = match (payload, &self.queries) {
+            (Payload::Fetched(window), _) => self.normalize(window).map(|w| (&self.output, Payload::Normalized(w))),
+            (Payload::Query(query), Some(queries)) => {
+                Self::tokenize(queries, &query.text).map(|t| (&queries.output, Payload::Tokens(t)))
+            }
+            (Payload::Query(_), None) => Err(StageError::UnsupportedKind {
+                kind: "query",
+                why: "no query model is configured (normalizer.queries is off)",
+            }),
+            (other, _) => Err(StageError::UnexpectedPayload { expected: "fetched or query", got: other.kind() }),
+        };
+        match result {
+            Ok((topic, payload)) => forward(i, input, topic, header, payload),
+            Err(e) => dead_letter(i, &e, Some(header.event_id.clone())),
+        }
     }
 }
 
@@ -190,6 +264,56 @@ mod tests {
             assert_eq!(out.precision, precision);
             assert_eq!(out.values, vec![third, 0.0, 0.0, 0.0], "{precision:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_series_step_with_a_non_finite_value_is_a_dead_letter_of_its_own() {
+        use sluice_messages::codec;
+        use sluice_messages::envelope::Envelope;
+        // Four days of two features; windows of two days ending on days 1, 2 and 3; day 2 holds a NaN.
+        let values = vec![1.0, -2.0, 3.0, -1.0, f32::NAN, 0.0, 5.0, -3.0];
+        let history = StockWindow::new("S0001", NaiveDate::from_ymd_opt(2024, 1, 5).expect("date"), 4, 2, values);
+        let step = |end_row: u32, day: u32| SeriesStep {
+            event_id: format!("b:{day}"),
+            as_of: NaiveDate::from_ymd_opt(2024, 1, day).expect("date"),
+            end_row,
+        };
+        let series = StockSeries { history, window: 2, steps: vec![step(1, 3), step(2, 4), step(3, 5)] };
+        let input =
+            Incoming::new("fetched", 0, 7, codec::encode(&Envelope::new("b", Payload::FetchedSeries(series.clone()))));
+        let outputs = normalizer().process(std::slice::from_ref(&input)).await.expect("processed");
+        let mut dead = Vec::new();
+        let mut sent = Vec::new();
+        for output in outputs {
+            match output {
+                Output::DeadLetter { reason, event_id, original, detail, .. } => {
+                    let original = codec::decode(&original.expect("the step's own window")).expect("envelope");
+                    dead.push((reason, event_id, detail, original));
+                }
+                Output::Send { payload, .. } => sent.push(codec::decode(&payload).expect("envelope")),
+            }
+        }
+        assert_eq!(dead.len(), 2);
+        for ((reason, event_id, detail, original), (step, day)) in
+            dead.iter().zip([(&series.steps[1], 1), (&series.steps[2], 0)])
+        {
+            assert_eq!((*reason, event_id.as_deref()), (Reason::NonFiniteInput, Some(step.event_id.as_str())));
+            assert_eq!(
+                detail,
+                &format!("non-finite input at day {day}, feature 0"),
+                "counted within the step's window"
+            );
+            // Replayed alone, the dead letter is that step's window.
+            assert_eq!(original.event_id, step.event_id);
+            let Payload::Fetched(window) = &original.payload else { panic!("{}", original.payload.kind()) };
+            // (Compared as text: the window holds the NaN, and NaN != NaN.)
+            assert_eq!(format!("{window:?}"), format!("{:?}", series.step_window(step).expect("held")));
+        }
+        let [envelope] = &sent[..] else { panic!("{} sent", sent.len()) };
+        let Payload::NormalizedSeries(normalized) = &envelope.payload else { panic!("{}", envelope.payload.kind()) };
+        assert_eq!(normalized.steps, vec![series.steps[0].clone()]);
+        let alone = normalizer().normalize(&series.step_window(&series.steps[0]).expect("held")).expect("normalised");
+        assert_eq!(normalized.step_window(&normalized.steps[0]), Some(alone), "the same z-scores as a window alone");
     }
 
     #[test]

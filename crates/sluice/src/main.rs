@@ -221,6 +221,21 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// What producer compression saves on the windows between the stages and
+    /// what it costs, by codec, on noise and on random-walk history: the
+    /// broker alone, then the four-stage pipeline.
+    Compression {
+        /// Windows per broker-alone run.
+        #[arg(long, default_value_t = 4096)]
+        windows: usize,
+        /// Requests per pipeline run (0: no pipeline runs).
+        #[arg(long, default_value_t = 8192)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// How long answers stop when the inferrer is killed mid-stream and
     /// restarted at once, with dynamic and with static group membership.
     Recovery {
@@ -317,6 +332,9 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
             bench::backlog::backlog(config, events, stock_every, &out).await
+        }
+        Command::Bench { what: BenchWhat::Compression { windows, events, repeats, out } } => {
+            bench::compression::compression(config, bench::compression::Options { windows, events, repeats, out }).await
         }
         Command::Bench { what: BenchWhat::Recovery { kills, out } } => {
             bench::recovery::recovery(config, kills, &out).await

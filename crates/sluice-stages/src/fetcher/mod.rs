@@ -10,13 +10,16 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Header, Payload, QueryText, StockWindow};
+use sluice_messages::envelope::{Header, Payload, QueryText, SeriesStep, StockSeries, StockWindow};
 use sluice_messages::events::{RequestEvent, StockRequest};
 
-pub use synthetic::{SyntheticConfig, SyntheticSource, feature_mean, feature_std, synthetic_row, trading_days_back};
+pub use synthetic::{
+    SyntheticConfig, SyntheticHistory, SyntheticSource, WALK_DAYS, feature_mean, feature_std, synthetic_row,
+    trading_days_back,
+};
 
 use crate::StageError;
-use crate::common::{dead_letter, forward};
+use crate::common::{dead_letter, forward, forward_several};
 
 /// The shape every window must have: the model's input shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,29 @@ pub struct WindowRequest {
 /// Result of fetching a batch of windows: one entry per request, in order.
 pub type FetchResults = Vec<Result<Vec<f32>, StageError>>;
 
+/// The history a backfill's series is cut from: up to `rows` days up to and
+/// including `as_of`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRequest {
+    pub symbol: String,
+    pub as_of: NaiveDate,
+    pub rows: usize,
+}
+
+/// Days of history, oldest first, with their dates: `dates.len()` rows of
+/// `features` values. Fewer rows than asked where history starts later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub dates: Vec<NaiveDate>,
+    pub values: Vec<f32>,
+}
+
+/// Result of fetching a batch of series: one entry per request, in order.
+pub type SeriesResults = Vec<Result<Series, StageError>>;
+
+/// What [`HistorySource::fetch_series`] gives.
+pub type SeriesFuture<'a> = Pin<Box<dyn Future<Output = Result<SeriesResults, BatchFailure>> + Send + 'a>>;
+
 /// Where history comes from. Given a whole batch of requests at once, so that a
 /// database source can answer it with one query.
 pub trait HistorySource: Send + Sync + 'static {
@@ -49,6 +75,16 @@ pub trait HistorySource: Send + Sync + 'static {
         requests: &'a [WindowRequest],
         shape: WindowShape,
     ) -> Pin<Box<dyn Future<Output = Result<FetchResults, BatchFailure>> + Send + 'a>>;
+
+    /// The history of several steps of backfills at once: for each request,
+    /// the last `rows` days on or before its date (fewer where history starts
+    /// later), with their dates, so that each step's window is the last
+    /// `days` rows on or before the step's date, as [`HistorySource::fetch`]
+    /// would give it. `None`: this source fetches windows only, and a
+    /// backfill's steps are fetched and sent one by one.
+    fn fetch_series<'a>(&'a self, _requests: &'a [SeriesRequest], _features: usize) -> Option<SeriesFuture<'a>> {
+        None
+    }
 }
 
 /// The fetcher stage.
@@ -110,6 +146,10 @@ fn window(symbol: &str, as_of: NaiveDate, shape: WindowShape, values: Vec<f32>) 
     StockWindow::new(symbol, as_of, shape.days as u32, shape.features as u32, values)
 }
 
+/// The most history one series carries: a backfill with more steps travels
+/// as several series, each far below the brokers' usual 1 MiB record limit.
+pub const MAX_SERIES_BYTES: usize = 256 * 1024;
+
 /// What became of one input (or one step of a backfill) before the source is asked.
 enum Pending {
     Done(Output),
@@ -119,6 +159,108 @@ enum Pending {
         request: WindowRequest,
         header: Header,
     },
+    /// Steps of one backfill whose windows overlap, to carry as one series of
+    /// `rows` days (sent under `header`, the backfill's own).
+    Series {
+        source: usize,
+        header: Header,
+        symbol: String,
+        steps: Vec<(Header, NaiveDate)>,
+        rows: usize,
+    },
+}
+
+impl Fetcher {
+    /// A backfill's steps, as series where their windows overlap (stride
+    /// below the window), in pieces of at most [`MAX_SERIES_BYTES`]; else
+    /// (and a step left alone) as windows of their own.
+    fn backfill(
+        &self,
+        source: usize,
+        header: &Header,
+        request: &StockRequest,
+        steps: Vec<(Header, NaiveDate)>,
+    ) -> Vec<Pending> {
+        let WindowShape { days, features } = self.shape;
+        let stride = request.stride.unwrap_or(1).max(1) as usize;
+        let per_series = 1 + (MAX_SERIES_BYTES / (features * 4)).saturating_sub(days) / stride;
+        if request.from.is_none() || stride >= days || per_series < 2 {
+            return self.one_by_one(source, &request.symbol, steps);
+        }
+        let mut pending = Vec::new();
+        let mut steps = steps.into_iter().peekable();
+        while steps.peek().is_some() {
+            let chunk: Vec<(Header, NaiveDate)> = steps.by_ref().take(per_series).collect();
+            if chunk.len() < 2 {
+                pending.extend(self.one_by_one(source, &request.symbol, chunk));
+            } else {
+                let rows = days + (chunk.len() - 1) * stride;
+                pending.push(Pending::Series {
+                    source,
+                    header: header.clone(),
+                    symbol: request.symbol.clone(),
+                    steps: chunk,
+                    rows,
+                });
+            }
+        }
+        pending
+    }
+
+    fn one_by_one(&self, source: usize, symbol: &str, steps: Vec<(Header, NaiveDate)>) -> Vec<Pending> {
+        steps
+            .into_iter()
+            .map(|(header, as_of)| Pending::Fetch {
+                source,
+                request: WindowRequest { symbol: symbol.into(), as_of },
+                header,
+            })
+            .collect()
+    }
+
+    /// The series of `steps` cut from `history`: every step whose window it
+    /// holds (the last `days` rows on or before the step's date, as a window
+    /// fetched alone would be), and the others fetched one by one, so that
+    /// they fail (or not) exactly as they would alone.
+    fn cut(
+        &self,
+        source: usize,
+        input: &Incoming,
+        header: &Header,
+        symbol: &str,
+        steps: Vec<(Header, NaiveDate)>,
+        history: Option<Series>,
+    ) -> Vec<Pending> {
+        let WindowShape { days, features } = self.shape;
+        let Some(history) = history.filter(|h| h.values.len() == h.dates.len() * features) else {
+            return self.one_by_one(source, symbol, steps);
+        };
+        let (mut formed, mut alone) = (Vec::new(), Vec::new());
+        for (step_header, as_of) in steps {
+            let rows = history.dates.partition_point(|d| *d <= as_of);
+            if rows >= days { formed.push((step_header, as_of, rows - 1)) } else { alone.push((step_header, as_of)) }
+        }
+        if formed.len() < 2 {
+            alone.extend(formed.into_iter().map(|(h, as_of, _)| (h, as_of)));
+            alone.sort_by_key(|(_, as_of)| *as_of);
+            return self.one_by_one(source, symbol, alone);
+        }
+        let (first, last) = (formed[0].2 + 1 - days, formed[formed.len() - 1].2);
+        let values = history.values[first * features..(last + 1) * features].to_vec();
+        let rows = (last + 1 - first) as u32;
+        let series = StockSeries {
+            history: StockWindow::new(symbol, history.dates[last], rows, features as u32, values),
+            window: days as u32,
+            steps: formed
+                .into_iter()
+                .map(|(h, as_of, end)| SeriesStep { event_id: h.event_id, as_of, end_row: (end - first) as u32 })
+                .collect(),
+        };
+        let series = forward_several(source, input, &self.output, header, Payload::FetchedSeries(series));
+        let mut pending = vec![Pending::Done(series)];
+        pending.extend(self.one_by_one(source, symbol, alone));
+        pending
+    }
 }
 
 impl Stage for Fetcher {
@@ -168,23 +310,54 @@ impl Stage for Fetcher {
                     })),
                     // A backfill's steps are fetched in the same query as the rest of the batch.
                     None => {
-                        for (event_id, as_of) in request.steps() {
-                            pending.push(Pending::Fetch {
-                                source: i,
-                                request: WindowRequest { symbol: request.symbol.clone(), as_of },
-                                header: header(event_id),
-                            });
-                        }
+                        let steps = request.steps().into_iter().map(|(id, as_of)| (header(id), as_of)).collect();
+                        pending.extend(self.backfill(i, &header(request.event_id.clone()), &request, steps));
                     }
                 },
             }
         }
 
+        // The series first: what they cannot hold is fetched as windows below.
+        let series: Vec<SeriesRequest> = pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::Series { symbol, steps, rows, .. } => {
+                    Some(SeriesRequest { symbol: symbol.clone(), as_of: steps[steps.len() - 1].1, rows: *rows })
+                }
+                Pending::Done(_) | Pending::Fetch { .. } => None,
+            })
+            .collect();
+        let mut histories = match (series.is_empty(), self.source.fetch_series(&series, self.shape.features)) {
+            (false, Some(fetching)) => fetching.await?,
+            // Each step of a series is then fetched alone.
+            _ => Vec::new(),
+        };
+        if !histories.is_empty() && histories.len() != series.len() {
+            let message = format!(
+                "history source {} returned {} series for {}",
+                self.source.name(),
+                histories.len(),
+                series.len()
+            );
+            return Err(BatchFailure::fatal(message));
+        }
+        histories.reverse();
+        let pending: Vec<Pending> = pending
+            .into_iter()
+            .flat_map(|p| match p {
+                Pending::Series { source, header, symbol, steps, .. } => {
+                    let history = histories.pop().and_then(Result::ok);
+                    self.cut(source, &batch[source], &header, &symbol, steps, history)
+                }
+                other => vec![other],
+            })
+            .collect();
+
         let requests: Vec<WindowRequest> = pending
             .iter()
             .filter_map(|p| match p {
                 Pending::Fetch { request, .. } => Some(request.clone()),
-                Pending::Done(_) => None,
+                Pending::Done(_) | Pending::Series { .. } => None,
             })
             .collect();
         let mut fetched =
@@ -194,6 +367,7 @@ impl Stage for Fetcher {
         for p in pending {
             outputs.push(match p {
                 Pending::Done(output) => output,
+                Pending::Series { .. } => return Err(BatchFailure::fatal("a backfill's series was left uncut")),
                 Pending::Fetch { source, request, header } => match fetched.next() {
                     Some(Ok(values)) => {
                         let payload = Payload::Fetched(window(&request.symbol, request.as_of, self.shape, values));
@@ -238,6 +412,90 @@ mod tests {
             timestamp_ms: Some(1),
             traceparent,
         }
+    }
+
+    fn sent(outputs: &[Output]) -> Vec<sluice_messages::envelope::Envelope> {
+        outputs
+            .iter()
+            .map(|o| match o {
+                Output::Send { payload, .. } => codec::decode(payload).expect("envelope"),
+                Output::DeadLetter { detail, .. } => panic!("dead letter: {detail}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_backfill_travels_as_one_series_whose_windows_equal_the_windows_fetched_one_by_one() {
+        let shape = WindowShape { days: 30, features: 105 };
+        for history in [SyntheticHistory::Noise, SyntheticHistory::RandomWalk] {
+            let config = SyntheticConfig { history, ..SyntheticConfig::default() };
+            let mut fetcher = Fetcher::new(Box::new(SyntheticSource::new(config.clone())), shape, "fetched");
+            let json = r#"{"kind":"stock","event_id":"b-1","symbol":"S0007","from":"2024-04-01","as_of":"2024-06-21","stride":5}"#;
+            let RequestEvent::Stock(request) = RequestEvent::from_json(json.as_bytes()).expect("valid") else {
+                unreachable!()
+            };
+            let outputs = fetcher.process(&[input(0, json, None)]).await.expect("processed");
+            // Keyless, like its request: each step's answer is keyed by the step's id.
+            assert!(matches!(&outputs[..], [Output::Send { key: None, .. }]), "{outputs:?}");
+            let envelopes = sent(&outputs);
+            assert_eq!(envelopes.len(), 1, "one record for the whole backfill");
+            assert_eq!(envelopes[0].event_id, "b-1");
+            let Payload::FetchedSeries(series) = &envelopes[0].payload else {
+                panic!("{:?}", envelopes[0].payload.kind())
+            };
+            let steps: Vec<(String, NaiveDate)> = series.steps.iter().map(|s| (s.event_id.clone(), s.as_of)).collect();
+            assert_eq!(steps, request.steps());
+            // 12 steps 5 trading days apart: 30 + 11 * 5 rows instead of 12 * 30.
+            assert_eq!(series.history.rows, 85);
+            let source = SyntheticSource::new(config);
+            for step in &series.steps {
+                let alone = source.window(&WindowRequest { symbol: "S0007".into(), as_of: step.as_of }, shape);
+                let formed = series.step_window(step).expect("held");
+                assert_eq!(formed.values, alone.expect("window"), "{history:?} {}", step.event_id);
+                assert_eq!((formed.as_of, formed.rows, formed.symbol.as_str()), (step.as_of, 30, "S0007"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn backfill_steps_a_series_cannot_hold_are_fetched_alone_and_fail_alone() {
+        let shape = WindowShape { days: 30, features: 105 };
+        // History from 2024-01-01: the 30th trading day is 2024-02-09.
+        let start = NaiveDate::from_ymd_opt(2024, 1, 1).expect("date");
+        let config = SyntheticConfig { history_start: start, ..SyntheticConfig::default() };
+        let mut fetcher = Fetcher::new(Box::new(SyntheticSource::new(config)), shape, "fetched");
+        let early =
+            r#"{"kind":"stock","event_id":"b-2","symbol":"S0001","from":"2024-02-01","as_of":"2024-03-29","stride":5}"#;
+        let unknown =
+            r#"{"kind":"stock","event_id":"b-3","symbol":"S9999","from":"2024-03-01","as_of":"2024-03-29","stride":5}"#;
+        let wide = r#"{"kind":"stock","event_id":"b-4","symbol":"S0002","from":"2024-03-01","as_of":"2024-06-28","stride":30}"#;
+        let outputs = fetcher.process(&[input(0, early, None), input(1, unknown, None), input(2, wide, None)]).await;
+        let outputs = outputs.expect("processed");
+        let mut dead = Vec::new();
+        let mut windows = Vec::new();
+        let mut series = Vec::new();
+        for output in &outputs {
+            match output {
+                Output::DeadLetter { source, reason, event_id, .. } => dead.push((*source, *reason, event_id.clone())),
+                Output::Send { source, payload, .. } => match codec::decode(payload).expect("envelope").payload {
+                    Payload::Fetched(w) => windows.push((*source, w.as_of)),
+                    Payload::FetchedSeries(s) => series.push((*source, s.steps.len())),
+                    other => panic!("{}", other.kind()),
+                },
+            }
+        }
+        // b-2: steps on 2024-02-01 and 2024-02-08 have under 30 days of history.
+        let early_dead: Vec<_> = dead.iter().filter(|d| d.0 == 0).map(|d| (d.1, d.2.clone())).collect();
+        let id = |s: &str| Some(s.to_string());
+        assert_eq!(
+            early_dead,
+            vec![(Reason::InsufficientHistory, id("b-2:20240201")), (Reason::InsufficientHistory, id("b-2:20240208"))]
+        );
+        assert_eq!(series, vec![(0, 7)], "the other steps of b-2 travel together");
+        // b-3: an unknown symbol, each step a dead letter as it would be alone.
+        assert_eq!(dead.iter().filter(|d| d.0 == 1 && d.1 == Reason::UnknownSymbol).count(), 5);
+        // b-4: steps 30 trading days apart share no row: windows of their own.
+        assert_eq!(windows.iter().filter(|w| w.0 == 2).count(), 3);
     }
 
     #[tokio::test]

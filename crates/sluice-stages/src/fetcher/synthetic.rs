@@ -9,7 +9,9 @@ use chrono::{Datelike, NaiveDate, Weekday};
 use serde::{Deserialize, Serialize};
 use sluice_core::BatchFailure;
 
-use super::{FetchResults, HistorySource, WindowRequest, WindowShape};
+use super::{
+    FetchResults, HistorySource, Series, SeriesFuture, SeriesRequest, SeriesResults, WindowRequest, WindowShape,
+};
 use crate::StageError;
 
 /// Which symbols and days the synthetic source knows.
@@ -20,13 +22,40 @@ pub struct SyntheticConfig {
     pub universe: usize,
     /// The first trading day with history.
     pub history_start: NaiveDate,
+    /// How each feature moves from one day to the next.
+    pub history: SyntheticHistory,
 }
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self { universe: 5000, history_start: NaiveDate::from_ymd_opt(2020, 1, 1).expect("a valid date") }
+        Self {
+            universe: 5000,
+            history_start: NaiveDate::from_ymd_opt(2020, 1, 1).expect("a valid date"),
+            history: SyntheticHistory::Noise,
+        }
     }
 }
+
+/// How the synthetic features move from day to day. Both have each feature's
+/// [`feature_mean`] and [`feature_std`], so the fixture models' normalisation
+/// statistics hold for either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyntheticHistory {
+    /// Every day drawn afresh: the cheapest to generate, and as hard to
+    /// compress as data gets.
+    #[default]
+    Noise,
+    /// Like prices: each day is the previous one plus a small step (the sum of
+    /// the last [`WALK_DAYS`] calendar days' steps, so that it stays within
+    /// the statistics instead of drifting without bound). Neighbouring days
+    /// differ by about a fifth of the feature's spread. For measuring what
+    /// depends on the data's shape, such as compression.
+    RandomWalk,
+}
+
+/// The calendar days whose steps make one day of [`SyntheticHistory::RandomWalk`].
+pub const WALK_DAYS: usize = 64;
 
 /// Feature `f`'s mean in the synthetic history. The export script of the
 /// fixture model uses the same formula for its normalisation statistics.
@@ -75,12 +104,32 @@ impl SyntheticSource {
                 need: shape.days,
             });
         }
-        let symbol_seed = fnv1a(request.symbol.as_bytes());
-        let mut values = Vec::with_capacity(shape.days * shape.features);
-        for day in days.iter().rev() {
-            push_row(&mut values, symbol_seed, *day, shape.features);
+        Ok(self.rows(&request.symbol, &days, shape.features))
+    }
+
+    /// Up to `request.rows` days up to `request.as_of`, with their dates.
+    pub fn series(&self, request: &SeriesRequest, features: usize) -> Result<Series, StageError> {
+        if !self.knows(&request.symbol) {
+            return Err(StageError::UnknownSymbol(request.symbol.clone()));
         }
-        Ok(values)
+        let days = trading_days_back(request.as_of, self.config.history_start, request.rows);
+        let values = self.rows(&request.symbol, &days, features);
+        Ok(Series { dates: days.into_iter().rev().collect(), values })
+    }
+
+    /// The rows of `days` (newest first), oldest first.
+    fn rows(&self, symbol: &str, days: &[NaiveDate], features: usize) -> Vec<f32> {
+        let symbol_seed = fnv1a(symbol.as_bytes());
+        let mut values = Vec::with_capacity(days.len() * features);
+        match self.config.history {
+            SyntheticHistory::Noise => {
+                for day in days.iter().rev() {
+                    push_row(&mut values, symbol_seed, *day, features);
+                }
+            }
+            SyntheticHistory::RandomWalk => push_walk_rows(&mut values, symbol_seed, days, features),
+        }
+        values
     }
 }
 
@@ -96,13 +145,21 @@ impl HistorySource for SyntheticSource {
     ) -> Pin<Box<dyn Future<Output = Result<FetchResults, BatchFailure>> + Send + 'a>> {
         Box::pin(async move { Ok(requests.iter().map(|r| self.window(r, shape)).collect()) })
     }
+
+    fn fetch_series<'a>(&'a self, requests: &'a [SeriesRequest], features: usize) -> Option<SeriesFuture<'a>> {
+        let results: SeriesResults = requests.iter().map(|r| self.series(r, features)).collect();
+        Some(Box::pin(async move { Ok(results) }))
+    }
 }
 
 /// One day's `features` values for `symbol`: what `sluice db seed` stores in
 /// PostgreSQL, so that the database and the synthetic source agree.
-pub fn synthetic_row(symbol: &str, day: NaiveDate, features: usize) -> Vec<f32> {
+pub fn synthetic_row(symbol: &str, day: NaiveDate, features: usize, history: SyntheticHistory) -> Vec<f32> {
     let mut row = Vec::with_capacity(features);
-    push_row(&mut row, fnv1a(symbol.as_bytes()), day, features);
+    match history {
+        SyntheticHistory::Noise => push_row(&mut row, fnv1a(symbol.as_bytes()), day, features),
+        SyntheticHistory::RandomWalk => push_walk_rows(&mut row, fnv1a(symbol.as_bytes()), &[day], features),
+    }
     row
 }
 
@@ -124,16 +181,48 @@ pub fn trading_days_back(as_of: NaiveDate, start: NaiveDate, n: usize) -> Vec<Na
 
 /// One day's features: per-feature mean and spread with a bell-shaped noise.
 fn push_row(values: &mut Vec<f32>, symbol_seed: u64, day: NaiveDate, features: usize) {
-    let mut state = symbol_seed ^ (day.num_days_from_ce() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for f in 0..features {
-        // Irwin-Hall: the sum of 4 uniforms, centred and scaled to unit variance.
-        // One hash gives all four (16 bits each): a hash per uniform made this
-        // loop a third of the fetcher's CPU in the pipeline benchmark.
-        state = splitmix64(state);
-        let sum = (0..4).map(|i| ((state >> (16 * i)) & 0xFFFF) as f32).sum::<f32>() / 65536.0;
-        let noise = (sum - 2.0) * 3f32.sqrt();
-        values.push(feature_mean(f) + feature_std(f) * noise);
+    let scale = 3f32.sqrt() / 65536.0;
+    let steps = day_steps(symbol_seed, day).take(features);
+    values.extend(steps.enumerate().map(|(f, s)| feature_mean(f) + feature_std(f) * (s as f32 * scale)));
+}
+
+/// The rows of `days` (newest first, as [`trading_days_back`] gives them),
+/// oldest first, of the random walk: each is the sum of the steps of the
+/// [`WALK_DAYS`] calendar days up to it. Sums are of integers, so a day's row
+/// is the same whichever window it is computed for.
+fn push_walk_rows(values: &mut Vec<f32>, symbol_seed: u64, days: &[NaiveDate], features: usize) {
+    let (Some(&newest), Some(&oldest)) = (days.first(), days.last()) else { return };
+    let first = oldest - chrono::Days::new(WALK_DAYS as u64 - 1);
+    // prefix[d] holds the sum of the steps of the calendar days before first + d.
+    let span = (newest - first).num_days() as usize + 1;
+    let mut prefix = vec![0i64; (span + 1) * features];
+    for d in 0..span {
+        let steps = day_steps(symbol_seed, first + chrono::Days::new(d as u64)).take(features);
+        for (f, step) in steps.enumerate() {
+            prefix[(d + 1) * features + f] = prefix[d * features + f] + i64::from(step);
+        }
     }
+    // A step's variance is 4 * 65536^2 / 12; a day sums WALK_DAYS of them.
+    let scale = 1.0 / (65536.0 * (WALK_DAYS as f64 / 3.0).sqrt());
+    for day in days.iter().rev() {
+        let end = (*day - first).num_days() as usize + 1;
+        for f in 0..features {
+            let sum = prefix[end * features + f] - prefix[(end - WALK_DAYS) * features + f];
+            values.push(feature_mean(f) + feature_std(f) * (sum as f64 * scale) as f32);
+        }
+    }
+}
+
+/// One calendar day's integer draws, one per feature: Irwin-Hall, the sum of
+/// 4 uniforms of 16 bits, centred (variance 4 * 65536^2 / 12). One hash gives
+/// all four: a hash per uniform made this loop a third of the fetcher's CPU
+/// in the pipeline benchmark.
+fn day_steps(symbol_seed: u64, day: NaiveDate) -> impl Iterator<Item = i32> {
+    let mut state = symbol_seed ^ (day.num_days_from_ce() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    std::iter::repeat_with(move || {
+        state = splitmix64(state);
+        (0..4).map(|i| ((state >> (16 * i)) & 0xFFFF) as i32).sum::<i32>() - 2 * 65536
+    })
 }
 
 fn splitmix64(state: u64) -> u64 {
@@ -206,8 +295,54 @@ mod tests {
     }
 
     #[test]
+    fn a_random_walk_keeps_the_statistics_and_moves_in_small_steps() {
+        let config = SyntheticConfig { history: SyntheticHistory::RandomWalk, ..SyntheticConfig::default() };
+        let source = SyntheticSource::new(config);
+        let friday = source.window(&request("S0001", date(2024, 5, 31)), SHAPE).expect("window");
+        let monday = source.window(&request("S0001", date(2024, 6, 3)), SHAPE).expect("window");
+        // Integer sums: a day's row is the same in every window that holds it,
+        // and it is the row `sluice db seed` stores.
+        assert_eq!(&friday[105..], &monday[..29 * 105]);
+        let last = synthetic_row("S0001", date(2024, 6, 3), 105, SyntheticHistory::RandomWalk);
+        assert_eq!(&monday[29 * 105..], last.as_slice());
+        // Across 40 symbols and 30 days: each feature's mean and spread as
+        // documented, and a day-to-day step of about a fifth of the spread
+        // (sqrt(2 / WALK_DAYS) of it per calendar day) where noise has sqrt(2).
+        let (mut sums, mut squares, mut step_squares, mut n, mut steps) =
+            (vec![0f64; 105], vec![0f64; 105], vec![0f64; 105], 0f64, 0f64);
+        for s in 0..40 {
+            let w = source.window(&request(&SyntheticSource::symbol(s), date(2024, 5, 31)), SHAPE).expect("window");
+            for (day, row) in w.chunks(105).enumerate() {
+                for (f, v) in row.iter().enumerate() {
+                    sums[f] += f64::from(*v);
+                    squares[f] += f64::from(*v) * f64::from(*v);
+                    if day > 0 {
+                        step_squares[f] += f64::from(v - w[(day - 1) * 105 + f]).powi(2);
+                    }
+                }
+                n += 1.0;
+                steps += f64::from(u8::from(day > 0));
+            }
+        }
+        for f in 0..105 {
+            let mean = sums[f] / n;
+            let std = (squares[f] / n - mean * mean).sqrt();
+            let step = (step_squares[f] / steps).sqrt() / f64::from(feature_std(f));
+            // Neighbouring days share most of their sum, so 1200 rows are
+            // fewer independent draws than for noise: wider bounds.
+            assert!(
+                (mean - f64::from(feature_mean(f))).abs() < 0.5 * f64::from(feature_std(f)),
+                "feature {f} mean {mean}"
+            );
+            assert!((std / f64::from(feature_std(f)) - 1.0).abs() < 0.35, "feature {f} std {std}");
+            assert!((0.12..0.35).contains(&step), "feature {f} step {step}");
+        }
+    }
+
+    #[test]
     fn unknown_symbols_and_short_history_are_refused() {
-        let source = SyntheticSource::new(SyntheticConfig { universe: 10, history_start: date(2024, 1, 1) });
+        let config = SyntheticConfig { universe: 10, history_start: date(2024, 1, 1), ..SyntheticConfig::default() };
+        let source = SyntheticSource::new(config);
         let unknown = source.window(&request("S0010", date(2024, 5, 31)), SHAPE).expect_err("unknown");
         assert_eq!(unknown.reason(), "unknown_symbol");
         let short = source.window(&request("S0001", date(2024, 1, 20)), SHAPE).expect_err("short");

@@ -44,7 +44,7 @@ pub use self::calls::Answer;
 use self::calls::Calls;
 use self::served::ServedModel;
 use crate::StageError;
-use crate::common::{dead_letter, decode, forward};
+use crate::common::{dead_letter, dead_letter_of, decode, forward};
 
 /// Counts for reports and tests.
 #[derive(Debug, Default)]
@@ -96,13 +96,26 @@ pub trait Task: Send + Sync + 'static {
         new: (&ModelMetadata, &str),
     ) -> Result<(), ModelError>;
 
-    /// The row of one input, or why the model cannot take it.
-    fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<Self::Row, StageError>;
+    /// The rows of one input, each under its event's header (several for an
+    /// input that carries several events: a backfill's series), or why the
+    /// model cannot take any of it.
+    fn accept(
+        header: &Header,
+        payload: Payload,
+        metadata: &ModelMetadata,
+    ) -> Result<Vec<(Header, Self::Row)>, StageError>;
 
     /// Whether the model, run as `config` says, may take `row` (a stock
-    /// window in a lower precision than the model computes in may not).
-    fn check_input(_row: &Self::Row, _config: &ModelConfig) -> Result<(), StageError> {
+    /// window of another shape, or in a lower precision than the model
+    /// computes in, may not).
+    fn check_input(_row: &Self::Row, _metadata: &ModelMetadata, _config: &ModelConfig) -> Result<(), StageError> {
         Ok(())
+    }
+
+    /// What a dead letter of `row` keeps to replay, where its input carries
+    /// other events too (a step of a series: its own window); `None`: the input.
+    fn original(_row: &Self::Row) -> Option<Payload> {
+        None
     }
 
     /// The cache key of a row under a model's name and version.
@@ -223,9 +236,18 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
                     continue;
                 }
             };
-            match T::accept(payload, &metadata).and_then(|row| T::check_input(&row, served.config()).map(|()| row)) {
-                Ok(row) => rows.push((i, header, row)),
-                Err(e) => outputs.push(dead_letter(i, &e, Some(header.event_id))),
+            let accepted = match T::accept(&header, payload, &metadata) {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    outputs.push(dead_letter(i, &e, Some(header.event_id)));
+                    continue;
+                }
+            };
+            for (header, row) in accepted {
+                match T::check_input(&row, &metadata, served.config()) {
+                    Ok(()) => rows.push((i, header, row)),
+                    Err(e) => outputs.push(dead_letter_of(i, &e, &header, T::original(&row))),
+                }
             }
         }
         if rows.is_empty() {
@@ -266,7 +288,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
             let answer = match answer.expect("every row is answered or failed") {
                 Ok(answer) => answer,
                 Err(e) => {
-                    outputs.push(dead_letter(i, &StageError::Model(e), Some(header.event_id)));
+                    outputs.push(dead_letter_of(i, &StageError::Model(e), &header, T::original(&row)));
                     continue;
                 }
             };
@@ -276,7 +298,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
                 } else {
                     StageError::NonFinitePrediction { output: output.to_string(), value }
                 };
-                outputs.push(dead_letter(i, &e, Some(header.event_id)));
+                outputs.push(dead_letter_of(i, &e, &header, T::original(&row)));
                 continue;
             }
             let payload = T::answer(row, &answer, &metadata, &version, inferred_at_ms);

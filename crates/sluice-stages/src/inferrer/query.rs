@@ -7,7 +7,7 @@ use std::path::Path;
 use sluice_control::Settings;
 use sluice_control::cache::CacheKey;
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{LabelScore, Payload, QueryIntent, QueryTokens};
+use sluice_messages::envelope::{Header, LabelScore, Payload, QueryIntent, QueryTokens};
 use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata};
 
 use super::{Answer, Task};
@@ -68,10 +68,14 @@ impl Task for QueryTask {
         Ok(())
     }
 
-    fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<QueryTokens, StageError> {
+    fn accept(
+        header: &Header,
+        payload: Payload,
+        metadata: &ModelMetadata,
+    ) -> Result<Vec<(Header, QueryTokens)>, StageError> {
         let max_length = metadata.tokenizer.as_ref().map_or(0, |t| t.max_length);
         match payload {
-            Payload::Tokens(t) if (1..=max_length).contains(&t.ids.len()) => Ok(t),
+            Payload::Tokens(t) if (1..=max_length).contains(&t.ids.len()) => Ok(vec![(header.clone(), t)]),
             Payload::Tokens(t) => Err(StageError::TokenCount { got: t.ids.len(), max: max_length }),
             other => Err(StageError::UnexpectedPayload { expected: "tokens", got: other.kind() }),
         }

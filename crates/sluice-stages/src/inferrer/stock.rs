@@ -1,11 +1,13 @@
 //! The stock task: normalised windows in, (predicted return, confidence) out.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use chrono::NaiveDate;
 use sluice_control::Settings;
 use sluice_control::cache::CacheKey;
 use sluice_messages::dead_letter::Reason;
-use sluice_messages::envelope::{Payload, StockPrediction, StockWindow, WindowPrecision};
+use sluice_messages::envelope::{Header, Payload, StockPrediction, StockSeries, StockWindow, WindowPrecision};
 use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata, Precision};
 
 use super::{Answer, Task};
@@ -18,6 +20,47 @@ pub struct StockTask;
 
 /// The outputs a stock model must have.
 const OUTPUTS: [&str; 2] = ["predicted_return", "confidence"];
+
+/// One window the model is asked about: a window that travelled alone, or a
+/// step of a backfill's series, formed from the series in place (the series
+/// is shared by its steps, never copied per step).
+#[derive(Debug)]
+pub enum StockRow {
+    Window(StockWindow),
+    Step { series: Arc<StockSeries>, step: usize },
+}
+
+impl StockRow {
+    /// The window's values, row-major (empty for a step its series does not hold).
+    pub fn values(&self) -> &[f32] {
+        match self {
+            Self::Window(w) => &w.values,
+            Self::Step { series, step } => series.step_values(&series.steps[*step]).unwrap_or_default(),
+        }
+    }
+
+    /// (rows, columns) of the window.
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Window(w) => (w.rows as usize, w.cols as usize),
+            Self::Step { series, .. } => (series.window as usize, series.history.cols as usize),
+        }
+    }
+
+    fn precision(&self) -> WindowPrecision {
+        match self {
+            Self::Window(w) => w.precision,
+            Self::Step { series, .. } => series.history.precision,
+        }
+    }
+
+    fn symbol_and_date(self) -> (String, NaiveDate) {
+        match self {
+            Self::Window(w) => (w.symbol, w.as_of),
+            Self::Step { series, step } => (series.history.symbol.clone(), series.steps[step].as_of),
+        }
+    }
+}
 
 /// Whether a model run as `config` says may take windows that travelled in
 /// `window`: windows that give it the very inputs it would make of `f32` ones
@@ -47,7 +90,7 @@ impl Task for StockTask {
         Reason::NonFinitePrediction,
         Reason::PredictionOutOfRange,
     ];
-    type Row = StockWindow;
+    type Row = StockRow;
 
     fn check(metadata: &ModelMetadata, dir: &Path) -> Result<(), ModelError> {
         match OUTPUTS.iter().find(|name| metadata.output_index(name).is_none()) {
@@ -77,36 +120,49 @@ impl Task for StockTask {
         Ok(())
     }
 
-    fn accept(payload: Payload, metadata: &ModelMetadata) -> Result<StockWindow, StageError> {
+    fn accept(header: &Header, payload: Payload, _: &ModelMetadata) -> Result<Vec<(Header, StockRow)>, StageError> {
         match payload {
-            Payload::Normalized(w) if w.values.len() == metadata.sample_len() && w.rows as usize == metadata.days() => {
-                Ok(w)
+            Payload::Normalized(w) => Ok(vec![(header.clone(), StockRow::Window(w))]),
+            Payload::NormalizedSeries(series) => {
+                let series = Arc::new(series);
+                Ok((0..series.steps.len())
+                    .map(|step| {
+                        let header = Header { event_id: series.steps[step].event_id.clone(), ..header.clone() };
+                        (header, StockRow::Step { series: series.clone(), step })
+                    })
+                    .collect())
             }
-            Payload::Normalized(w) => Err(StageError::WindowShape {
-                rows: w.rows as usize,
-                cols: w.cols as usize,
-                want_rows: metadata.days(),
-                want_cols: metadata.features(),
-            }),
             other => Err(StageError::UnexpectedPayload { expected: "normalized", got: other.kind() }),
         }
     }
 
-    fn check_input(row: &StockWindow, config: &ModelConfig) -> Result<(), StageError> {
-        if admits(row.precision, config) {
+    fn check_input(row: &StockRow, metadata: &ModelMetadata, config: &ModelConfig) -> Result<(), StageError> {
+        let (rows, cols) = row.shape();
+        if rows != metadata.days() || row.values().len() != metadata.sample_len() {
+            let (want_rows, want_cols) = (metadata.days(), metadata.features());
+            return Err(StageError::WindowShape { rows, cols, want_rows, want_cols });
+        }
+        if admits(row.precision(), config) {
             return Ok(());
         }
         Err(StageError::LossyInput {
-            input: format!("{:?}", row.precision).to_lowercase(),
+            input: format!("{:?}", row.precision()).to_lowercase(),
             model: format!("{:?}", config.precision).to_lowercase(),
         })
     }
 
-    fn cache_key(row: &StockWindow, model: &str, version: &str) -> CacheKey {
-        CacheKey::of(model, version, &row.values)
+    fn original(row: &StockRow) -> Option<Payload> {
+        match row {
+            StockRow::Window(_) => None,
+            StockRow::Step { series, step } => series.step_window(&series.steps[*step]).map(Payload::Normalized),
+        }
     }
 
-    fn length(_: &StockWindow) -> usize {
+    fn cache_key(row: &StockRow, model: &str, version: &str) -> CacheKey {
+        CacheKey::of(model, version, row.values())
+    }
+
+    fn length(_: &StockRow) -> usize {
         1
     }
 
@@ -114,26 +170,21 @@ impl Task for StockTask {
         usize::MAX
     }
 
-    fn assemble(rows: &[&StockWindow], _: &ModelMetadata, recycled: Option<Batch>) -> Batch {
+    fn assemble(rows: &[&StockRow], _: &ModelMetadata, recycled: Option<Batch>) -> Batch {
         let mut buffer = recycled.map(Batch::into_windows).unwrap_or_default();
         buffer.clear();
         for row in rows {
-            buffer.extend_from_slice(&row.values);
+            buffer.extend_from_slice(row.values());
         }
         Batch::Windows(buffer)
     }
 
-    fn answer(
-        row: StockWindow,
-        answer: &Answer,
-        metadata: &ModelMetadata,
-        version: &str,
-        inferred_at_ms: i64,
-    ) -> Payload {
+    fn answer(row: StockRow, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload {
         let value = |name: &str| metadata.output_index(name).map_or(f32::NAN, |i| answer.values[i]);
+        let (symbol, as_of) = row.symbol_and_date();
         Payload::Prediction(StockPrediction {
-            symbol: row.symbol,
-            as_of: row.as_of,
+            symbol,
+            as_of,
             predicted_return: value("predicted_return"),
             confidence: value("confidence"),
             model_name: metadata.name.clone(),

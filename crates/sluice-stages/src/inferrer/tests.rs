@@ -320,3 +320,53 @@ async fn windows_in_a_lower_precision_than_the_model_are_refused_unless_accepted
         }
     }
 }
+
+#[tokio::test]
+async fn a_series_is_answered_step_by_step_as_its_windows_would_be_alone() {
+    use sluice_messages::envelope::{SeriesStep, StockSeries};
+    let loader = FakeLoader::new(usize::MAX);
+    let (mut stage, _tx, _) = stage(&loader, 0).await;
+    // Five days; windows of two ending on days 1..=4; the window ending on
+    // day 3 starts with the poison value, so its step alone fails.
+    let firsts = [0.0, 1.0, POISON, 3.0, 4.0];
+    let values: Vec<f32> = firsts.iter().flat_map(|f| [*f, 0.25, 0.25]).collect();
+    let day = |d: u32| NaiveDate::from_ymd_opt(2024, 6, d).expect("date");
+    let history = StockWindow::new("S0042", day(7), 5, FEATURES as u32, values);
+    let steps =
+        (1..5).map(|end| SeriesStep { event_id: format!("b:{end}"), as_of: day(2 + end), end_row: end }).collect();
+    let series = StockSeries { history, window: DAYS as u32, steps };
+    let input =
+        Incoming::new("in", 0, 0, codec::encode(&Envelope::new("b", Payload::NormalizedSeries(series.clone()))));
+    let outputs = stage.process(&[input]).await.expect("the batch succeeds");
+
+    let mut answered = Vec::new();
+    let mut dead = Vec::new();
+    for output in &outputs {
+        match output {
+            Output::Send { payload, key, .. } => {
+                let envelope = codec::decode(payload).expect("envelope");
+                // The series came without a key: each answer is keyed by its own event id.
+                assert_eq!(key.as_deref(), Some(envelope.event_id.as_bytes()));
+                let Payload::Prediction(p) = envelope.payload else { panic!("not a prediction") };
+                answered.push((envelope.event_id, p.symbol, p.as_of, p.predicted_return));
+            }
+            Output::DeadLetter { reason, event_id, original, .. } => {
+                let original = codec::decode(original.as_ref().expect("the step's own window")).expect("envelope");
+                dead.push((*reason, event_id.clone(), original));
+            }
+        }
+    }
+    answered.sort_by(|a, b| a.0.cmp(&b.0));
+    // Each step's answer is the fake model's for the window ending on its row.
+    let expected: Vec<_> = [(1, 0.0), (2, 1.0), (4, 3.0)]
+        .iter()
+        .map(|(end, first): &(u32, f32)| (format!("b:{end}"), "S0042".to_string(), day(2 + end), first / 100.0))
+        .collect();
+    assert_eq!(answered, expected, "{dead:?}");
+    // The window ending on row 3 starts at row 2, the poison.
+    let [(reason, event_id, original)] = &dead[..] else { panic!("{dead:?}") };
+    assert_eq!((*reason, event_id.as_deref()), (Reason::ModelError, Some("b:3")));
+    assert_eq!(original.event_id, "b:3");
+    let Payload::Normalized(window) = &original.payload else { panic!("{}", original.payload.kind()) };
+    assert_eq!(Some(window), series.step_window(&series.steps[2]).as_ref(), "replayed alone, it is that step's window");
+}
