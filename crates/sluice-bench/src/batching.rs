@@ -517,26 +517,37 @@ pub(crate) fn machine() -> String {
 
 /// Scenario 4: the four stages on a backlog of requests, with `extra`
 /// (`SLUICE_…` settings) on top of the benchmark's.
-pub(crate) async fn pipeline_point(
+async fn pipeline_point(
     config: &SluiceConfig,
     size: usize,
     events: usize,
     extra: &[(String, String)],
 ) -> anyhow::Result<Point> {
+    let requests: Vec<(Vec<u8>, Vec<u8>)> = generate("pipeline", events, 0, SyntheticConfig::default().universe)
+        .into_iter()
+        .map(|e| (e.event_id.into_bytes(), e.json))
+        .collect();
+    pipeline_of(config, size, &requests, events, extra).await
+}
+
+/// The four stages on a backlog of `requests` (key, JSON) that ask for
+/// `answers` predictions in all.
+pub(crate) async fn pipeline_of(
+    config: &SluiceConfig,
+    size: usize,
+    requests: &[(Vec<u8>, Vec<u8>)],
+    answers: usize,
+    extra: &[(String, String)],
+) -> anyhow::Result<Point> {
     let mut config = config.clone();
     let run = format!("batching{}p{size}{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
-    let requests = generate(&run, events, 0, SyntheticConfig::default().universe);
-    publish(
-        &config.kafka,
-        &config.topics.requests,
-        requests.iter().map(|e| (Some(e.event_id.as_bytes()), e.json.as_slice())),
-    )
-    .await?;
+    let records = requests.iter().map(|(key, json)| (Some(key.as_slice()), json.as_slice()));
+    publish(&config.kafka, &config.topics.requests, records).await?;
     let mut env = stage_env(&config, size, 5);
     env.extend_from_slice(extra);
     cluster.start_stages(&config, &StageKind::ALL, &env).await?;
-    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Writer, events).await?;
+    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Writer, answers).await?;
     tracing::info!(size, ?extra, per_s, "pipeline");
     Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
 }

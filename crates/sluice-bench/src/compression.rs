@@ -27,12 +27,12 @@ use sluice_core::{Incoming, Output, Stage};
 use sluice_kafka::admin::{TopicSpec, create_topics};
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::envelope::WindowPrecision;
-use sluice_stages::fetcher::{SyntheticConfig, SyntheticHistory, SyntheticSource, WindowShape, trading_days_back};
-use sluice_stages::{Fetcher, Normalizer};
+use sluice_stages::Fetcher;
+use sluice_stages::fetcher::{SyntheticHistory, SyntheticSource, trading_days_back};
 
-use crate::batching::{Point, pipeline_point, repeated};
+use crate::batching::{Point, pipeline_of, repeated};
 use crate::cluster::{LocalCluster, cpu_seconds};
-use crate::{job_requests, normalized_windows, write_section};
+use crate::{job_requests, normalized_windows, synthetic_stages, write_section};
 
 /// The codecs librdkafka offers, `none` first (the comparison).
 const CODECS: [&str; 5] = ["none", "lz4", "zstd", "snappy", "gzip"];
@@ -87,6 +87,7 @@ struct Cell {
 
 #[derive(Debug, Serialize)]
 struct PipelineRun {
+    traffic: &'static str,
     codec: &'static str,
     point: Point,
 }
@@ -188,16 +189,30 @@ pub async fn compression(config: SluiceConfig, options: Options) -> anyhow::Resu
 
     let mut pipeline = Vec::new();
     if options.events > 0 {
-        for codec in PIPELINE_CODECS {
-            let settings = std::env::temp_dir().join(format!("sluice-bench-{run}-{codec}.toml"));
-            std::fs::write(&settings, format!("[kafka.producer_properties]\n\"compression.type\" = \"{codec}\"\n"))?;
-            let env = vec![
-                ("SLUICE_CONFIG".to_string(), settings.display().to_string()),
-                ("SLUICE_FETCHER__SYNTHETIC__HISTORY".to_string(), "random_walk".to_string()),
-            ];
-            let point = repeated(options.repeats, || pipeline_point(&config, 256, options.events, &env)).await;
-            let _ = std::fs::remove_file(&settings);
-            pipeline.push(PipelineRun { codec, point: point? });
+        let job: Vec<(Vec<u8>, Vec<u8>)> = job_requests("pipeline", options.events)
+            .into_iter()
+            .map(|(id, symbol, as_of)| {
+                let json = format!(r#"{{"kind":"stock","event_id":"{id}","symbol":"{symbol}","as_of":"{as_of}"}}"#);
+                (id.into_bytes(), json.into_bytes())
+            })
+            .collect();
+        let backfills = backfill_requests(&Traffic::Series.requests(options.events));
+        for (traffic, requests) in [(Traffic::Job, &job), (Traffic::Series, &backfills)] {
+            for codec in PIPELINE_CODECS {
+                let settings = std::env::temp_dir().join(format!("sluice-bench-{run}-{codec}.toml"));
+                std::fs::write(
+                    &settings,
+                    format!("[kafka.producer_properties]\n\"compression.type\" = \"{codec}\"\n"),
+                )?;
+                let env = vec![
+                    ("SLUICE_CONFIG".to_string(), settings.display().to_string()),
+                    ("SLUICE_FETCHER__SYNTHETIC__HISTORY".to_string(), "random_walk".to_string()),
+                ];
+                let point =
+                    repeated(options.repeats, || pipeline_of(&config, 256, requests, options.events, &env)).await;
+                let _ = std::fs::remove_file(&settings);
+                pipeline.push(PipelineRun { traffic: traffic.name(), codec, point: point? });
+            }
         }
     }
 
@@ -218,6 +233,21 @@ pub async fn compression(config: SluiceConfig, options: Options) -> anyhow::Resu
     Ok(())
 }
 
+/// One backfill request (key, JSON) per symbol of `steps` (each symbol's
+/// steps, in order, `BACKFILL_STRIDE` trading days apart).
+fn backfill_requests(steps: &[(String, String, NaiveDate)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    steps
+        .chunk_by(|a, b| a.1 == b.1)
+        .map(|steps| {
+            let (key, symbol, from, to) = (&steps[0].0, &steps[0].1, steps[0].2, steps[steps.len() - 1].2);
+            let json = format!(
+                r#"{{"kind":"stock","event_id":"{key}","symbol":"{symbol}","from":"{from}","as_of":"{to}","stride":{BACKFILL_STRIDE}}}"#
+            );
+            (key.clone().into_bytes(), json.into_bytes())
+        })
+        .collect()
+}
+
 /// The backfills of `requests` (each symbol's steps) as the normalizer sends
 /// them on: (key, record) of each series, made by the fetcher and the
 /// normalizer themselves.
@@ -227,26 +257,18 @@ async fn series_records(
     precision: WindowPrecision,
     requests: &[(String, String, NaiveDate)],
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let model = &config.inferrer.model;
-    let metadata = sluice_model::ModelMetadata::load(&model.version_dir(&model.version))?;
-    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig { history, ..SyntheticConfig::default() });
-    let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
+    let (shape, source, mut normalizer) = synthetic_stages(config, history, precision)?;
     let mut fetcher = Fetcher::new(Box::new(source), shape, "fetched");
-    let mut normalizer = Normalizer::new(stats, shape.days, "normalized").with_precision(precision);
     let mut records = Vec::new();
-    for steps in requests.chunk_by(|a, b| a.1 == b.1) {
-        let (symbol, from, to) = (&steps[0].1, steps[0].2, steps[steps.len() - 1].2);
-        let json = format!(
-            r#"{{"kind":"stock","event_id":"b-{symbol}","symbol":"{symbol}","from":"{from}","as_of":"{to}","stride":{BACKFILL_STRIDE}}}"#
-        );
-        let fetched = fetcher.process(&[Incoming::new("requests", 0, 0, json.into_bytes())]).await;
+    for (key, json) in backfill_requests(requests) {
+        let symbol = String::from_utf8_lossy(&key).into_owned();
+        let fetched = fetcher.process(&[Incoming::new("requests", 0, 0, json)]).await;
         for output in fetched.map_err(|f| anyhow::anyhow!(f.message))? {
             let Output::Send { payload, .. } = output else { anyhow::bail!("backfill {symbol} was refused") };
             let normalized = normalizer.process(&[Incoming::new("fetched", 0, 0, payload)]).await;
             for output in normalized.map_err(|f| anyhow::anyhow!(f.message))? {
                 let Output::Send { payload, .. } = output else { anyhow::bail!("backfill {symbol} was refused") };
-                records.push((format!("b-{symbol}"), payload));
+                records.push((symbol.clone(), payload));
             }
         }
     }
@@ -368,11 +390,12 @@ fn markdown(report: &Report) -> String {
     if !report.pipeline.is_empty() {
         md.push_str(&format!(
             "\n### The pipeline\n\n\
-             {events} requests (the job's kind) through the four stages as separate processes on tansu, random-walk\n\
-             history, inferrer batch 256, every stage's producer with the codec (`kafka.producer_properties.\
-             \"compression.type\"`):\n\n\
-             | codec | events/s | fetcher CPU per 1000 events (ms) | normalizer | inferrer | writer | broker |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+             {events} predictions through the four stages as separate processes on tansu, random-walk history,\n\
+             inferrer batch 256, every stage's producer with the codec (`kafka.producer_properties.\
+             \"compression.type\"`): the job's requests (a window each), then backfills ({BACKFILL_STEPS} steps each,\n\
+             carried as series). CPU in ms per 1000 predictions, over the whole drain:\n\n\
+             | traffic | codec | events/s | fetcher | normalizer | inferrer | writer | broker |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|\n",
             events = report.pipeline_events,
         ));
         for run in &report.pipeline {
@@ -384,7 +407,8 @@ fn markdown(report: &Report) -> String {
                     .map_or("–".to_string(), |p| format!("{:.0}", p.cpu_ms_per_1000_events))
             };
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                run.traffic,
                 run.codec,
                 crate::batching::with_spread(&run.point),
                 cpu("fetcher"),

@@ -54,6 +54,21 @@ pub(crate) fn job_requests(prefix: &str, n: usize) -> Vec<(String, String, Naive
         .collect()
 }
 
+/// The serving stock model's window shape, the synthetic source with
+/// `history`, and a normalizer that sends windows on in `precision`.
+pub(crate) fn synthetic_stages(
+    config: &SluiceConfig,
+    history: SyntheticHistory,
+    precision: WindowPrecision,
+) -> anyhow::Result<(WindowShape, SyntheticSource, Normalizer)> {
+    let model = &config.inferrer.model;
+    let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
+    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
+    let source = SyntheticSource::new(SyntheticConfig { history, ..SyntheticConfig::default() });
+    let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
+    Ok((shape, source, Normalizer::new(stats, shape.days, "normalized").with_precision(precision)))
+}
+
 /// The synthetic source's window for each (event id, symbol, as_of) of
 /// `requests`, normalised in `precision` and encoded as the inferrer reads it:
 /// (event id, envelope).
@@ -63,12 +78,7 @@ pub(crate) fn normalized_windows(
     precision: WindowPrecision,
     requests: &[(String, String, NaiveDate)],
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let model = &config.inferrer.model;
-    let metadata = ModelMetadata::load(&model.version_dir(&model.version))?;
-    let shape = WindowShape { days: metadata.days(), features: metadata.features() };
-    let source = SyntheticSource::new(SyntheticConfig { history, ..SyntheticConfig::default() });
-    let stats = metadata.normalization.as_ref().ok_or_else(|| anyhow::anyhow!("no normalization statistics"))?;
-    let normalizer = Normalizer::new(stats, shape.days, "bench").with_precision(precision);
+    let (shape, source, normalizer) = synthetic_stages(config, history, precision)?;
     let mut out = Vec::with_capacity(requests.len());
     for (event_id, symbol, as_of) in requests {
         let values = source.window(&WindowRequest { symbol: symbol.clone(), as_of: *as_of }, shape)?;
