@@ -94,7 +94,14 @@ pub(crate) struct Point {
     /// stages' start to the last event, and peak resident MiB.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) processes: Vec<ProcessUse>,
+    /// Through the broker: the inferrer's time per event in each phase of its
+    /// batches ([`PHASES`], µs, wall time on its runtime thread), over the drain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    phases_us_per_event: Vec<(String, f64)>,
 }
+
+/// The model stage's phases, as its `sluice_model_stage_microseconds_total` names them.
+const PHASES: [&str; 5] = ["decode", "cache", "assemble", "model", "answer"];
 
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Percentiles {
@@ -238,7 +245,15 @@ fn median(mut points: Vec<Point>) -> Point {
 impl Point {
     /// A run's rate at a batch size, with nothing else measured yet.
     fn rate(batch_size: usize, events_per_s: f64) -> Self {
-        Self { batch_size, events_per_s, runs: Vec::new(), model_busy: None, call_ms: None, processes: Vec::new() }
+        Self {
+            batch_size,
+            events_per_s,
+            runs: Vec::new(),
+            model_busy: None,
+            call_ms: None,
+            processes: Vec::new(),
+            phases_us_per_event: Vec::new(),
+        }
     }
 }
 
@@ -421,11 +436,7 @@ fn stage_env(config: &SluiceConfig, inferrer_batch: usize, inferrer_wait_ms: u64
 /// a backlog, a stage faster than the next one runs ahead and finishes early,
 /// and a rate taken in the middle (from 10% to 90% of the last stage, as at
 /// first) then saw only the slow stage at work and overstated the pipeline.
-async fn drain(
-    cluster: &mut LocalCluster,
-    kind: StageKind,
-    events: usize,
-) -> anyhow::Result<(f64, Vec<ProcessUse>, Option<f64>)> {
+async fn drain(cluster: &mut LocalCluster, kind: StageKind, events: usize, size: usize) -> anyhow::Result<Point> {
     const ACKNOWLEDGED: &str = "sluice_stage_events_acknowledged_total";
     let first = cluster.ports.first().map_or(kind, |(first, _)| *first);
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -434,7 +445,7 @@ async fn drain(
     let cpu = || -> Vec<ThreadCpu> { processes.iter().map(|(_, pid)| thread_cpu_seconds(*pid)).collect() };
     let start = cpu();
     let inferrer = processes.iter().position(|(name, _)| name == StageKind::Inferrer.name());
-    let mut began: Option<(Instant, Vec<ThreadCpu>)> = None;
+    let mut began: Option<(Instant, Vec<ThreadCpu>, Vec<f64>)> = None;
     // The first acknowledgement came after the previous look: the rate is
     // taken from then, a lower bound (a fast stage can drain a small backlog
     // between two looks).
@@ -442,11 +453,11 @@ async fn drain(
     loop {
         let now = Instant::now();
         if began.is_none() && cluster.metric(first, ACKNOWLEDGED) > 0.0 {
-            began = Some((looked, cpu()));
+            began = Some((looked, cpu(), stage_phases(cluster)));
         }
         looked = now;
         let done = cluster.metric(kind, ACKNOWLEDGED);
-        if let Some((began, at_first)) = &began
+        if let Some((began, at_first, phases_at_first)) = &began
             && done >= events as f64
         {
             let seconds = now.duration_since(*began).as_secs_f64();
@@ -470,7 +481,12 @@ async fn drain(
                     }
                 })
                 .collect();
-            return Ok((rate, uses, busy));
+            let phases_us_per_event = PHASES
+                .iter()
+                .zip(stage_phases(cluster).iter().zip(phases_at_first))
+                .map(|(phase, (end, start))| (phase.to_string(), (end - start) / done))
+                .collect();
+            return Ok(Point { model_busy: busy, processes: uses, phases_us_per_event, ..Point::rate(size, rate) });
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
         // A stage that exits would leave the drain waiting out its deadline.
@@ -502,9 +518,9 @@ async fn inferrer_point(
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
     publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
     cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(&config, size, 5)).await?;
-    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Inferrer, incoming.len()).await?;
-    tracing::info!(size, per_s, ?model_busy, "inferrer through the broker");
-    Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
+    let point = drain(&mut cluster, StageKind::Inferrer, incoming.len(), size).await?;
+    tracing::info!(size, per_s = point.events_per_s, ?point.model_busy, "inferrer through the broker");
+    Ok(point)
 }
 
 /// The cores, and that everything shares them.
@@ -547,9 +563,9 @@ pub(crate) async fn pipeline_of(
     let mut env = stage_env(&config, size, 5);
     env.extend_from_slice(extra);
     cluster.start_stages(&config, &StageKind::ALL, &env).await?;
-    let (per_s, processes, model_busy) = drain(&mut cluster, StageKind::Writer, answers).await?;
-    tracing::info!(size, ?extra, per_s, "pipeline");
-    Ok(Point { model_busy, processes, ..Point::rate(size, per_s) })
+    let point = drain(&mut cluster, StageKind::Writer, answers, size).await?;
+    tracing::info!(size, ?extra, per_s = point.events_per_s, "pipeline");
+    Ok(point)
 }
 
 async fn publish<'a>(
@@ -691,10 +707,24 @@ async fn broker_floor(config: &SluiceConfig, incoming: &[sluice_core::Incoming])
     Ok(floor)
 }
 
+/// The inferrer's `/metrics` (empty without one).
+fn inferrer_metrics(cluster: &LocalCluster) -> String {
+    let port = cluster.ports.iter().find(|(k, _)| *k == StageKind::Inferrer).map(|(_, p)| *p);
+    port.and_then(|p| crate::cluster::http_get(p, "/metrics")).map(|(_, b)| b).unwrap_or_default()
+}
+
+/// Microseconds the inferrer has spent in each of [`PHASES`] so far.
+fn stage_phases(cluster: &LocalCluster) -> Vec<f64> {
+    let body = inferrer_metrics(cluster);
+    let total = |phase: &str| {
+        sluice_testkit::prometheus::sum(&body, "sluice_model_stage_microseconds_total", &[("phase", phase)])
+    };
+    PHASES.iter().map(|phase| total(phase)).collect()
+}
+
 /// (rows, calls) the inferrer's model has run so far.
 fn model_use(cluster: &LocalCluster) -> (f64, f64) {
-    let port = cluster.ports.iter().find(|(k, _)| *k == StageKind::Inferrer).map(|(_, p)| *p);
-    let body = port.and_then(|p| crate::cluster::http_get(p, "/metrics")).map(|(_, b)| b).unwrap_or_default();
+    let body = inferrer_metrics(cluster);
     let series = |name: &str| {
         body.lines()
             .filter(|l| l.starts_with(name))
@@ -951,6 +981,31 @@ fn light_markdown(light: &LightModel) -> String {
             "| {size} | {} | {memory} | {} | {cpu}\n",
             with_spread(raw),
             broker.as_ref().map_or_else(String::new, with_spread)
+        ));
+    }
+    md.push_str(
+        "\nThe rest, split (µs per event through the broker, the median run): the model stage's own phases,\n\
+         timed in the stage (`sluice_model_stage_microseconds_total`): decoding and checking the envelopes, the\n\
+         cache (look-up and grouping identical rows; off here), laying out the model's input, and making and\n\
+         encoding the answers; then the runtime (the rest's CPU less those phases: copying consumed messages,\n\
+         batching, handing outputs to the producer). The model phase is the wall time of the calls, for comparison.\n\n\
+         | batch size | decode | cache | assemble | answer | runtime | Kafka client | model call (wall) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for point in &light.inferrer_through_broker {
+        let (Some(u), false) = (inferrer_use(point), point.phases_us_per_event.is_empty()) else { continue };
+        let phase = |name: &str| point.phases_us_per_event.iter().find(|(p, _)| p == name).map_or(0.0, |(_, us)| *us);
+        let own: f64 = ["decode", "cache", "assemble", "answer"].iter().map(|p| phase(p)).sum();
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            point.batch_size,
+            phase("decode"),
+            phase("cache"),
+            phase("assemble"),
+            phase("answer"),
+            u.other_ms_per_1000_events - own,
+            u.kafka_client_ms_per_1000_events,
+            phase("model"),
         ));
     }
     md

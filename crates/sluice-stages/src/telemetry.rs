@@ -28,6 +28,18 @@ pub(crate) fn model_call(model: &str, rows: usize, padded_length: usize, took: D
     counter!("sluice_model_rows_total", "model" => model).increment(rows as u64);
 }
 
+/// Where one batch's time went in the model stage, by phase: decoding and
+/// checking the inputs, the prediction cache (look-up, grouping identical
+/// rows, storing answers), laying out the model's input, waiting for the
+/// model (the call's wall time, assembly excluded), and making and encoding
+/// the answers. Summed per phase, so that a benchmark can divide by events.
+pub(crate) fn model_stage_phases(model: &str, phases: &[(&'static str, Duration)]) {
+    for (phase, took) in phases {
+        counter!("sluice_model_stage_microseconds_total", "model" => model.to_string(), "phase" => *phase)
+            .increment(took.as_micros() as u64);
+    }
+}
+
 pub(crate) fn row_failed_alone(model: &str, error: &ModelError) {
     tracing::warn!(model, error = %error, "a row fails alone: dead-lettered as model_error");
 }

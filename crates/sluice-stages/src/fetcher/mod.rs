@@ -327,10 +327,11 @@ impl Stage for Fetcher {
                 Pending::Done(_) | Pending::Fetch { .. } => None,
             })
             .collect();
-        let mut histories = match (series.is_empty(), self.source.fetch_series(&series, self.shape.features)) {
-            (false, Some(fetching)) => fetching.await?,
-            // Each step of a series is then fetched alone.
-            _ => Vec::new(),
+        let fetching = if series.is_empty() { None } else { self.source.fetch_series(&series, self.shape.features) };
+        let mut histories = match fetching {
+            Some(fetching) => fetching.await?,
+            // None: each step of a series is fetched alone below.
+            None => Vec::new(),
         };
         if !histories.is_empty() && histories.len() != series.len() {
             let message = format!(

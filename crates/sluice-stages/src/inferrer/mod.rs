@@ -29,7 +29,7 @@ use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_control::Settings;
 use sluice_control::cache::{CacheKey, PredictionCache};
@@ -43,8 +43,8 @@ use self::answers::Answers;
 pub use self::calls::Answer;
 use self::calls::Calls;
 use self::served::ServedModel;
-use crate::StageError;
 use crate::common::{dead_letter, dead_letter_of, decode, forward};
+use crate::{StageError, telemetry};
 
 /// Counts for reports and tests.
 #[derive(Debug, Default)]
@@ -225,6 +225,12 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         let metadata = runner.metadata().clone();
         let version = runner.version().to_string();
 
+        // Where the batch's time goes outside the model (telemetry::model_stage_phases).
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let now = Instant::now();
+            std::mem::replace(&mut clock, now).elapsed()
+        };
         // The rows the model can take; a dead letter for each of the others.
         let mut outputs = Vec::with_capacity(batch.len());
         let mut rows: Vec<(usize, Header, T::Row)> = Vec::with_capacity(batch.len());
@@ -253,6 +259,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         if rows.is_empty() {
             return Ok(outputs);
         }
+        let decoding = lap();
 
         let cache = cache.as_deref().filter(|_| settings.cache_enabled);
         let ttl = Duration::from_secs(settings.cache_ttl_s);
@@ -261,6 +268,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         let key = |row: usize| T::cache_key(&rows[row].2, &metadata.name, &version);
         let stats = served.stats();
         let mut answers = Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, stats).await;
+        let mut looking_up = lap();
 
         // The model on what is left, in planned calls; a call that fails is
         // split until only what fails alone is left.
@@ -268,11 +276,15 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         let row_of = |group: usize| &rows[groups[group].rows[0]].2;
         let lengths: Vec<usize> = (0..groups.len()).map(|g| T::length(row_of(g))).collect();
         let mut computed: Vec<Option<Result<Answer, ModelError>>> = vec![None; groups.len()];
+        let mut assembling = Duration::ZERO;
         for call in plan::calls(&lengths, settings.max_batch_size, T::max_tokens(&settings)) {
             let results = calls
                 .run(runner, call.len(), width, spare, |range, recycled| {
+                    let started = Instant::now();
                     let members: Vec<&T::Row> = call[range].iter().map(|g| row_of(*g)).collect();
-                    T::assemble(&members, &metadata, recycled)
+                    let input = T::assemble(&members, &metadata, recycled);
+                    assembling += started.elapsed();
+                    input
                 })
                 .await
                 .map_err(|e| BatchFailure::fatal(StageError::from(e)))?;
@@ -281,7 +293,9 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
             }
         }
         let computed = computed.into_iter().map(|c| c.expect("every group is in one call")).collect();
+        let modelling = lap().saturating_sub(assembling);
         answers.fill(cache, &metadata.name, &version, computed, valid, ttl, stats).await;
+        looking_up += lap();
 
         let inferred_at_ms = sluice_messages::now_ms();
         for ((i, header, row), answer) in rows.into_iter().zip(answers.rows) {
@@ -304,6 +318,14 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
             let payload = T::answer(row, &answer, &metadata, &version, inferred_at_ms);
             outputs.push(forward(i, &batch[i], output, &header, payload));
         }
+        let phases = [
+            ("decode", decoding),
+            ("cache", looking_up),
+            ("assemble", assembling),
+            ("model", modelling),
+            ("answer", lap()),
+        ];
+        telemetry::model_stage_phases(&metadata.name, &phases);
         Ok(outputs)
     }
 }
