@@ -987,8 +987,10 @@ fn light_markdown(light: &LightModel) -> String {
         "\nThe rest, split (µs per event through the broker, the median run): the model stage's own phases,\n\
          timed in the stage (`sluice_model_stage_microseconds_total`): decoding and checking the envelopes, the\n\
          cache (look-up and grouping identical rows; off here), laying out the model's input, and making and\n\
-         encoding the answers; then the runtime (the rest's CPU less those phases: copying consumed messages,\n\
-         batching, handing outputs to the producer). The model phase is the wall time of the calls, for comparison.\n\n\
+         encoding the answers; then the runtime, the rest's CPU less those phases: polling and copying each\n\
+         consumed message, batching, handing each output to the producer and awaiting its acknowledgement\n\
+         (librdkafka's work on the stage's own threads, which the thread split counts here, not under the Kafka\n\
+         client). The model phase is the wall time of the calls, for comparison.\n\n\
          | batch size | decode | cache | assemble | answer | runtime | Kafka client | model call (wall) |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
