@@ -32,6 +32,18 @@ pub(crate) fn decode(source: usize, input: &Incoming) -> Result<Envelope, Output
     codec::decode(&input.payload).map_err(|e| dead_letter(source, &StageError::from(e), None))
 }
 
+/// Input `source`'s header and payload, or `None` with its dead letter pushed
+/// onto `outputs`.
+pub(crate) fn decode_or_dead(source: usize, input: &Incoming, outputs: &mut Vec<Output>) -> Option<(Header, Payload)> {
+    match decode(source, input) {
+        Ok(envelope) => Some(envelope.into_parts()),
+        Err(dead) => {
+            outputs.push(dead);
+            None
+        }
+    }
+}
+
 /// Sends `payload` under `header` to `topic`, keyed like the input (or by
 /// event id when the input had no key).
 pub(crate) fn forward(source: usize, input: &Incoming, topic: &Arc<str>, header: &Header, payload: Payload) -> Output {

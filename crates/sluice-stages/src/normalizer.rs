@@ -13,7 +13,7 @@ use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
 use crate::StageError;
-use crate::common::{dead_letter, dead_letter_of, decode, forward, forward_several};
+use crate::common::{dead_letter, dead_letter_of, decode_or_dead, forward, forward_several};
 
 /// The normalizer stage.
 #[derive(Debug)]
@@ -191,13 +191,7 @@ impl Stage for Normalizer {
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut outputs = Vec::with_capacity(batch.len());
         for (i, input) in batch.iter().enumerate() {
-            let (header, payload) = match decode(i, input) {
-                Ok(envelope) => envelope.into_parts(),
-                Err(dead) => {
-                    outputs.push(dead);
-                    continue;
-                }
-            };
+            let Some((header, payload)) = decode_or_dead(i, input, &mut outputs) else { continue };
             if let Payload::FetchedSeries(series) = &payload {
                 outputs.extend(self.normalize_series(i, input, &header, series));
                 continue;

@@ -43,7 +43,7 @@ use self::answers::Answers;
 pub use self::calls::Answer;
 use self::calls::Calls;
 use self::served::ServedModel;
-use crate::common::{dead_letter, dead_letter_of, decode, forward};
+use crate::common::{dead_letter, dead_letter_of, decode_or_dead, forward};
 use crate::{StageError, telemetry};
 
 /// Counts for reports and tests.
@@ -235,13 +235,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         let mut outputs = Vec::with_capacity(batch.len());
         let mut rows: Vec<(usize, Header, T::Row)> = Vec::with_capacity(batch.len());
         for (i, input) in batch.iter().enumerate() {
-            let (header, payload) = match decode(i, input) {
-                Ok(envelope) => envelope.into_parts(),
-                Err(dead) => {
-                    outputs.push(dead);
-                    continue;
-                }
-            };
+            let Some((header, payload)) = decode_or_dead(i, input, &mut outputs) else { continue };
             let accepted = match T::accept(&header, payload, &metadata) {
                 Ok(accepted) => accepted,
                 Err(e) => {
