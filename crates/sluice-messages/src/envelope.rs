@@ -42,6 +42,14 @@ pub struct Header {
     pub attempt: u32,
 }
 
+impl Header {
+    /// The header of one event of a record that carries several (a step of
+    /// a series): this one's trace, time and attempt, under `event_id`.
+    pub fn of_event(&self, event_id: &str) -> Self {
+        Self { event_id: event_id.to_string(), ..self.clone() }
+    }
+}
+
 impl Envelope {
     /// The first envelope of event `event_id` (no trace, not replayed),
     /// requested and written now.

@@ -11,24 +11,14 @@ use sluice_stages::StageError;
 use sluice_stages::fetcher::{
     FetchResults, HistorySource, Series, SeriesFuture, SeriesRequest, SeriesResults, WindowRequest, WindowShape,
 };
+use tokio_postgres::Row;
 
 use crate::packed::unpack_into;
 use crate::{PostgresError, Retry};
 
-/// The last `$3` days up to each request's date, newest first, tagged with the
-/// request's position (1-based).
-const WINDOWS: &str = "\
-SELECT r.req, f.trade_date, f.features
-FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS r(symbol, as_of, req)
-CROSS JOIN LATERAL (
-    SELECT trade_date, features FROM features
-    WHERE symbol = r.symbol AND trade_date <= r.as_of
-    ORDER BY trade_date DESC
-    LIMIT $3
-) f";
-
-/// The same for backfills' series: the last `$3[i]` days of each request.
-const SERIES: &str = "\
+/// The last `$3[i]` days up to each request's date, newest first, tagged with
+/// the request's position (1-based): a window's `days`, or a series' rows.
+const DAYS: &str = "\
 SELECT r.req, f.trade_date, f.features
 FROM unnest($1::text[], $2::date[], $3::int8[]) WITH ORDINALITY AS r(symbol, as_of, n, req)
 CROSS JOIN LATERAL (
@@ -49,39 +39,28 @@ impl PgHistory {
         Self { pool }
     }
 
-    async fn windows(&self, requests: &[WindowRequest], shape: WindowShape) -> Result<FetchResults, PostgresError> {
-        let symbols: Vec<&str> = requests.iter().map(|r| r.symbol.as_str()).collect();
-        let dates: Vec<NaiveDate> = requests.iter().map(|r| r.as_of).collect();
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(WINDOWS).await?;
-        let rows = client.query(&statement, &[&symbols, &dates, &(shape.days as i64)]).await?;
-        // Each request's days, newest first, borrowed from the rows.
-        let mut days: Vec<Vec<(NaiveDate, &[u8])>> = vec![Vec::with_capacity(shape.days); requests.len()];
-        for row in &rows {
-            let req: i64 = row.get(0);
-            if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
-                slot.push((row.get(1), row.get(2)));
-            }
+    /// The rows of [`DAYS`] for each (symbol, date, limit), in one query.
+    async fn days(&self, requests: impl Iterator<Item = (&str, NaiveDate, usize)>) -> Result<Vec<Row>, PostgresError> {
+        let (mut symbols, mut dates, mut limits) = (Vec::new(), Vec::new(), Vec::new());
+        for (symbol, date, limit) in requests {
+            symbols.push(symbol);
+            dates.push(date);
+            limits.push(limit as i64);
         }
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(DAYS).await?;
+        Ok(client.query(&statement, &[&symbols, &dates, &limits]).await?)
+    }
+
+    async fn windows(&self, requests: &[WindowRequest], shape: WindowShape) -> Result<FetchResults, PostgresError> {
+        let rows = self.days(requests.iter().map(|r| (r.symbol.as_str(), r.as_of, shape.days))).await?;
+        let days = per_request(&rows, requests.len());
         Ok(requests.iter().zip(days).map(|(request, packed)| window_of(request, shape, &packed)).collect())
     }
-}
 
-impl PgHistory {
     async fn series(&self, requests: &[SeriesRequest], features: usize) -> Result<SeriesResults, PostgresError> {
-        let symbols: Vec<&str> = requests.iter().map(|r| r.symbol.as_str()).collect();
-        let dates: Vec<NaiveDate> = requests.iter().map(|r| r.as_of).collect();
-        let limits: Vec<i64> = requests.iter().map(|r| r.rows as i64).collect();
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(SERIES).await?;
-        let rows = client.query(&statement, &[&symbols, &dates, &limits]).await?;
-        let mut days: Vec<Vec<(NaiveDate, &[u8])>> = requests.iter().map(|r| Vec::with_capacity(r.rows)).collect();
-        for row in &rows {
-            let req: i64 = row.get(0);
-            if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
-                slot.push((row.get(1), row.get(2)));
-            }
-        }
+        let rows = self.days(requests.iter().map(|r| (r.symbol.as_str(), r.as_of, r.rows))).await?;
+        let days = per_request(&rows, requests.len());
         Ok(requests
             .iter()
             .zip(days)
@@ -93,6 +72,18 @@ impl PgHistory {
             })
             .collect())
     }
+}
+
+/// Each of `n` requests' days, newest first, borrowed from the rows.
+fn per_request(rows: &[Row], n: usize) -> Vec<Vec<(NaiveDate, &[u8])>> {
+    let mut days: Vec<Vec<(NaiveDate, &[u8])>> = vec![Vec::new(); n];
+    for row in rows {
+        let req: i64 = row.get(0);
+        if let Some(slot) = usize::try_from(req - 1).ok().and_then(|i| days.get_mut(i)) {
+            slot.push((row.get(1), row.get(2)));
+        }
+    }
+    days
 }
 
 /// One request's window, oldest day first, from its packed days newest first.

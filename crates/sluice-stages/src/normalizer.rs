@@ -93,16 +93,16 @@ impl Normalizer {
             return Err(StageError::WindowShape { rows, cols, want_rows: self.days, want_cols: self.mean.len() });
         }
         let (normalized, bad) = self.z_scores(window)?;
-        match bad.into_iter().next() {
-            Some(e) => Err(e),
+        match bad.first() {
+            Some(bad) => Err(bad.error(0)),
             None => Ok(normalized),
         }
     }
 
     /// z-scores every row of `history` (any number of rows of the right
     /// width), with the first non-finite value of each row that has one,
-    /// by row. Those rows' values are left as they came.
-    fn z_scores(&self, history: &StockWindow) -> Result<(StockWindow, Vec<StageError>), StageError> {
+    /// by row.
+    fn z_scores(&self, history: &StockWindow) -> Result<(StockWindow, Vec<NonFinite>), StageError> {
         let features = self.mean.len();
         let (rows, cols) = (history.rows as usize, history.cols as usize);
         if cols != features || history.values.len() != rows * cols {
@@ -116,7 +116,7 @@ impl Normalizer {
                 let z = (x - mean) * inv_std;
                 if first_bad.is_none() && !z.is_finite() {
                     let what = if x.is_finite() { "z-score" } else { "input" };
-                    first_bad = Some(StageError::NonFiniteInput { what, day, feature });
+                    first_bad = Some(NonFinite { what, day, feature });
                 }
                 values.push(z);
             }
@@ -154,14 +154,8 @@ impl Normalizer {
             }
             // The first bad row within the window, its day counted from the window's start.
             let first = end + 1 - window;
-            let error = bad.iter().find_map(|e| match e {
-                StageError::NonFiniteInput { what, day, feature } if (first..=end).contains(day) => {
-                    Some(StageError::NonFiniteInput { what, day: day - first, feature: *feature })
-                }
-                _ => None,
-            });
-            match error {
-                Some(e) => outputs.push(step_dead_letter(source, &e, header, series, step)),
+            match bad.iter().find(|b| (first..=end).contains(&b.day)) {
+                Some(b) => outputs.push(step_dead_letter(source, &b.error(first), header, series, step)),
                 None => steps.push(step.clone()),
             }
         }
@@ -173,10 +167,24 @@ impl Normalizer {
     }
 }
 
+/// The first non-finite value of a row: before z-scoring (`input`) or after.
+#[derive(Debug)]
+struct NonFinite {
+    what: &'static str,
+    day: usize,
+    feature: usize,
+}
+
+impl NonFinite {
+    /// Its error, the day counted from row `first`.
+    fn error(&self, first: usize) -> StageError {
+        StageError::NonFiniteInput { what: self.what, day: self.day - first, feature: self.feature }
+    }
+}
+
 /// A dead letter for one step of a fetched series, with its own window to replay.
 fn step_dead_letter(source: usize, e: &StageError, header: &Header, series: &StockSeries, step: &SeriesStep) -> Output {
-    let header = Header { event_id: step.event_id.clone(), ..header.clone() };
-    dead_letter_of(source, e, &header, series.step_window(step).map(Payload::Fetched))
+    dead_letter_of(source, e, &header.of_event(&step.event_id), series.step_window(step).map(Payload::Fetched))
 }
 
 impl Stage for Normalizer {

@@ -90,12 +90,17 @@ impl SyntheticSource {
             .is_some_and(|digits| digits.len() == 4 && digits.parse::<usize>().is_ok_and(|i| i < self.config.universe))
     }
 
+    /// Up to `n` trading days of `symbol` on or before `as_of`, newest first.
+    fn days(&self, symbol: &str, as_of: NaiveDate, n: usize) -> Result<Vec<NaiveDate>, StageError> {
+        if !self.knows(symbol) {
+            return Err(StageError::UnknownSymbol(symbol.to_string()));
+        }
+        Ok(trading_days_back(as_of, self.config.history_start, n))
+    }
+
     /// The window for one request.
     pub fn window(&self, request: &WindowRequest, shape: WindowShape) -> Result<Vec<f32>, StageError> {
-        if !self.knows(&request.symbol) {
-            return Err(StageError::UnknownSymbol(request.symbol.clone()));
-        }
-        let days = trading_days_back(request.as_of, self.config.history_start, shape.days);
+        let days = self.days(&request.symbol, request.as_of, shape.days)?;
         if days.len() < shape.days {
             return Err(StageError::InsufficientHistory {
                 symbol: request.symbol.clone(),
@@ -104,33 +109,30 @@ impl SyntheticSource {
                 need: shape.days,
             });
         }
-        Ok(self.rows(&request.symbol, &days, shape.features))
+        Ok(rows(self.config.history, &request.symbol, &days, shape.features))
     }
 
     /// Up to `request.rows` days up to `request.as_of`, with their dates.
     pub fn series(&self, request: &SeriesRequest, features: usize) -> Result<Series, StageError> {
-        if !self.knows(&request.symbol) {
-            return Err(StageError::UnknownSymbol(request.symbol.clone()));
-        }
-        let days = trading_days_back(request.as_of, self.config.history_start, request.rows);
-        let values = self.rows(&request.symbol, &days, features);
+        let days = self.days(&request.symbol, request.as_of, request.rows)?;
+        let values = rows(self.config.history, &request.symbol, &days, features);
         Ok(Series { dates: days.into_iter().rev().collect(), values })
     }
+}
 
-    /// The rows of `days` (newest first), oldest first.
-    fn rows(&self, symbol: &str, days: &[NaiveDate], features: usize) -> Vec<f32> {
-        let symbol_seed = fnv1a(symbol.as_bytes());
-        let mut values = Vec::with_capacity(days.len() * features);
-        match self.config.history {
-            SyntheticHistory::Noise => {
-                for day in days.iter().rev() {
-                    push_row(&mut values, symbol_seed, *day, features);
-                }
+/// The rows of `symbol` on `days` (newest first), oldest first.
+fn rows(history: SyntheticHistory, symbol: &str, days: &[NaiveDate], features: usize) -> Vec<f32> {
+    let symbol_seed = fnv1a(symbol.as_bytes());
+    let mut values = Vec::with_capacity(days.len() * features);
+    match history {
+        SyntheticHistory::Noise => {
+            for day in days.iter().rev() {
+                push_row(&mut values, symbol_seed, *day, features);
             }
-            SyntheticHistory::RandomWalk => push_walk_rows(&mut values, symbol_seed, days, features),
         }
-        values
+        SyntheticHistory::RandomWalk => push_walk_rows(&mut values, symbol_seed, days, features),
     }
+    values
 }
 
 impl HistorySource for SyntheticSource {
@@ -155,12 +157,7 @@ impl HistorySource for SyntheticSource {
 /// One day's `features` values for `symbol`: what `sluice db seed` stores in
 /// PostgreSQL, so that the database and the synthetic source agree.
 pub fn synthetic_row(symbol: &str, day: NaiveDate, features: usize, history: SyntheticHistory) -> Vec<f32> {
-    let mut row = Vec::with_capacity(features);
-    match history {
-        SyntheticHistory::Noise => push_row(&mut row, fnv1a(symbol.as_bytes()), day, features),
-        SyntheticHistory::RandomWalk => push_walk_rows(&mut row, fnv1a(symbol.as_bytes()), &[day], features),
-    }
-    row
+    rows(history, symbol, &[day], features)
 }
 
 /// Up to `n` weekdays on or before `as_of` and on or after `start`, newest first.

@@ -229,7 +229,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         let mut clock = Instant::now();
         let mut lap = || {
             let now = Instant::now();
-            std::mem::replace(&mut clock, now).elapsed()
+            now.duration_since(std::mem::replace(&mut clock, now))
         };
         // The rows the model can take; a dead letter for each of the others.
         let mut outputs = Vec::with_capacity(batch.len());

@@ -127,8 +127,7 @@ impl Task for StockTask {
                 let series = Arc::new(series);
                 Ok((0..series.steps.len())
                     .map(|step| {
-                        let header = Header { event_id: series.steps[step].event_id.clone(), ..header.clone() };
-                        (header, StockRow::Step { series: series.clone(), step })
+                        (header.of_event(&series.steps[step].event_id), StockRow::Step { series: series.clone(), step })
                     })
                     .collect())
             }
