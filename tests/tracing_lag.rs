@@ -127,6 +127,7 @@ async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_th
         // stage waits, so the statistics keep coming.
         queue_capacity: 1000,
         queue_max_bytes: 32 << 20,
+        prepare_next_batch: true,
     };
     let stage = Gated { gate: gate_rx, processed: processed.clone() };
     let running = tokio::spawn({

@@ -137,6 +137,10 @@ pub struct RuntimeConfig {
     /// Bytes of consumed messages a stage holds at most between its consumer
     /// and its producer (queued, batched, in process), whatever their count.
     pub queue_max_bytes: usize,
+    /// Whether a stage is given the next batch, where it is already cut, to
+    /// prepare while it processes the current one (the model stage decodes,
+    /// looks up and lays out the next batch while the model runs).
+    pub prepare_next_batch: bool,
 }
 
 /// Where history comes from.

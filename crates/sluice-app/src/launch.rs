@@ -261,6 +261,7 @@ async fn run(
         drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
         queue_capacity: config.runtime.queue_capacity,
         queue_max_bytes: config.runtime.queue_max_bytes,
+        prepare_next_batch: config.runtime.prepare_next_batch,
     };
     built.run(kafka.clone(), options, status, shutdown).await?;
     Ok(())

@@ -190,6 +190,9 @@ struct Report {
     raw_model: Vec<Point>,
     inferrer_in_memory: Vec<Point>,
     inferrer_through_broker: Vec<Point>,
+    /// The same without preparing the next batch while the model runs
+    /// (`runtime.prepare_next_batch = false`), each size measured right after.
+    inferrer_not_preparing: Vec<Point>,
     pipeline: Vec<Point>,
     one_at_a_time: Point,
     latency: Vec<LatencyPoint>,
@@ -277,7 +280,11 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
 
     let (raw, device) = raw_model(&config, &options).await?;
     let memory = inferrer_in_memory(&config, &options, &incoming).await?;
-    let broker = inferrer_through_broker(&config, &options, &incoming).await?;
+    let broker = inferrer_through_broker(&config, &options, &incoming, true).await?;
+    let mut not_preparing = Vec::new();
+    for &size in &options.sizes {
+        not_preparing.push(repeated(repeats, || inferrer_point(&config, size, &incoming, false)).await?);
+    }
     let mut pipeline = Vec::new();
     for &size in &options.sizes {
         pipeline.push(repeated(repeats, || pipeline_point(&config, size, options.events, &[])).await?);
@@ -302,7 +309,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
                 dir: dir.clone(),
                 raw_model: raw_model(&light, &options).await?.0,
                 inferrer_in_memory: inferrer_in_memory(&light, &options, &incoming).await?,
-                inferrer_through_broker: inferrer_through_broker(&light, &options, &incoming).await?,
+                inferrer_through_broker: inferrer_through_broker(&light, &options, &incoming, true).await?,
             })
         }
         None => None,
@@ -320,6 +327,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
         raw_model: raw,
         inferrer_in_memory: memory,
         inferrer_through_broker: broker,
+        inferrer_not_preparing: not_preparing,
         pipeline,
         one_at_a_time,
         latency,
@@ -500,26 +508,32 @@ async fn inferrer_through_broker(
     config: &SluiceConfig,
     options: &Options,
     incoming: &[sluice_core::Incoming],
+    prepare_next: bool,
 ) -> anyhow::Result<Vec<Point>> {
     let mut points = Vec::new();
     for &size in &options.sizes {
-        points.push(repeated(options.repeats, || inferrer_point(config, size, incoming)).await?);
+        points.push(repeated(options.repeats, || inferrer_point(config, size, incoming, prepare_next)).await?);
     }
     Ok(points)
 }
 
+/// The inferrer draining `incoming` at batch size `size`, preparing the next
+/// batch while the model runs or not.
 async fn inferrer_point(
     config: &SluiceConfig,
     size: usize,
     incoming: &[sluice_core::Incoming],
+    prepare_next: bool,
 ) -> anyhow::Result<Point> {
     let mut config = config.clone();
     let run = format!("batching{}i{size}", std::process::id());
     let mut cluster = LocalCluster::broker(&mut config, &run).await?;
     publish(&config.kafka, &config.topics.normalized, incoming.iter().map(|i| (None, i.payload.as_slice()))).await?;
-    cluster.start_stages(&config, &[StageKind::Inferrer], &stage_env(&config, size, 5)).await?;
+    let mut env = stage_env(&config, size, 5);
+    env.push(("SLUICE_RUNTIME__PREPARE_NEXT_BATCH".into(), prepare_next.to_string()));
+    cluster.start_stages(&config, &[StageKind::Inferrer], &env).await?;
     let point = drain(&mut cluster, StageKind::Inferrer, incoming.len(), size).await?;
-    tracing::info!(size, per_s = point.events_per_s, ?point.model_busy, "inferrer through the broker");
+    tracing::info!(size, per_s = point.events_per_s, ?point.model_busy, prepare_next, "inferrer through the broker");
     Ok(point)
 }
 
@@ -914,21 +928,26 @@ fn busy_markdown(report: &Report) -> String {
         "\n## The model thread's busy fraction (inferrer through the broker)\n\n\
          The model thread's CPU time over the drain's wall time (from the first acknowledgement to\n\
          the last, as for throughput), in the median run: 1.0 is a model that never waits for the\n\
-         inferrer. Target with a backlog: ≥ 0.9. The CPU per event beside it counts from the stage's\n\
-         start, as everywhere in this report.\n\n\
-         | batch size | busy fraction | inferrer CPU µs/event | of which the model | outside the model |\n\
-         |---:|---:|---:|---:|---:|\n",
+         inferrer. Target with a backlog: ≥ 0.9. The inferrer prepares the next batch (decode, cache\n\
+         look-up, layout) while the model runs the current one; each size is measured again right\n\
+         after without that (`runtime.prepare_next_batch = false`). The CPU per event counts from the\n\
+         stage's start, as everywhere in this report.\n\n\
+         | batch size | busy fraction | without preparing | events/s | without preparing | inferrer CPU µs/event | of which the model | outside the model |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for point in &report.inferrer_through_broker {
-        if let (Some(u), Some(busy)) = (inferrer_use(point), point.model_busy) {
-            md.push_str(&format!(
-                "| {} | {busy:.2} | {:.1} | {:.1} | {:.1} |\n",
-                point.batch_size,
-                u.cpu_ms_per_1000_events,
-                u.model_ms_per_1000_events,
-                u.cpu_ms_per_1000_events - u.model_ms_per_1000_events
-            ));
-        }
+        let (Some(u), Some(busy)) = (inferrer_use(point), point.model_busy) else { continue };
+        let without = report.inferrer_not_preparing.iter().find(|p| p.batch_size == point.batch_size);
+        let busy_without = without.and_then(|p| p.model_busy).map_or_else(|| "–".into(), |b| format!("{b:.2}"));
+        md.push_str(&format!(
+            "| {} | {busy:.2} | {busy_without} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            point.batch_size,
+            with_spread(point),
+            without.map_or_else(|| "–".into(), with_spread),
+            u.cpu_ms_per_1000_events,
+            u.model_ms_per_1000_events,
+            u.cpu_ms_per_1000_events - u.model_ms_per_1000_events
+        ));
     }
     md
 }

@@ -114,6 +114,21 @@ pub trait Stage: Send + 'static {
     /// Processes one non-empty batch, in consumption order.
     fn process(&mut self, batch: &[Incoming]) -> impl Future<Output = Result<Vec<Output>, BatchFailure>> + Send;
 
+    /// Processes `batch` as [`Stage::process`] does, given the batch that
+    /// will follow it where the runtime already has it (a backlog). A stage
+    /// whose work waits on something else (the model stage on its model
+    /// thread) may prepare `next` meanwhile, for this method's next call to
+    /// use; it must not assume that call comes (a retry of `batch`, or a
+    /// shutdown, may come first). By default `next` is ignored.
+    fn process_before(
+        &mut self,
+        batch: &[Incoming],
+        next: Option<&[Incoming]>,
+    ) -> impl Future<Output = Result<Vec<Output>, BatchFailure>> + Send {
+        let _ = next;
+        self.process(batch)
+    }
+
     /// The dead-letter reasons this stage gives. Their counters are created at
     /// 0 when the stage starts, so that an alert on `increase()` sees the first
     /// dead letter too (a series that appears at 1 shows no increase). The

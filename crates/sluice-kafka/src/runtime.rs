@@ -61,6 +61,9 @@ pub struct RunOptions {
     /// waits while they are over this. A message larger than this still
     /// passes, alone.
     pub queue_max_bytes: usize,
+    /// Hand the stage the next batch, where it is already cut, to prepare
+    /// while it processes the current one ([`Stage::process_before`]).
+    pub prepare_next_batch: bool,
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
@@ -100,19 +103,20 @@ pub async fn run_stage<S: Stage>(
     info!(stage = name, topic = options.input_topic, group = options.group_id, "stage started");
 
     let (item_tx, item_rx) = mpsc::channel(options.queue_capacity.max(1));
-    let (batch_tx, batch_rx) = mpsc::channel(1);
+    // Two cut batches may wait: with a backlog, the one after the batch being
+    // processed is already there for the stage to prepare (Stage::process_before).
+    let (batch_tx, batch_rx) = mpsc::channel(2);
     let (ack_tx, ack_rx) = mpsc::channel(4);
     let input_topic: Arc<str> = options.input_topic.as_str().into();
 
     let budget = ByteBudget::new(options.queue_max_bytes);
     let consume =
         tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, budget, shutdown.clone(), name));
-    tokio::spawn(run_batcher(item_rx, batch_tx, options.policy));
+    tokio::spawn(run_batcher(item_rx, batch_tx, options.policy.clone()));
     let acknowledge =
         tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone(), shutdown.clone()));
     let work = async {
-        let processed =
-            process_loop(&mut stage, batch_rx, &producer, ack_tx, &options.dead_letter_topic, &shutdown).await;
+        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options, &shutdown).await;
         if processed.is_err() {
             // Stop consuming (and sibling stages) now, not after the acknowledger.
             shutdown.cancel();
@@ -352,19 +356,61 @@ async fn process_loop<S: Stage>(
     mut batches: mpsc::Receiver<Batch<Held>>,
     producer: &FutureProducer,
     acks: mpsc::Sender<PendingAck>,
-    dead_letter_topic: &str,
+    options: &RunOptions,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
-    let dead_letter_topic: Arc<str> = dead_letter_topic.into();
-    while let Some(batch) = batches.recv().await {
+    let dead_letter_topic: Arc<str> = options.dead_letter_topic.as_str().into();
+    let unzip = |batch: Batch<Held>| {
+        let (items, held): (Vec<Incoming>, Vec<_>) = batch.items.into_iter().unzip();
+        (Batch { items, waited: batch.waited }, held)
+    };
+    // The batch after this one, where it is already cut.
+    let mut next = None;
+    // The last batch's outputs on their way into the producer's queue, while
+    // this batch is processed.
+    let mut sending = None;
+    loop {
+        let (batch, held) = match next.take() {
+            Some(taken) => taken,
+            None => {
+                // Nothing more is cut: the last outputs go out before waiting.
+                if let Some(sent) = sending.take()
+                    && acks.send(sent.await?).await.is_err()
+                {
+                    // The acknowledger stopped on an error, which it reports.
+                    return Ok(());
+                }
+                match batches.recv().await {
+                    Some(batch) => unzip(batch),
+                    None => break,
+                }
+            }
+        };
         let started = Instant::now();
-        // The batch's bytes stay held until its outputs are in the producer's queue.
-        let (items, _held): (Vec<Incoming>, Vec<_>) = batch.items.into_iter().unzip();
-        let batch = Batch { items, waited: batch.waited };
+        // Only a batch already cut: looking ahead never delays this one.
+        if options.prepare_next_batch {
+            next = batches.try_recv().ok().map(unzip);
+        }
+        let ahead = next.as_ref().map(|(next, _)| next.items.as_slice());
+        // Biased: the stage starts on this batch (its model call first)
+        // before the last batch's outputs take this thread.
+        let processing = process_with_retry(stage, &batch.items, ahead, shutdown);
+        let previous = async {
+            match sending.take() {
+                Some(sent) => Some(sent.await),
+                None => None,
+            }
+        };
+        let (outputs, sent) = tokio::join!(biased; processing, previous);
+        if let Some(sent) = sent
+            && acks.send(sent?).await.is_err()
+        {
+            return Ok(());
+        }
         // A batch given up on (shutdown during retries) must stop the loop: a
         // later batch's offsets would commit past it.
-        let Some(outputs) = process_with_retry(stage, &batch.items, shutdown).await? else {
+        let Some(outputs) = outputs? else {
             return Ok(());
         };
         // This hop's trace context for each input: every output of input `i`
@@ -372,59 +418,71 @@ async fn process_loop<S: Stage>(
         let hops: Vec<TraceParent> =
             batch.items.iter().map(|input| input.traceparent.map_or_else(TraceParent::root, |t| t.child())).collect();
         telemetry::batch_processed(name, batch.items.len(), batch.waited, started.elapsed(), &hops);
-        let mut deliveries = Vec::with_capacity(outputs.len());
-        let mut sent = 0;
-        for output in outputs {
-            let delivery = match output {
-                Output::Send { source, topic, key, payload } => {
-                    check_source(name, source, batch.items.len())?;
-                    match enqueue(producer, &topic, key.as_deref(), &payload, Some(&hops[source])).await {
-                        Ok(delivery) => {
-                            sent += 1;
-                            (topic, delivery)
-                        }
-                        // Larger than the broker takes: this input can never be
-                        // forwarded, so it is a dead letter, not a stuck stage.
-                        Err(KafkaRuntimeError::Delivery {
-                            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                            ..
-                        }) => {
-                            let detail =
-                                format!("an output of {} bytes is larger than the producer allows", payload.len());
-                            let input = &batch.items[source];
-                            let letter = dead_letter(name, input, Reason::OutputTooLarge, detail, None, None);
-                            let key = input.key.as_deref();
-                            let trace = Some(&hops[source]);
-                            (
-                                dead_letter_topic.clone(),
-                                enqueue(producer, &dead_letter_topic, key, &letter, trace).await?,
-                            )
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Output::DeadLetter { source, reason, detail, event_id, original } => {
-                    check_source(name, source, batch.items.len())?;
-                    let input = &batch.items[source];
-                    let letter = dead_letter(name, input, reason, detail, event_id, original.as_deref());
-                    let (key, trace) = (input.key.as_deref(), Some(&hops[source]));
-                    (dead_letter_topic.clone(), enqueue(producer, &dead_letter_topic, key, &letter, trace).await?)
-                }
-            };
-            deliveries.push(delivery);
-        }
-        telemetry::outputs_sent(name, sent);
-        let mut last_offsets = BTreeMap::new();
-        for item in &batch.items {
-            last_offsets.insert(item.partition, item.offset);
-        }
-        let pending = PendingAck { deliveries, last_offsets, inputs: batch.items.len() };
-        if acks.send(pending).await.is_err() {
-            // The acknowledger stopped on an error, which it reports.
-            return Ok(());
-        }
+        sending = Some(send_outputs(name, producer, &dead_letter_topic, batch, held, outputs, hops));
+    }
+    if let Some(sent) = sending.take() {
+        // A stopped acknowledger reports its own error.
+        let _ = acks.send(sent.await?).await;
     }
     Ok(())
+}
+
+/// Hands a processed batch's outputs to the producer (a dead letter instead
+/// of an output larger than the producer takes); returns what the
+/// acknowledger waits for before it commits the batch. The batch's bytes stay
+/// held (`_held`) until its outputs are in the producer's queue.
+async fn send_outputs(
+    name: &'static str,
+    producer: &FutureProducer,
+    dead_letter_topic: &Arc<str>,
+    batch: Batch<Incoming>,
+    _held: Vec<tokio::sync::OwnedSemaphorePermit>,
+    outputs: Vec<Output>,
+    hops: Vec<TraceParent>,
+) -> Result<PendingAck, KafkaRuntimeError> {
+    let mut deliveries = Vec::with_capacity(outputs.len());
+    let mut sent = 0;
+    for output in outputs {
+        let delivery = match output {
+            Output::Send { source, topic, key, payload } => {
+                check_source(name, source, batch.items.len())?;
+                match enqueue(producer, &topic, key.as_deref(), &payload, Some(&hops[source])).await {
+                    Ok(delivery) => {
+                        sent += 1;
+                        (topic, delivery)
+                    }
+                    // Larger than the broker takes: this input can never be
+                    // forwarded, so it is a dead letter, not a stuck stage.
+                    Err(KafkaRuntimeError::Delivery {
+                        source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                        ..
+                    }) => {
+                        let detail = format!("an output of {} bytes is larger than the producer allows", payload.len());
+                        let input = &batch.items[source];
+                        let letter = dead_letter(name, input, Reason::OutputTooLarge, detail, None, None);
+                        let key = input.key.as_deref();
+                        let trace = Some(&hops[source]);
+                        (dead_letter_topic.clone(), enqueue(producer, dead_letter_topic, key, &letter, trace).await?)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Output::DeadLetter { source, reason, detail, event_id, original } => {
+                check_source(name, source, batch.items.len())?;
+                let input = &batch.items[source];
+                let letter = dead_letter(name, input, reason, detail, event_id, original.as_deref());
+                let (key, trace) = (input.key.as_deref(), Some(&hops[source]));
+                (dead_letter_topic.clone(), enqueue(producer, dead_letter_topic, key, &letter, trace).await?)
+            }
+        };
+        deliveries.push(delivery);
+    }
+    telemetry::outputs_sent(name, sent);
+    let mut last_offsets = BTreeMap::new();
+    for item in &batch.items {
+        last_offsets.insert(item.partition, item.offset);
+    }
+    Ok(PendingAck { deliveries, last_offsets, inputs: batch.items.len() })
 }
 
 /// Original payloads larger than this are cut in dead letters, so that a huge
@@ -469,11 +527,12 @@ fn check_source(stage: &'static str, source: usize, len: usize) -> Result<(), Ka
 async fn process_with_retry<S: Stage>(
     stage: &mut S,
     items: &[Incoming],
+    next: Option<&[Incoming]>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Vec<Output>>, KafkaRuntimeError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stage.process(items).await {
+        match stage.process_before(items, next).await {
             Ok(outputs) => return Ok(Some(outputs)),
             Err(failure) if failure.retryable => {
                 telemetry::batch_failed(stage.name(), true, &failure.message, backoff);

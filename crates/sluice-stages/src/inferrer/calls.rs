@@ -39,14 +39,15 @@ impl Calls {
     }
 
     /// Rows per call at most, once lowered.
-    #[cfg(test)]
     pub(crate) fn row_cap(&self) -> Option<usize> {
         self.row_cap
     }
 
     /// Runs `rows` rows through the model, in calls of at most the row cap,
     /// each built by `build` from the rows it holds and the last call's
-    /// buffers (from `spare` for the first, given back there at the end). A
+    /// buffers (from `spare` for the first, given back there at the end),
+    /// except that `first`, an input built beforehand for the rows it names,
+    /// is used as it is if those are the first call's rows. A
     /// call that fails is split in halves and retried, down to single rows. A
     /// call that runs out of memory (the runner says so, or its input is over
     /// the memory budget) is split too and lowers the row cap for every later
@@ -57,6 +58,7 @@ impl Calls {
         rows: usize,
         width: usize,
         spare: &mut Option<Batch>,
+        mut first: Option<(Range<usize>, Batch)>,
         mut build: impl FnMut(Range<usize>, Option<Batch>) -> Batch,
     ) -> Result<Vec<Result<Answer, ModelError>>, ModelError> {
         let mut answers: Vec<Option<Result<Answer, ModelError>>> = vec![None; rows];
@@ -76,7 +78,12 @@ impl Calls {
                 pending.extend(starts.into_iter().rev().map(|s| s..(s + cap).min(range.end)));
                 continue;
             }
-            let batch = build(range.clone(), spare.take());
+            let batch = match first.take() {
+                Some((rows, built)) if rows == range => built,
+                // Built for a cap since lowered: its buffers serve again.
+                Some((_, stale)) => build(range.clone(), Some(stale)),
+                None => build(range.clone(), spare.take()),
+            };
             let padded_length = batch.padded_length() as u32;
             let result = if self.budget_bytes > 0 && n > 1 && batch.bytes() as u64 > self.budget_bytes {
                 Err(ModelError::OutOfMemory(format!(

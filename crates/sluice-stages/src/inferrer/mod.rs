@@ -26,6 +26,7 @@ mod served;
 pub mod stock;
 
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -149,6 +150,8 @@ pub struct ModelStage<T: Task, L: ModelLoader> {
     output: Arc<str>,
     /// The last call's input buffers, reused by the next batch's first call.
     spare: Option<Batch>,
+    /// The next batch, prepared while the model ran the last one.
+    ahead: Option<Prepared<T>>,
     task: PhantomData<T>,
 }
 
@@ -194,6 +197,7 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
             cache,
             output: output_topic.into(),
             spare: None,
+            ahead: None,
             task: PhantomData,
         })
     }
@@ -219,77 +223,96 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
     }
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
-        let settings = self.served.follow_settings().await;
-        let Self { served, calls, cache, output, spare, .. } = self;
-        let runner = served.runner();
-        let metadata = runner.metadata().clone();
-        let version = runner.version().to_string();
+        self.process_before(batch, None).await
+    }
 
-        // Where the batch's time goes outside the model (telemetry::model_stage_phases).
+    /// Answers `batch`; while its first call runs on the model thread,
+    /// prepares `next` (decoded, looked up in the cache, cut into calls, its
+    /// first call laid out), so that the model is given `next` as soon as it
+    /// is free (the next call of this method).
+    async fn process_before(
+        &mut self,
+        batch: &[Incoming],
+        next: Option<&[Incoming]>,
+    ) -> Result<Vec<Output>, BatchFailure> {
+        let settings = self.served.follow_settings().await;
+        let Self { served, calls, cache, output, spare, ahead, .. } = self;
+        let runner = served.runner();
+        let metadata = runner.metadata();
+        let at = Serving {
+            metadata,
+            version: runner.version(),
+            config: served.config(),
+            settings: &settings,
+            cache: cache.as_deref().filter(|_| settings.cache_enabled),
+            stats: served.stats(),
+            row_cap: calls.row_cap(),
+        };
+        // Prepared while the last batch ran, unless what it was prepared
+        // with has changed since (settings, version, row cap).
+        let prepared = match ahead.take() {
+            Some(prepared) if prepared.fits(batch, &at) => prepared,
+            _ => prepare::<T>(batch, &at, spare).await,
+        };
+        let Prepared { mut outputs, rows, answers, calls: planned, first, .. } = prepared;
+        let Some(mut answers) = answers else {
+            return Ok(outputs);
+        };
+
+        // The model on what the cache did not answer, in the planned calls;
+        // a call that fails is split until only what fails alone is left.
+        let width = metadata.output_width();
+        let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+        let groups = &answers.to_compute;
+        let row_of = |group: usize| &rows[groups[group].rows[0]].2;
+        let compute = async {
+            let mut computed: Vec<Option<Result<Answer, ModelError>>> = vec![None; groups.len()];
+            let (mut first, mut recycled, mut assembling) = (first, None, Duration::ZERO);
+            for call in &planned {
+                let results = calls
+                    .run(runner, call.len(), width, &mut recycled, first.take(), |range, recycled| {
+                        let started = Instant::now();
+                        let members: Vec<&T::Row> = call[range].iter().map(|g| row_of(*g)).collect();
+                        let input = T::assemble(&members, metadata, recycled);
+                        assembling += started.elapsed();
+                        input
+                    })
+                    .await
+                    .map_err(|e| BatchFailure::fatal(StageError::from(e)))?;
+                for (group, result) in call.iter().zip(results) {
+                    computed[*group] = Some(result);
+                }
+            }
+            let computed: Vec<_> = computed.into_iter().map(|c| c.expect("every group is in one call")).collect();
+            Ok::<_, BatchFailure>((computed, assembling, recycled))
+        };
+        // Biased: the first call is handed to the model thread before the
+        // next batch's preparation takes this thread.
+        let mut buffer = spare.take();
+        let preparing = async {
+            match next {
+                Some(next) => Some(prepare::<T>(next, &at, &mut buffer).await),
+                None => None,
+            }
+        };
+        let started = Instant::now();
+        let (computed, prepared) = tokio::join!(biased; compute, preparing);
+        let waited = started.elapsed();
+        let prepared_for = prepared.as_ref().map_or(Duration::ZERO, |p| p.took);
+        *ahead = prepared;
+        let (computed, assembling, recycled) = computed?;
+        *spare = recycled.or(buffer);
+        // Waiting for the model, less what this thread did meanwhile.
+        let modelling = waited.saturating_sub(assembling + prepared_for);
+
         let mut clock = Instant::now();
         let mut lap = || {
             let now = Instant::now();
             now.duration_since(std::mem::replace(&mut clock, now))
         };
-        // The rows the model can take; a dead letter for each of the others.
-        let mut outputs = Vec::with_capacity(batch.len());
-        let mut rows: Vec<(usize, Header, T::Row)> = Vec::with_capacity(batch.len());
-        for (i, input) in batch.iter().enumerate() {
-            let Some((header, payload)) = decode_or_dead(i, input, &mut outputs) else { continue };
-            let accepted = match T::accept(&header, payload, &metadata) {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    outputs.push(dead_letter(i, &e, Some(header.event_id)));
-                    continue;
-                }
-            };
-            for (header, row) in accepted {
-                match T::check_input(&row, &metadata, served.config()) {
-                    Ok(()) => rows.push((i, header, row)),
-                    Err(e) => outputs.push(dead_letter_of(i, &e, &header, T::original(&row))),
-                }
-            }
-        }
-        if rows.is_empty() {
-            return Ok(outputs);
-        }
-        let decoding = lap();
-
-        let cache = cache.as_deref().filter(|_| settings.cache_enabled);
-        let ttl = Duration::from_secs(settings.cache_ttl_s);
-        let width = metadata.output_width();
-        let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
-        let key = |row: usize| T::cache_key(&rows[row].2, &metadata.name, &version);
-        let stats = served.stats();
-        let mut answers = Answers::look_up(cache, &metadata.name, &version, rows.len(), key, valid, ttl, stats).await;
-        let mut looking_up = lap();
-
-        // The model on what is left, in planned calls; a call that fails is
-        // split until only what fails alone is left.
-        let groups = &answers.to_compute;
-        let row_of = |group: usize| &rows[groups[group].rows[0]].2;
-        let lengths: Vec<usize> = (0..groups.len()).map(|g| T::length(row_of(g))).collect();
-        let mut computed: Vec<Option<Result<Answer, ModelError>>> = vec![None; groups.len()];
-        let mut assembling = Duration::ZERO;
-        for call in plan::calls(&lengths, settings.max_batch_size, T::max_tokens(&settings)) {
-            let results = calls
-                .run(runner, call.len(), width, spare, |range, recycled| {
-                    let started = Instant::now();
-                    let members: Vec<&T::Row> = call[range].iter().map(|g| row_of(*g)).collect();
-                    let input = T::assemble(&members, &metadata, recycled);
-                    assembling += started.elapsed();
-                    input
-                })
-                .await
-                .map_err(|e| BatchFailure::fatal(StageError::from(e)))?;
-            for (group, result) in call.iter().zip(results) {
-                computed[*group] = Some(result);
-            }
-        }
-        let computed = computed.into_iter().map(|c| c.expect("every group is in one call")).collect();
-        let modelling = lap().saturating_sub(assembling);
-        answers.fill(cache, &metadata.name, &version, computed, valid, ttl, stats).await;
-        looking_up += lap();
+        let (version, ttl) = (at.version, Duration::from_secs(settings.cache_ttl_s));
+        answers.fill(at.cache, &metadata.name, version, computed, valid, ttl, at.stats).await;
+        let filling = lap();
 
         let inferred_at_ms = sluice_messages::now_ms();
         for ((i, header, row), answer) in rows.into_iter().zip(answers.rows) {
@@ -309,19 +332,133 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
                 outputs.push(dead_letter_of(i, &e, &header, T::original(&row)));
                 continue;
             }
-            let payload = T::answer(row, &answer, &metadata, &version, inferred_at_ms);
+            let payload = T::answer(row, &answer, metadata, version, inferred_at_ms);
             outputs.push(forward(i, &batch[i], output, &header, payload));
         }
-        let phases = [
-            ("decode", decoding),
-            ("cache", looking_up),
-            ("assemble", assembling),
-            ("model", modelling),
-            ("answer", lap()),
-        ];
+        let phases = [("assemble", assembling), ("model", modelling), ("cache", filling), ("answer", lap())];
         telemetry::model_stage_phases(&metadata.name, &phases);
         Ok(outputs)
     }
+}
+
+/// What preparing a batch reads from the stage.
+struct Serving<'a> {
+    metadata: &'a ModelMetadata,
+    version: &'a str,
+    config: &'a ModelConfig,
+    settings: &'a Settings,
+    /// The prediction cache, when it is enabled.
+    cache: Option<&'a PredictionCache>,
+    stats: &'a Arc<InferrerStats>,
+    row_cap: Option<usize>,
+}
+
+/// A batch made ready for the model: its inputs decoded (dead letters for
+/// those the model cannot take), looked up in the cache, what is left cut
+/// into calls, and the first call's input laid out.
+struct Prepared<T: Task> {
+    /// The batch it was made from.
+    of: Vec<(Arc<str>, i32, i64)>,
+    /// What it was made with.
+    settings: Settings,
+    version: String,
+    row_cap: Option<usize>,
+    outputs: Vec<Output>,
+    rows: Vec<(usize, Header, T::Row)>,
+    /// None when no row is left for the model or the cache.
+    answers: Option<Answers>,
+    /// Each call's groups (indices into `answers.to_compute`).
+    calls: Vec<Vec<usize>>,
+    /// The first call's input, and the rows of that call it holds.
+    first: Option<(Range<usize>, Batch)>,
+    /// This thread's time on it.
+    took: Duration,
+}
+
+impl<T: Task> Prepared<T> {
+    /// Whether this is `batch`'s, made with what is in force now. (The cache
+    /// may since have learnt answers it missed: computing them again costs
+    /// time, not correctness.)
+    fn fits(&self, batch: &[Incoming], at: &Serving<'_>) -> bool {
+        self.of.len() == batch.len()
+            && self.of.iter().zip(batch).all(|((t, p, o), i)| *t == i.topic && *p == i.partition && *o == i.offset)
+            && self.settings == *at.settings
+            && self.version == at.version
+            && self.row_cap == at.row_cap
+    }
+}
+
+/// Prepares `batch` for the model (see [`Prepared`]), its first call's input
+/// laid out in `buffer`'s memory where there is one.
+async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Option<Batch>) -> Prepared<T> {
+    let (metadata, version) = (at.metadata, at.version);
+    // Where the batch's time goes outside the model (telemetry::model_stage_phases).
+    let mut clock = Instant::now();
+    let mut lap = || {
+        let now = Instant::now();
+        now.duration_since(std::mem::replace(&mut clock, now))
+    };
+    let mut prepared = Prepared {
+        of: batch.iter().map(|i| (i.topic.clone(), i.partition, i.offset)).collect(),
+        settings: at.settings.clone(),
+        version: version.to_string(),
+        row_cap: at.row_cap,
+        outputs: Vec::with_capacity(batch.len()),
+        rows: Vec::with_capacity(batch.len()),
+        answers: None,
+        calls: Vec::new(),
+        first: None,
+        took: Duration::ZERO,
+    };
+    // The rows the model can take; a dead letter for each of the others.
+    let (outputs, rows) = (&mut prepared.outputs, &mut prepared.rows);
+    for (i, input) in batch.iter().enumerate() {
+        let Some((header, payload)) = decode_or_dead(i, input, outputs) else { continue };
+        let accepted = match T::accept(&header, payload, metadata) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                outputs.push(dead_letter(i, &e, Some(header.event_id)));
+                continue;
+            }
+        };
+        for (header, row) in accepted {
+            match T::check_input(&row, metadata, at.config) {
+                Ok(()) => rows.push((i, header, row)),
+                Err(e) => outputs.push(dead_letter_of(i, &e, &header, T::original(&row))),
+            }
+        }
+    }
+    let decoding = lap();
+    if rows.is_empty() {
+        prepared.took = decoding;
+        telemetry::model_stage_phases(&metadata.name, &[("decode", decoding)]);
+        return prepared;
+    }
+
+    let width = metadata.output_width();
+    let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+    let key = |row: usize| T::cache_key(&rows[row].2, &metadata.name, version);
+    let ttl = Duration::from_secs(at.settings.cache_ttl_s);
+    let answers = Answers::look_up(at.cache, &metadata.name, version, rows.len(), key, valid, ttl, at.stats).await;
+    let looking_up = lap();
+
+    let groups = &answers.to_compute;
+    let row_of = |group: usize| &rows[groups[group].rows[0]].2;
+    let lengths: Vec<usize> = (0..groups.len()).map(|g| T::length(row_of(g))).collect();
+    let calls = plan::calls(&lengths, at.settings.max_batch_size, T::max_tokens(at.settings));
+    // The rows of the first call that `Calls::run` makes first.
+    if let Some(call) = calls.first() {
+        let range = 0..call.len().min(at.row_cap.unwrap_or(usize::MAX));
+        let members: Vec<&T::Row> = call[range.clone()].iter().map(|g| row_of(*g)).collect();
+        prepared.first = Some((range, T::assemble(&members, metadata, buffer.take())));
+    }
+    let assembling = lap();
+    prepared.calls = calls;
+    prepared.answers = Some(answers);
+    prepared.took = decoding + looking_up + assembling;
+    let phases = [("decode", decoding), ("cache", looking_up), ("assemble", assembling)];
+    telemetry::model_stage_phases(&metadata.name, &phases);
+    prepared
 }
 
 #[cfg(test)]

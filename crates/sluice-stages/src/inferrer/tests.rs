@@ -370,3 +370,49 @@ async fn a_series_is_answered_step_by_step_as_its_windows_would_be_alone() {
     let Payload::Normalized(window) = &original.payload else { panic!("{}", original.payload.kind()) };
     assert_eq!(Some(window), series.step_window(&series.steps[2]).as_ref(), "replayed alone, it is that step's window");
 }
+
+/// `batch(n)`'s windows, read at offsets from `from`.
+fn batch_at(n: usize, from: i64) -> Vec<Incoming> {
+    batch(n, &[]).into_iter().map(|i| Incoming { offset: i.offset + from, ..i }).collect()
+}
+
+#[tokio::test]
+async fn the_next_batch_is_prepared_while_the_model_runs_and_again_if_the_version_changed() {
+    use sluice_control::cache::{LruConfig, PredictionCache};
+    let loader = FakeLoader::new(usize::MAX);
+    let runner = loader.load(config()).await.expect("version 1");
+    let (tx, rx) = watch::channel(Settings { cache_enabled: true, ..settings() });
+    let cache = Arc::new(PredictionCache::new(LruConfig::default(), None));
+    let stats = Arc::new(InferrerStats::default());
+    let mut stage = Inferrer::new(loader.clone(), runner, config(), rx, Some(cache), "out", stats).expect("stage");
+    let answers = |outputs: &[Output]| outcome(outputs).0.into_iter().map(|(_, p)| p).collect::<Vec<_>>();
+
+    // b is a's windows again, prepared (looked up in the cache) while the
+    // model ran a, before a's answers were in the cache: so it is computed
+    // again, from the preparation, with the same answers.
+    let (a, b) = (batch_at(4, 0), batch_at(4, 4));
+    let first = answers(&stage.process_before(&a, Some(&b)).await.expect("a"));
+    let second = answers(&stage.process_before(&b, None).await.expect("b"));
+    assert!(first.iter().chain(&second).all(|p| !p.cached), "b's preparation was used");
+    let values = |ps: &[StockPrediction]| ps.iter().map(|p| p.predicted_return).collect::<Vec<_>>();
+    assert_eq!(values(&first), values(&second));
+    // Prepared again, b finds a's answers in the cache.
+    let again = answers(&stage.process(&b).await.expect("b again"));
+    assert!(again.iter().all(|p| p.cached), "{again:?}");
+
+    // d (a's windows, all cached under version 1) is prepared while c runs;
+    // version 2 is swapped in before d: d's preparation is stale, and d is
+    // answered by version 2, not from version 1's cached answers.
+    tx.send_modify(|s| s.model_version = "2".into());
+    let (c, d) = (batch_at(1, 8), batch_at(4, 9));
+    let served = answers(&stage.process_before(&c, Some(&d)).await.expect("c"));
+    assert_eq!(served[0].model_version, "1", "c was served before the switch");
+    // The fake version loads at once, on this test's thread, while it sleeps.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let d_answers = answers(&stage.process_before(&d, None).await.expect("d"));
+    assert_eq!(d_answers.len(), 4);
+    for (i, p) in d_answers.iter().enumerate() {
+        assert_eq!(p.model_version, "2");
+        assert!(!p.cached && p.predicted_return == i as f32 / 100.0 + 1.0, "version 2's own answer: {p:?}");
+    }
+}
