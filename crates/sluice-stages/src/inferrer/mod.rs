@@ -5,6 +5,8 @@
 //! model row. An answer that is not finite or outside its output's declared
 //! range is a dead letter. A `model_version` override loads the new version
 //! beside the serving one, warms it up, and swaps it in between two batches.
+//! With a backlog, the next batch is prepared (decoded, looked up, its first
+//! call laid out) while the model runs the current one ([`Prepared`]).
 //!
 //! What differs between kinds is a [`Task`]: how a payload becomes a row, its
 //! cache key and length, how rows are laid out as one call's input, and what
