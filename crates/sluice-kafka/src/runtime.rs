@@ -4,10 +4,13 @@
 //! before it and, in the end, consumption pauses instead of memory growing:
 //!
 //! ```text
-//! consume ──(queue_capacity)──► batcher ──(1 batch)──► process ──(4 batches)──► acknowledge
+//! consume ──(queue_capacity)──► batcher ──(2 batches)──► process ──(4 batches)──► acknowledge
 //! ```
 //!
 //! `process` runs the stage on one batch while the batcher accumulates the next.
+//! With a backlog it also gives the stage the next batch, already cut, to
+//! prepare meanwhile, and hands the last batch's outputs to the producer while
+//! the stage starts on this one.
 //! `acknowledge` awaits every delivery of a batch's outputs, in batch order, and
 //! only then stores the batch's last offset per partition; librdkafka commits
 //! stored offsets every second, on revocation and on close. Hence at-least-once:
