@@ -264,7 +264,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         // The model on what the cache did not answer, in the planned calls;
         // a call that fails is split until only what fails alone is left.
         let width = metadata.output_width();
-        let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+        let valid = |values: &[f32]| valid_answer(metadata, values);
         let groups = &answers.to_compute;
         let row_of = |group: usize| &rows[groups[group].rows[0]].2;
         let compute = async {
@@ -307,11 +307,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         // Waiting for the model, less what this thread did meanwhile.
         let modelling = waited.saturating_sub(assembling + prepared_for);
 
-        let mut clock = Instant::now();
-        let mut lap = || {
-            let now = Instant::now();
-            now.duration_since(std::mem::replace(&mut clock, now))
-        };
+        let mut lap = stopwatch();
         let (version, ttl) = (at.version, Duration::from_secs(settings.cache_ttl_s));
         answers.fill(at.cache, &metadata.name, version, computed, valid, ttl, at.stats).await;
         let filling = lap();
@@ -395,11 +391,7 @@ impl<T: Task> Prepared<T> {
 async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Option<Batch>) -> Prepared<T> {
     let (metadata, version) = (at.metadata, at.version);
     // Where the batch's time goes outside the model (telemetry::model_stage_phases).
-    let mut clock = Instant::now();
-    let mut lap = || {
-        let now = Instant::now();
-        now.duration_since(std::mem::replace(&mut clock, now))
-    };
+    let mut lap = stopwatch();
     let mut prepared = Prepared {
         of: batch.iter().map(|i| (i.topic.clone(), i.partition, i.offset)).collect(),
         settings: at.settings.clone(),
@@ -437,8 +429,7 @@ async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Opt
         return prepared;
     }
 
-    let width = metadata.output_width();
-    let valid = |values: &[f32]| values.len() == width && metadata.invalid_value(values).is_none();
+    let valid = |values: &[f32]| valid_answer(metadata, values);
     let key = |row: usize| T::cache_key(&rows[row].2, &metadata.name, version);
     let ttl = Duration::from_secs(at.settings.cache_ttl_s);
     let answers = Answers::look_up(at.cache, &metadata.name, version, rows.len(), key, valid, ttl, at.stats).await;
@@ -461,6 +452,22 @@ async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Opt
     let phases = [("decode", decoding), ("cache", looking_up), ("assemble", assembling)];
     telemetry::model_stage_phases(&metadata.name, &phases);
     prepared
+}
+
+/// Whether `values` can be an answer of `metadata`'s model: its width, each
+/// output within its declared range.
+fn valid_answer(metadata: &ModelMetadata, values: &[f32]) -> bool {
+    values.len() == metadata.output_width() && metadata.invalid_value(values).is_none()
+}
+
+/// A lap timer: each call returns the time since the last call (the first,
+/// since it was made).
+fn stopwatch() -> impl FnMut() -> Duration {
+    let mut clock = Instant::now();
+    move || {
+        let now = Instant::now();
+        now.duration_since(std::mem::replace(&mut clock, now))
+    }
 }
 
 #[cfg(test)]
