@@ -145,7 +145,8 @@ impl InferrerConfig {
             Some(cx.control.cache.clone()),
             &cx.config.topics.inferred,
             cx.stats.inferrer.clone(),
-        )?;
+        )?
+        .with_decode_threads(self.decode_threads);
         Ok(Built::new(stage, inferrer_policy(settings)))
     }
 
@@ -161,7 +162,8 @@ impl InferrerConfig {
             Some(cx.control.cache.clone()),
             &cx.config.topics.inferred,
             cx.stats.query_inferrer.clone(),
-        )?;
+        )?
+        .with_decode_threads(self.decode_threads);
         Ok(Built::new(stage, inferrer_policy(settings)))
     }
 }

@@ -188,6 +188,9 @@ pub struct InferrerConfig {
     /// `max_batch_size` is the model batch; `max_wait_ms` bounds how long the
     /// oldest waiting event waits for a fuller batch.
     pub batch: BatchPolicy,
+    /// Threads that decode one large batch (of at least 256 inputs) in parts
+    /// at once, for both kinds; 1 decodes on the stage's own thread.
+    pub decode_threads: usize,
     /// The stock model.
     pub model: ModelConfig,
     /// The query model, its batches and its token budget.
@@ -343,6 +346,9 @@ impl SluiceConfig {
         }
         if t.replication < 1 {
             return Err(invalid("topics.replication", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.inferrer.decode_threads) {
+            return Err(invalid("inferrer.decode_threads", "outside 1..=64"));
         }
         if self.runtime.drain_timeout_ms == 0 {
             return Err(invalid("runtime.drain_timeout_ms", "must be above 0"));
@@ -523,6 +529,8 @@ mod tests {
         assert!(e.to_string().contains("kafka.consumer_properties.enable.auto.commit"), "{e}");
         let e = load_with("[kafka]\nsession_timeout_ms = 10\n").expect_err("range");
         assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
+        let e = load_with("[inferrer]\ndecode_threads = 0\n").expect_err("range");
+        assert!(e.to_string().contains("inferrer.decode_threads"), "{e}");
     }
 
     #[test]

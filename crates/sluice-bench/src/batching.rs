@@ -80,7 +80,7 @@ pub fn light_fixture() -> Option<PathBuf> {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Point {
     batch_size: usize,
-    events_per_s: f64,
+    pub(crate) events_per_s: f64,
     /// Every run's events/s, in the order measured (the median's spread).
     runs: Vec<f64>,
     /// Through the broker: the inferrer's model thread's CPU time over the
@@ -237,7 +237,7 @@ const MAX_REDONE: usize = 2;
 static REDONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// The median of a point's runs (see [`repeated`]), with every run's rate.
-fn median(mut points: Vec<Point>) -> Point {
+pub(crate) fn median(mut points: Vec<Point>) -> Point {
     let runs: Vec<f64> = points.iter().map(|p| p.events_per_s).collect();
     points.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
     let mut median = points.swap_remove(points.len() / 2);
@@ -247,7 +247,7 @@ fn median(mut points: Vec<Point>) -> Point {
 
 impl Point {
     /// A run's rate at a batch size, with nothing else measured yet.
-    fn rate(batch_size: usize, events_per_s: f64) -> Self {
+    pub(crate) fn rate(batch_size: usize, events_per_s: f64) -> Self {
         Self {
             batch_size,
             events_per_s,

@@ -7,6 +7,7 @@
 //! - [`query`]: the query model by batch size and token budget.
 //! - [`postgres`]: the users' 5,000-stock job through PostgreSQL.
 //! - [`batching`]: what batching buys, from the raw model to the pipeline.
+//! - [`decode`]: a large batch decoded on several threads, in process.
 //! - [`backlog`]: a backlog drained with bounded memory.
 //! - [`recovery`]: answers again after the inferrer is killed.
 //! - [`compression`]: producer compression by codec, on realistic history.
@@ -17,6 +18,7 @@ pub mod batching;
 pub mod cache;
 pub mod cluster;
 pub mod compression;
+pub mod decode;
 pub mod postgres;
 pub mod query;
 pub mod recovery;

@@ -209,6 +209,26 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks")]
         out_dir: PathBuf,
     },
+    /// What decoding a large batch on several threads (`inferrer.decode_threads`)
+    /// brings to the inferrer in memory, with the LSTM and the near-free model.
+    Decode {
+        /// Events per measured run.
+        #[arg(long, default_value_t = 16384)]
+        events: usize,
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<usize>,
+        /// Decode threads compared; the first is the baseline.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Rounds: the median run is reported, with the spread.
+        #[arg(long, default_value_t = 9)]
+        repeats: usize,
+        /// The near-free model, measured after the LSTM [default: the stock-light fixture].
+        #[arg(long)]
+        light_model: Option<PathBuf>,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// A backlog published before any stage runs, then drained by the four
     /// stages (separate processes, tansu broker), with every process's
     /// resident memory sampled.
@@ -329,6 +349,11 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
             let options =
                 bench::batching::Options { events, sizes, waits, low_load_rate: rate, repeats, light_model, out_dir };
             bench::batching::batching(config, options).await
+        }
+        Command::Bench { what: BenchWhat::Decode { events, sizes, threads, repeats, light_model, out } } => {
+            let light_model = light_model.or_else(bench::batching::light_fixture);
+            let options = bench::decode::Options { events, sizes, threads, repeats, light_model, out };
+            bench::decode::decode(config, options).await
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
             bench::backlog::backlog(config, events, stock_every, &out).await

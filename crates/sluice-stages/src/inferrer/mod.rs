@@ -154,6 +154,7 @@ pub struct ModelStage<T: Task, L: ModelLoader> {
     spare: Option<Batch>,
     /// The next batch, prepared while the model ran the last one.
     ahead: Option<Prepared<T>>,
+    decode_threads: usize,
     task: PhantomData<T>,
 }
 
@@ -200,8 +201,18 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
             output: output_topic.into(),
             spare: None,
             ahead: None,
+            decode_threads: 1,
             task: PhantomData,
         })
+    }
+
+    /// Decodes a batch of at least twice [`DECODED_APART`] inputs in up to
+    /// `threads` parts at once (for machines with cores to spare beside the
+    /// model's; 1, the default, decodes on the stage's thread alone).
+    #[must_use]
+    pub fn with_decode_threads(mut self, threads: usize) -> Self {
+        self.decode_threads = threads.max(1);
+        self
     }
 }
 
@@ -238,7 +249,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         next: Option<&[Incoming]>,
     ) -> Result<Vec<Output>, BatchFailure> {
         let settings = self.served.follow_settings().await;
-        let Self { served, calls, cache, output, spare, ahead, .. } = self;
+        let Self { served, calls, cache, output, spare, ahead, decode_threads, .. } = self;
         let runner = served.runner();
         let metadata = runner.metadata();
         let at = Serving {
@@ -249,6 +260,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
             cache: cache.as_deref().filter(|_| settings.cache_enabled),
             stats: served.stats(),
             row_cap: calls.row_cap(),
+            decode_threads: *decode_threads,
         };
         // Prepared while the last batch ran, unless what it was prepared
         // with has changed since (settings, version, row cap).
@@ -349,6 +361,8 @@ struct Serving<'a> {
     cache: Option<&'a PredictionCache>,
     stats: &'a Arc<InferrerStats>,
     row_cap: Option<usize>,
+    /// Threads that decode a large batch (at least 1).
+    decode_threads: usize,
 }
 
 /// A batch made ready for the model: its inputs decoded (dead letters for
@@ -404,24 +418,8 @@ async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Opt
         first: None,
         took: Duration::ZERO,
     };
-    // The rows the model can take; a dead letter for each of the others.
-    let (outputs, rows) = (&mut prepared.outputs, &mut prepared.rows);
-    for (i, input) in batch.iter().enumerate() {
-        let Some((header, payload)) = decode_or_dead(i, input, outputs) else { continue };
-        let accepted = match T::accept(&header, payload, metadata) {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                outputs.push(dead_letter(i, &e, Some(header.event_id)));
-                continue;
-            }
-        };
-        for (header, row) in accepted {
-            match T::check_input(&row, metadata, at.config) {
-                Ok(()) => rows.push((i, header, row)),
-                Err(e) => outputs.push(dead_letter_of(i, &e, &header, T::original(&row))),
-            }
-        }
-    }
+    decode_all::<T>(batch, at, &mut prepared.outputs, &mut prepared.rows);
+    let rows = &prepared.rows;
     let decoding = lap();
     if rows.is_empty() {
         prepared.took = decoding;
@@ -452,6 +450,75 @@ async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Opt
     let phases = [("decode", decoding), ("cache", looking_up), ("assemble", assembling)];
     telemetry::model_stage_phases(&metadata.name, &phases);
     prepared
+}
+
+/// A batch is decoded in parts on several threads only where each part has
+/// at least this many inputs: below, starting the threads costs more than
+/// they save.
+const DECODED_APART: usize = 128;
+
+/// Decodes `batch` into the rows the model can take, and a dead letter for
+/// each of the others, in the batch's order; in up to `at.decode_threads`
+/// parts at once on a large batch.
+fn decode_all<T: Task>(
+    batch: &[Incoming],
+    at: &Serving<'_>,
+    outputs: &mut Vec<Output>,
+    rows: &mut Vec<(usize, Header, T::Row)>,
+) {
+    let parts = at.decode_threads.min(batch.len() / DECODED_APART).max(1);
+    if parts == 1 {
+        return decode_part::<T>(batch, 0, at, outputs, rows);
+    }
+    let size = batch.len().div_ceil(parts);
+    std::thread::scope(|scope| {
+        let decoding: Vec<_> = batch
+            .chunks(size)
+            .enumerate()
+            .skip(1)
+            .map(|(n, part)| {
+                scope.spawn(move || {
+                    let (mut outputs, mut rows) = (Vec::new(), Vec::with_capacity(part.len()));
+                    decode_part::<T>(part, n * size, at, &mut outputs, &mut rows);
+                    (outputs, rows)
+                })
+            })
+            .collect();
+        // The first part on this thread, while the others decode theirs.
+        decode_part::<T>(&batch[..size], 0, at, outputs, rows);
+        for part in decoding {
+            let (more_outputs, more_rows) = part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            outputs.extend(more_outputs);
+            rows.extend(more_rows);
+        }
+    });
+}
+
+/// [`decode_all`] of `part`, the inputs of a batch from `offset` on.
+fn decode_part<T: Task>(
+    part: &[Incoming],
+    offset: usize,
+    at: &Serving<'_>,
+    outputs: &mut Vec<Output>,
+    rows: &mut Vec<(usize, Header, T::Row)>,
+) {
+    for (i, input) in part.iter().enumerate() {
+        let i = offset + i;
+        let Some((header, payload)) = decode_or_dead(i, input, outputs) else { continue };
+        let accepted = match T::accept(&header, payload, at.metadata) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                outputs.push(dead_letter(i, &e, Some(header.event_id)));
+                continue;
+            }
+        };
+        for (header, row) in accepted {
+            match T::check_input(&row, at.metadata, at.config) {
+                Ok(()) => rows.push((i, header, row)),
+                Err(e) => outputs.push(dead_letter_of(i, &e, &header, T::original(&row))),
+            }
+        }
+    }
 }
 
 /// Whether `values` can be an answer of `metadata`'s model: its width, each

@@ -210,6 +210,40 @@ async fn a_failing_call_is_bisected_until_only_the_rows_that_fail_alone_are_left
 }
 
 #[tokio::test]
+async fn a_large_batch_decoded_in_parts_is_answered_as_when_decoded_whole() {
+    let mut inputs = batch(600, &[450]);
+    for i in [5, 300, 599] {
+        inputs[i].payload = b"not an envelope".to_vec();
+    }
+    let mut seen = Vec::new();
+    for threads in [1, 3] {
+        let loader = FakeLoader::new(usize::MAX);
+        let mut stage = stage(&loader, 0).await.0.with_decode_threads(threads);
+        let outputs = stage.process(&inputs).await.expect("the batch succeeds");
+        // Sources in the order the outputs came: the runtime publishes in it.
+        let order: Vec<usize> = outputs
+            .iter()
+            .map(|o| match o {
+                Output::Send { source, .. } | Output::DeadLetter { source, .. } => *source,
+            })
+            .collect();
+        let (answers, dead) = outcome(&outputs);
+        // What an answer says but when it was made.
+        let answers: Vec<_> =
+            answers.into_iter().map(|(i, p)| (i, p.symbol, p.predicted_return, p.batch_size)).collect();
+        seen.push((order, answers, dead));
+    }
+    assert!(seen[0] == seen[1], "decoded in three parts, the batch was answered otherwise");
+    let (_, answers, dead) = &seen[1];
+    assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![5, 300, 450, 599]);
+    assert_eq!(dead[2].1, Reason::ModelError);
+    assert_eq!(answers.len(), 596);
+    for (i, _, predicted, _) in answers {
+        assert_eq!(*predicted, *i as f32 / 100.0, "each answer is its own row's");
+    }
+}
+
+#[tokio::test]
 async fn out_of_memory_splits_the_call_and_caps_every_later_one() {
     let loader = FakeLoader::new(3);
     let (mut stage, _tx, _) = stage(&loader, 0).await;
