@@ -16,6 +16,7 @@ fn valid_envelope() -> Vec<u8> {
         requested_at_ms: 1,
         updated_at_ms: 2,
         attempt: 0,
+        deadline_ms: None,
         payload: Payload::Fetched(StockWindow::new(
             "S0001",
             NaiveDate::from_ymd_opt(2024, 5, 31).expect("date"),

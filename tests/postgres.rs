@@ -298,6 +298,7 @@ async fn a_batch_delivered_twice_leaves_the_same_rows() {
                 requested_at_ms: 1,
                 updated_at_ms: 1,
                 attempt: 0,
+                deadline_ms: None,
                 payload: Payload::Prediction(StockPrediction {
                     symbol: "S0001".into(),
                     as_of: date(2024, 5, 31),
@@ -548,6 +549,7 @@ async fn rows_postgres_refuses_are_dead_letters_and_the_rest_is_saved_once() {
         requested_at_ms: 1,
         updated_at_ms: 1,
         attempt: 0,
+        deadline_ms: None,
         payload,
     };
     let batch: Vec<Incoming> = (0..12)

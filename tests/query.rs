@@ -94,6 +94,7 @@ fn envelope(id: &str, tokenizer: &QueryTokenizer, text: &str) -> Incoming {
         requested_at_ms: 0,
         updated_at_ms: 0,
         attempt: 0,
+        deadline_ms: None,
         payload: Payload::Tokens(QueryTokens { text: text.into(), ids: tokenizer.encode(text).expect("encode") }),
     };
     Incoming::new("tokenized", 0, 0, codec::encode(&envelope))

@@ -256,6 +256,8 @@ fn records_written_by_rust_match_their_schemas() {
             window: None,
             from: None,
             stride: None,
+            deadline_ms: Some(1_717_171_260_000),
+            max_age_ms: None,
         }),
         RequestEvent::Stock(StockRequest {
             event_id: "backfill-1".into(),
@@ -264,6 +266,8 @@ fn records_written_by_rust_match_their_schemas() {
             window: None,
             from: Some("2024-03-01".parse().expect("a date")),
             stride: Some(5),
+            deadline_ms: None,
+            max_age_ms: None,
         }),
         RequestEvent::Stock(StockRequest {
             event_id: "req-2".into(),
@@ -272,8 +276,15 @@ fn records_written_by_rust_match_their_schemas() {
             window: Some(window),
             from: None,
             stride: None,
+            deadline_ms: None,
+            max_age_ms: None,
         }),
-        RequestEvent::Query(QueryRequest { event_id: "q-1".into(), text: "what is my balance".into() }),
+        RequestEvent::Query(QueryRequest {
+            event_id: "q-1".into(),
+            text: "what is my balance".into(),
+            deadline_ms: None,
+            max_age_ms: Some(2_000),
+        }),
     ] {
         let json = serde_json::to_value(&event).expect("a RequestEvent serialises");
         assert_valid("request", &json, &format!("serialised {event:?}"));

@@ -21,7 +21,15 @@ use sluice_torch::{Model, ModelWorker, TorchLoader};
 use tokio::sync::watch;
 
 fn envelope(id: &str, payload: Payload) -> Envelope {
-    Envelope { event_id: id.into(), traceparent: None, requested_at_ms: 1, updated_at_ms: 1, attempt: 0, payload }
+    Envelope {
+        event_id: id.into(),
+        traceparent: None,
+        requested_at_ms: 1,
+        updated_at_ms: 1,
+        attempt: 0,
+        deadline_ms: None,
+        payload,
+    }
 }
 
 fn incoming(offset: i64, payload: Vec<u8>) -> Incoming {

@@ -191,6 +191,10 @@ pub struct InferrerConfig {
     /// Threads that decode one large batch (of at least 256 inputs) in parts
     /// at once, for both kinds; 1 decodes on the stage's own thread.
     pub decode_threads: usize,
+    /// A stock event older than this (ms from its request; 0: no limit) is
+    /// not computed on its first pass: a `deadline_exceeded` dead letter.
+    /// The live `max_age_ms` of the stock model's scope.
+    pub max_age_ms: u64,
     /// The stock model.
     pub model: ModelConfig,
     /// The query model, its batches and its token budget.
@@ -204,6 +208,8 @@ pub struct QueryInferrerConfig {
     pub batch: BatchPolicy,
     /// Caps one model call's padded tokens (rows x its longest sequence).
     pub max_batch_tokens: usize,
+    /// As `inferrer.max_age_ms`, for query events.
+    pub max_age_ms: u64,
     pub model: ModelConfig,
 }
 
@@ -330,6 +336,8 @@ impl SluiceConfig {
             .map_err(|m| invalid("writer.min_confidence", m))?;
         check("cache.ttl_s", "cache_ttl_s", self.cache.ttl_s)?;
         check("inferrer.query.max_batch_tokens", "max_batch_tokens", self.inferrer.query.max_batch_tokens as u64)?;
+        check("inferrer.max_age_ms", "max_age_ms", self.inferrer.max_age_ms)?;
+        check("inferrer.query.max_age_ms", "max_age_ms", self.inferrer.query.max_age_ms)?;
         self.kafka.validate()?;
         let t = &self.topics;
         let names = t.names();
@@ -431,6 +439,7 @@ impl SluiceConfig {
             cache_enabled: self.cache.enabled,
             cache_ttl_s: self.cache.ttl_s,
             intra_op_threads: self.inferrer.model.threads(),
+            max_age_ms: self.inferrer.max_age_ms,
         }
     }
 
@@ -442,6 +451,7 @@ impl SluiceConfig {
             max_wait_ms: query.batch.max_wait_ms,
             model_version: query.model.version.clone(),
             intra_op_threads: query.model.threads(),
+            max_age_ms: query.max_age_ms,
             ..self.base_settings()
         }
     }
@@ -529,6 +539,8 @@ mod tests {
         assert!(e.to_string().contains("kafka.consumer_properties.enable.auto.commit"), "{e}");
         let e = load_with("[kafka]\nsession_timeout_ms = 10\n").expect_err("range");
         assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
+        let e = load_with("[inferrer.query]\nmax_age_ms = 700000000\n").expect_err("range");
+        assert!(e.to_string().contains("inferrer.query.max_age_ms"), "{e}");
         let e = load_with("[inferrer]\ndecode_threads = 0\n").expect_err("range");
         assert!(e.to_string().contains("inferrer.decode_threads"), "{e}");
     }

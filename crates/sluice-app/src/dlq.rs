@@ -89,7 +89,7 @@ pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Res
         let payload = letter
             .payload()
             .with_context(|| format!("dead letter at {}:{}: payload_base64", record.partition, record.offset))?;
-        let payload = count_attempt(payload, letter.source.topic == config.topics.requests);
+        let payload = for_replay(payload, letter.source.topic == config.topics.requests);
         if let Some(publisher) = &mut publisher {
             publisher.send(&letter.source.topic, letter.key.as_deref().map(str::as_bytes), &payload).await?;
             done.republished += 1;
@@ -108,15 +108,23 @@ pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Res
 }
 
 /// An envelope replayed onto an internal topic counts one more attempt
-/// (`Envelope::attempt`); a request (JSON from the producer) and bytes that
-/// are no envelope (dead-lettered for that) go back as they were.
-fn count_attempt(payload: Vec<u8>, is_request: bool) -> Vec<u8> {
+/// (`Envelope::attempt`) and loses its deadline; a request (JSON from the
+/// producer) loses its `deadline_ms` and `max_age_ms`: a replay is computed
+/// whatever its deadline was. Anything else (bytes that are no envelope, or
+/// no JSON object, dead-lettered for that) goes back as it was.
+fn for_replay(payload: Vec<u8>, is_request: bool) -> Vec<u8> {
     if is_request {
-        return payload;
+        let Ok(serde_json::Value::Object(mut request)) = serde_json::from_slice(&payload) else { return payload };
+        let had = [request.remove("deadline_ms"), request.remove("max_age_ms")];
+        if had.iter().all(Option::is_none) {
+            return payload;
+        }
+        return serde_json::to_vec(&request).unwrap_or(payload);
     }
     match codec::decode(&payload) {
         Ok(mut envelope) => {
             envelope.attempt = envelope.attempt.saturating_add(1);
+            envelope.deadline_ms = None;
             codec::encode(&envelope)
         }
         Err(_) => payload,
@@ -132,14 +140,25 @@ mod tests {
     #[test]
     fn a_replayed_envelope_counts_an_attempt_and_other_bytes_go_back_unchanged() {
         let envelope = Envelope::new("q-1", Payload::Query(QueryText { text: "hello".into() }));
-        let once = count_attempt(codec::encode(&envelope), false);
-        let twice = codec::decode(&count_attempt(once, false)).expect("an envelope");
+        let once = for_replay(codec::encode(&envelope), false);
+        let twice = codec::decode(&for_replay(once, false)).expect("an envelope");
         assert_eq!((twice.attempt, twice.event_id.as_str(), twice.payload), (2, "q-1", envelope.payload.clone()));
         let request = br#"{"kind":"query","event_id":"q-1","text":"hello"}"#.to_vec();
-        assert_eq!(count_attempt(request.clone(), true), request);
+        assert_eq!(for_replay(request.clone(), true), request);
         let garbage = vec![codec::MAGIC, 0xff, 1, 2];
-        assert_eq!(count_attempt(garbage.clone(), false), garbage);
-        // A request topic's payload is never rewritten, whatever its bytes.
-        assert_eq!(count_attempt(codec::encode(&envelope), true), codec::encode(&envelope));
+        assert_eq!(for_replay(garbage.clone(), false), garbage);
+        // A request topic's payload is never decoded as an envelope.
+        assert_eq!(for_replay(codec::encode(&envelope), true), codec::encode(&envelope));
+    }
+
+    #[test]
+    fn a_replay_is_computed_whatever_its_deadline_was() {
+        let mut envelope = Envelope::new("q-1", Payload::Query(QueryText { text: "hello".into() }));
+        envelope.deadline_ms = Some(1);
+        let replayed = codec::decode(&for_replay(codec::encode(&envelope), false)).expect("an envelope");
+        assert_eq!((replayed.attempt, replayed.deadline_ms), (1, None));
+        let request = br#"{"kind":"query","event_id":"q-1","text":"hello","deadline_ms":1,"max_age_ms":5}"#.to_vec();
+        let replayed: serde_json::Value = serde_json::from_slice(&for_replay(request, true)).expect("JSON");
+        assert_eq!(replayed, serde_json::json!({"kind": "query", "event_id": "q-1", "text": "hello"}));
     }
 }

@@ -87,6 +87,10 @@ pub(crate) struct Point {
     /// drain's wall time (1.0: the model never waited for the inferrer).
     #[serde(skip_serializing_if = "Option::is_none")]
     model_busy: Option<f64>,
+    /// Through the broker: how long the model thread was ready to run but
+    /// waited for a core, over the drain's wall time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_waiting_for_core: Option<f64>,
     /// Per model call (raw model only), milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     call_ms: Option<Percentiles>,
@@ -253,6 +257,7 @@ impl Point {
             events_per_s,
             runs: Vec::new(),
             model_busy: None,
+            model_waiting_for_core: None,
             call_ms: None,
             processes: Vec::new(),
             phases_us_per_event: Vec::new(),
@@ -472,6 +477,7 @@ async fn drain(cluster: &mut LocalCluster, kind: StageKind, events: usize, size:
             let rate = done / seconds;
             let end = cpu();
             let busy = inferrer.map(|i| (end[i].model - at_first[i].model) / seconds);
+            let waiting = inferrer.map(|i| (end[i].model_waiting - at_first[i].model_waiting) / seconds);
             let per_1000 = |seconds: f64| seconds * 1e6 / done;
             let uses = processes
                 .iter()
@@ -494,7 +500,13 @@ async fn drain(cluster: &mut LocalCluster, kind: StageKind, events: usize, size:
                 .zip(stage_phases(cluster).iter().zip(phases_at_first))
                 .map(|(phase, (end, start))| (phase.to_string(), (end - start) / done))
                 .collect();
-            return Ok(Point { model_busy: busy, processes: uses, phases_us_per_event, ..Point::rate(size, rate) });
+            return Ok(Point {
+                model_busy: busy,
+                model_waiting_for_core: waiting,
+                processes: uses,
+                phases_us_per_event,
+                ..Point::rate(size, rate)
+            });
         }
         anyhow::ensure!(now < deadline, "{} acknowledged only {done} of {events}", kind.name());
         // A stage that exits would leave the drain waiting out its deadline.
@@ -533,7 +545,14 @@ async fn inferrer_point(
     env.push(("SLUICE_RUNTIME__PREPARE_NEXT_BATCH".into(), prepare_next.to_string()));
     cluster.start_stages(&config, &[StageKind::Inferrer], &env).await?;
     let point = drain(&mut cluster, StageKind::Inferrer, incoming.len(), size).await?;
-    tracing::info!(size, per_s = point.events_per_s, ?point.model_busy, prepare_next, "inferrer through the broker");
+    tracing::info!(
+        size,
+        per_s = point.events_per_s,
+        ?point.model_busy,
+        ?point.model_waiting_for_core,
+        prepare_next,
+        "inferrer through the broker"
+    );
     Ok(point)
 }
 
@@ -931,16 +950,18 @@ fn busy_markdown(report: &Report) -> String {
          inferrer. Target with a backlog: ≥ 0.9. The inferrer prepares the next batch (decode, cache\n\
          look-up, layout) while the model runs the current one; each size is measured again right\n\
          after without that (`runtime.prepare_next_batch = false`). The CPU per event counts from the\n\
-         stage's start, as everywhere in this report.\n\n\
-         | batch size | busy fraction | without preparing | events/s | without preparing | inferrer CPU µs/event | of which the model | outside the model |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         stage's start, as everywhere in this report. *Waiting for a core*: the fraction of the drain\n\
+         the model thread was ready to run but the kernel had no core for it (its run-queue time).\n\n\
+         | batch size | busy fraction | waiting for a core | without preparing | events/s | without preparing | inferrer CPU µs/event | of which the model | outside the model |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for point in &report.inferrer_through_broker {
         let (Some(u), Some(busy)) = (inferrer_use(point), point.model_busy) else { continue };
         let without = report.inferrer_not_preparing.iter().find(|p| p.batch_size == point.batch_size);
         let busy_without = without.and_then(|p| p.model_busy).map_or_else(|| "–".into(), |b| format!("{b:.2}"));
+        let waiting = point.model_waiting_for_core.map_or_else(|| "–".into(), |w| format!("{w:.2}"));
         md.push_str(&format!(
-            "| {} | {busy:.2} | {busy_without} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            "| {} | {busy:.2} | {waiting} | {busy_without} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
             point.batch_size,
             with_spread(point),
             without.map_or_else(|| "–".into(), with_spread),

@@ -184,6 +184,9 @@ pub struct ThreadCpu {
     pub kafka: f64,
     /// The model thread (`sluice-model`), where libtorch runs.
     pub model: f64,
+    /// How long the model thread was ready to run but waited for a core
+    /// (the kernel's run-queue time, `/proc/PID/task/TID/schedstat`).
+    pub model_waiting: f64,
     /// Everything else: the async runtime (decoding, encoding, the stage's
     /// own work, metrics). Taken as the process total less the two above, so
     /// that threads that have exited are still counted.
@@ -192,7 +195,7 @@ pub struct ThreadCpu {
 
 /// [`ThreadCpu`] from `/proc/PID/task/*/stat`; zeros when it cannot be read.
 pub fn thread_cpu_seconds(pid: u32) -> ThreadCpu {
-    let (mut kafka, mut model) = (0.0, 0.0);
+    let (mut kafka, mut model, mut model_waiting) = (0.0, 0.0, 0.0);
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
     for task in tasks {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
@@ -201,9 +204,13 @@ pub fn thread_cpu_seconds(pid: u32) -> ThreadCpu {
             kafka += seconds;
         } else if name == "sluice-model" {
             model += seconds;
+            // "time on a core, time waiting on the run queue, slices", in ns.
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let waited = schedstat.split_whitespace().nth(1).and_then(|ns| ns.parse::<f64>().ok());
+            model_waiting += waited.unwrap_or(0.0) / 1e9;
         }
     }
-    ThreadCpu { kafka, model, other: (cpu_seconds(pid) - kafka - model).max(0.0) }
+    ThreadCpu { kafka, model, model_waiting, other: (cpu_seconds(pid) - kafka - model).max(0.0) }
 }
 
 /// CPU time used so far by every PostgreSQL server process (the postmaster's

@@ -226,6 +226,8 @@ settings! {
     cache_ttl_s: u64 = Bounds::Count { min: 1, max: 30 * 24 * 3600 }, Models;
     /// The model backend's CPU threads, from the next call.
     intra_op_threads: usize = Bounds::Count { min: 1, max: 256 }, Models;
+    /// The model stage does not compute an event older than this on its first pass, from its request (ms; 0: no limit).
+    max_age_ms: u64 = Bounds::Count { min: 0, max: 604_800_000 }, Models;
 }
 
 /// The setting named `name`.
@@ -433,6 +435,7 @@ mod tests {
             cache_enabled: true,
             cache_ttl_s: 3600,
             intra_op_threads: 1,
+            max_age_ms: 0,
         };
         let effective = base.with(&global.then(&model));
         assert_eq!((effective.max_batch_size, effective.max_wait_ms, effective.cache_ttl_s), (128, 5, 3600));
@@ -442,7 +445,7 @@ mod tests {
 
     #[test]
     fn every_field_is_declared_once_with_its_bounds() {
-        assert_eq!(names().collect::<Vec<_>>().len(), 8);
+        assert_eq!(names().collect::<Vec<_>>().len(), 9);
         assert_eq!(field("max_batch_size").map(|f| f.bounds), Some(Bounds::Count { min: 1, max: 65_536 }));
         assert!(FIELDS.iter().all(|f| !f.doc.is_empty()), "each has its documentation");
         assert_eq!(Bounds::Count { min: 1, max: 4 }.check_count(5), Err("5 is outside 1..=4".into()));

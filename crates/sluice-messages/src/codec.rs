@@ -74,6 +74,7 @@ mod tests {
             requested_at_ms: 1,
             updated_at_ms: 2,
             attempt: 0,
+            deadline_ms: None,
             payload: Payload::Fetched(StockWindow::new(
                 "AAPL",
                 NaiveDate::from_ymd_opt(2024, 1, 2).expect("date"),

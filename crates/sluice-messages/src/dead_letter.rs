@@ -61,11 +61,13 @@ pub enum Reason {
     SinkRefused,
     /// An output larger than the producer may publish (the runtime's own).
     OutputTooLarge,
+    /// An event whose deadline had passed when its batch was cut: not computed.
+    DeadlineExceeded,
 }
 
 impl Reason {
     /// Every reason, in the order of the documentation's table.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::RequestTooLarge,
         Self::MalformedJson,
         Self::InvalidUtf8,
@@ -88,6 +90,7 @@ impl Reason {
         Self::PredictionOutOfRange,
         Self::SinkRefused,
         Self::OutputTooLarge,
+        Self::DeadlineExceeded,
     ];
 
     /// The name in dead letters and metric labels (snake_case).
@@ -115,6 +118,7 @@ impl Reason {
             Self::PredictionOutOfRange => "prediction_out_of_range",
             Self::SinkRefused => "sink_refused",
             Self::OutputTooLarge => "output_too_large",
+            Self::DeadlineExceeded => "deadline_exceeded",
         }
     }
 

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 /// them as a sequence of floats). Version 3: a window says the number format
 /// its values travel in ([`WindowPrecision`]: 4 bytes each, or 2 for bf16 and
 /// fp16). Version 4: a backfill's history may travel once for all its steps
-/// ([`StockSeries`]).
-pub const ENVELOPE_VERSION: u8 = 4;
+/// ([`StockSeries`]). Version 5: an event may carry a deadline
+/// ([`Envelope::deadline_ms`]).
+pub const ENVELOPE_VERSION: u8 = 5;
 
 /// One event on its way between stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,10 @@ pub struct Envelope {
     /// How many times this event has been replayed from the dead-letter
     /// topic (`sluice dlq replay` counts it up; 0 on the first pass).
     pub attempt: u32,
+    /// When the answer stops being wanted (Unix ms), from the request's
+    /// `deadline_ms` or `max_age_ms`: a stage that cuts a batch after it does
+    /// not compute the event (`deadline_exceeded`). A replay clears it.
+    pub deadline_ms: Option<i64>,
     pub payload: Payload,
 }
 
@@ -40,6 +45,7 @@ pub struct Header {
     pub traceparent: Option<String>,
     pub requested_at_ms: i64,
     pub attempt: u32,
+    pub deadline_ms: Option<i64>,
 }
 
 impl Header {
@@ -61,14 +67,15 @@ impl Envelope {
             requested_at_ms: now,
             updated_at_ms: now,
             attempt: 0,
+            deadline_ms: None,
             payload,
         }
     }
 
     /// The header and the payload, to turn the payload into the next one.
     pub fn into_parts(self) -> (Header, Payload) {
-        let Self { event_id, traceparent, requested_at_ms, updated_at_ms: _, attempt, payload } = self;
-        (Header { event_id, traceparent, requested_at_ms, attempt }, payload)
+        let Self { event_id, traceparent, requested_at_ms, updated_at_ms: _, attempt, deadline_ms, payload } = self;
+        (Header { event_id, traceparent, requested_at_ms, attempt, deadline_ms }, payload)
     }
 
     /// The envelope of `payload` under `header`, written now.
@@ -79,6 +86,7 @@ impl Envelope {
             requested_at_ms: header.requested_at_ms,
             updated_at_ms: crate::now_ms(),
             attempt: header.attempt,
+            deadline_ms: header.deadline_ms,
             payload,
         }
     }
@@ -106,6 +114,18 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// The kind of event it is on its way to answer: `stock` or `query`.
+    pub fn event_kind(&self) -> &'static str {
+        match self {
+            Self::Query(_) | Self::Tokens(_) | Self::Intent(_) => "query",
+            Self::Fetched(_)
+            | Self::Normalized(_)
+            | Self::Prediction(_)
+            | Self::FetchedSeries(_)
+            | Self::NormalizedSeries(_) => "stock",
+        }
+    }
+
     /// A short name for logs and dead-letter details.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -46,7 +46,21 @@ pub struct StockRequest {
     /// Trading days between steps of a backfill (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stride: Option<u32>,
+    /// Optional: when the answer stops being wanted (Unix time, ms). An event
+    /// past it when a stage cuts its batch is not computed: it becomes a
+    /// `deadline_exceeded` dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+    /// Optional: the same, relative to the request's Kafka timestamp (ms);
+    /// with `deadline_ms` too, the earlier of the two holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
 }
+
+/// Latest `deadline_ms` accepted: the end of the year 9999.
+pub const MAX_DEADLINE_MS: i64 = 253_402_300_799_999;
+/// Longest `max_age_ms` accepted: a week.
+pub const MAX_AGE_MS: u64 = 604_800_000;
 
 /// Most steps one backfill event may ask for.
 pub const MAX_BACKFILL_STEPS: usize = 1000;
@@ -80,6 +94,15 @@ impl StockRequest {
 pub struct QueryRequest {
     pub event_id: String,
     pub text: String,
+    /// Optional: when the answer stops being wanted (Unix time, ms). An event
+    /// past it when a stage cuts its batch is not computed: it becomes a
+    /// `deadline_exceeded` dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+    /// Optional: the same, relative to the request's Kafka timestamp (ms);
+    /// with `deadline_ms` too, the earlier of the two holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
 }
 
 impl RequestEvent {
@@ -102,9 +125,37 @@ impl RequestEvent {
         }
     }
 
+    /// When the answer stops being wanted (Unix ms), for a request made at
+    /// `requested_at_ms`: the earlier of its `deadline_ms` and its
+    /// `max_age_ms` from then; `None` when it gave neither.
+    pub fn deadline_ms(&self, requested_at_ms: i64) -> Option<i64> {
+        let (deadline, max_age) = match self {
+            Self::Stock(s) => (s.deadline_ms, s.max_age_ms),
+            Self::Query(q) => (q.deadline_ms, q.max_age_ms),
+        };
+        let aged = max_age.map(|age| requested_at_ms.saturating_add(age as i64));
+        [deadline, aged].into_iter().flatten().min()
+    }
+
     /// Checks the rules a JSON parse does not: lengths and characters.
     pub fn validate(&self) -> Result<(), MessageError> {
         validate_event_id(self.event_id())?;
+        let (deadline, max_age) = match self {
+            Self::Stock(s) => (s.deadline_ms, s.max_age_ms),
+            Self::Query(q) => (q.deadline_ms, q.max_age_ms),
+        };
+        if let Some(d) = deadline
+            && !(1..=MAX_DEADLINE_MS).contains(&d)
+        {
+            let reason = format!("{d} is outside 1..={MAX_DEADLINE_MS} (Unix ms, up to the year 9999)");
+            return Err(MessageError::InvalidField { field: "deadline_ms", reason });
+        }
+        if let Some(age) = max_age
+            && !(1..=MAX_AGE_MS).contains(&age)
+        {
+            let reason = format!("{age} is outside 1..={MAX_AGE_MS} (a week)");
+            return Err(MessageError::InvalidField { field: "max_age_ms", reason });
+        }
         match self {
             Self::Stock(s) => validate_symbol(&s.symbol).and_then(|()| validate_backfill(s)),
             Self::Query(q) if q.text.trim().is_empty() => {
@@ -247,6 +298,23 @@ mod tests {
             .expect("valid");
         assert_eq!(event.event_id(), "q-1");
         assert!(matches!(event, RequestEvent::Query(_)));
+    }
+
+    #[test]
+    fn a_deadline_is_the_earlier_of_deadline_ms_and_max_age_ms() {
+        let deadline = |json: &str| RequestEvent::from_json(json.as_bytes()).expect("valid").deadline_ms(1_000);
+        assert_eq!(deadline(r#"{"kind":"query","event_id":"q","text":"hi"}"#), None);
+        assert_eq!(deadline(r#"{"kind":"query","event_id":"q","text":"hi","max_age_ms":500}"#), Some(1_500));
+        let both =
+            r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"2024-01-02","deadline_ms":1200,"max_age_ms":500}"#;
+        assert_eq!(deadline(both), Some(1_200));
+        let later =
+            r#"{"kind":"stock","event_id":"e","symbol":"A","as_of":"2024-01-02","deadline_ms":9000,"max_age_ms":500}"#;
+        assert_eq!(deadline(later), Some(1_500));
+        assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"hi","max_age_ms":0}"#), "invalid_field");
+        assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"hi","deadline_ms":-5}"#), "invalid_field");
+        assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"hi","max_age_ms":-5}"#), "invalid_event");
+        assert_eq!(reason(r#"{"kind":"query","event_id":"q","text":"hi","deadline_ms":1.5}"#), "invalid_event");
     }
 
     #[test]

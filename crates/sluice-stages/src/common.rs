@@ -6,7 +6,7 @@ use sluice_core::{Incoming, Output};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Header, Payload};
 
-use crate::StageError;
+use crate::{StageError, telemetry};
 
 /// A dead letter for input `source`.
 pub(crate) fn dead_letter(source: usize, error: &StageError, event_id: Option<String>) -> Output {
@@ -33,14 +33,60 @@ pub(crate) fn decode(source: usize, input: &Incoming) -> Result<Envelope, Output
 }
 
 /// Input `source`'s header and payload, or `None` with its dead letter pushed
-/// onto `outputs`.
-pub(crate) fn decode_or_dead(source: usize, input: &Incoming, outputs: &mut Vec<Output>) -> Option<(Header, Payload)> {
-    match decode(source, input) {
-        Ok(envelope) => Some(envelope.into_parts()),
+/// onto `outputs`: undecodable, or past its deadline in a batch cut at `cut`
+/// (not computed, counted for `stage`).
+pub(crate) fn decode_or_dead(
+    source: usize,
+    input: &Incoming,
+    outputs: &mut Vec<Output>,
+    stage: &'static str,
+    cut: Cut,
+) -> Option<(Header, Payload)> {
+    let (header, payload) = match decode(source, input) {
+        Ok(envelope) => envelope.into_parts(),
         Err(dead) => {
             outputs.push(dead);
-            None
+            return None;
         }
+    };
+    if let Some(late) = cut.late(&header) {
+        telemetry::deadline_exceeded(stage, payload.event_kind());
+        outputs.push(dead_letter(source, &late, Some(header.event_id)));
+        return None;
+    }
+    Some((header, payload))
+}
+
+/// When a batch was cut, and what makes an event in it too late to compute.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cut {
+    pub now_ms: i64,
+    /// A model stage's live `max_age_ms` (0: none), counted from the request
+    /// on an event's first pass: a replay is computed whatever its age.
+    pub max_age_ms: u64,
+}
+
+impl Cut {
+    /// A batch cut now; `max_age_ms` as in [`Cut::max_age_ms`].
+    pub(crate) fn now(max_age_ms: u64) -> Self {
+        Self { now_ms: sluice_messages::now_ms(), max_age_ms }
+    }
+
+    /// Why `header`'s event is not to be computed, if it is past its deadline.
+    pub(crate) fn late(&self, header: &Header) -> Option<StageError> {
+        if let Some(deadline) = header.deadline_ms
+            && self.now_ms > deadline
+        {
+            return Some(StageError::DeadlineExceeded {
+                late_ms: self.now_ms - deadline,
+                by: "the request's deadline",
+            });
+        }
+        let aged = header.requested_at_ms.saturating_add(self.max_age_ms as i64);
+        if self.max_age_ms > 0 && header.attempt == 0 && self.now_ms > aged {
+            return Some(StageError::DeadlineExceeded { late_ms: self.now_ms - aged, by: "the model's max_age_ms" });
+        }
+        None
     }
 }
 

@@ -57,6 +57,9 @@ pub enum StageError {
     /// The model failed (the whole batch).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Past its deadline when its batch was cut: not computed.
+    #[error("{late_ms} ms past {by} when its batch was cut: not computed (a replay computes it)")]
+    DeadlineExceeded { late_ms: i64, by: &'static str },
     /// A sink refuses this row and would refuse it again (bad data).
     #[error("{sink} refused the row: {message}")]
     SinkRefused { sink: &'static str, message: String },
@@ -82,6 +85,7 @@ impl StageError {
             Self::UnexpectedPayload { .. } => Reason::UnexpectedPayload,
             Self::Model(_) => Reason::ModelError,
             Self::SinkRefused { .. } => Reason::SinkRefused,
+            Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
         }
     }
 }

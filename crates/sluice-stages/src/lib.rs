@@ -40,6 +40,7 @@ pub(crate) mod testing {
             cache_enabled: false,
             cache_ttl_s: 60,
             intra_op_threads: 1,
+            max_age_ms: 0,
         }
     }
 }

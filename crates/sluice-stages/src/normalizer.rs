@@ -13,7 +13,7 @@ use sluice_model::QueryTokenizer;
 use sluice_model::metadata::Normalization;
 
 use crate::StageError;
-use crate::common::{dead_letter, dead_letter_of, decode_or_dead, forward, forward_several};
+use crate::common::{Cut, dead_letter, dead_letter_of, decode_or_dead, forward, forward_several};
 
 /// The normalizer stage.
 #[derive(Debug)]
@@ -48,6 +48,7 @@ impl Normalizer {
         Reason::EmptyText,
         Reason::TextTooLong,
         Reason::UnsupportedKind,
+        Reason::DeadlineExceeded,
     ];
 
     /// `days` and the statistics' length fix the window shape it accepts.
@@ -198,8 +199,9 @@ impl Stage for Normalizer {
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut outputs = Vec::with_capacity(batch.len());
+        let cut = Cut::now(0);
         for (i, input) in batch.iter().enumerate() {
-            let Some((header, payload)) = decode_or_dead(i, input, &mut outputs) else { continue };
+            let Some((header, payload)) = decode_or_dead(i, input, &mut outputs, "normalizer", cut) else { continue };
             if let Payload::FetchedSeries(series) = &payload {
                 outputs.extend(self.normalize_series(i, input, &header, series));
                 continue;

@@ -17,6 +17,12 @@ pub(crate) fn model_failures_at_zero(model: &str) {
     counter!("sluice_model_bisections_total", "model" => model).increment(0);
 }
 
+/// An event of `kind` (stock, query) past its deadline when `stage` cut its
+/// batch: a dead letter, not computed.
+pub(crate) fn deadline_exceeded(stage: &'static str, kind: &'static str) {
+    counter!("sluice_deadline_exceeded_total", "stage" => stage, "kind" => kind).increment(1);
+}
+
 /// One model call that answered.
 pub(crate) fn model_call(model: &str, rows: usize, padded_length: usize, took: Duration) {
     let model = model.to_string();

@@ -502,6 +502,7 @@ pub fn settings() -> sluice_control::Settings {
         cache_enabled: true,
         cache_ttl_s: 60,
         intra_op_threads: 1,
+        max_age_ms: 0,
     }
 }
 

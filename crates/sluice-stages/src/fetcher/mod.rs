@@ -18,8 +18,8 @@ pub use synthetic::{
     trading_days_back,
 };
 
-use crate::StageError;
-use crate::common::{dead_letter, forward, forward_several};
+use crate::common::{Cut, dead_letter, forward, forward_several};
+use crate::{StageError, telemetry};
 
 /// The shape every window must have: the model's input shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,7 @@ impl Fetcher {
         Reason::UnknownSymbol,
         Reason::InsufficientHistory,
         Reason::InvalidWindowShape,
+        Reason::DeadlineExceeded,
     ];
 
     /// The default `fetcher.max_request_bytes`: a full inline window of the
@@ -274,6 +275,7 @@ impl Stage for Fetcher {
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut pending = Vec::with_capacity(batch.len());
+        let cut = Cut::now(0);
         for (i, input) in batch.iter().enumerate() {
             if input.payload.len() > self.max_request_bytes {
                 let e = StageError::RequestTooLarge { bytes: input.payload.len(), max: self.max_request_bytes };
@@ -290,12 +292,22 @@ impl Stage for Fetcher {
             // Request events have no trace field of their own: the request's
             // `traceparent` header is the trace, so the envelope records it and
             // agrees with the headers of every record that follows.
+            let requested_at_ms = input.timestamp_ms.unwrap_or_else(sluice_messages::now_ms);
+            let deadline_ms = event.deadline_ms(requested_at_ms);
             let header = |event_id: String| Header {
                 event_id,
                 traceparent: input.traceparent.map(|t| t.to_string()),
-                requested_at_ms: input.timestamp_ms.unwrap_or_else(sluice_messages::now_ms),
+                requested_at_ms,
                 attempt: 0,
+                deadline_ms,
             };
+            // A request already past its own deadline is not fetched.
+            if let Some(late) = cut.late(&header(String::new())) {
+                let kind = if matches!(event, RequestEvent::Query(_)) { "query" } else { "stock" };
+                telemetry::deadline_exceeded("fetcher", kind);
+                pending.push(Pending::Done(dead_letter(i, &late, Some(event.event_id().to_string()))));
+                continue;
+            }
             match event {
                 RequestEvent::Query(query) => {
                     let payload = Payload::Query(QueryText { text: query.text });
@@ -497,6 +509,33 @@ mod tests {
         assert_eq!(dead.iter().filter(|d| d.0 == 1 && d.1 == Reason::UnknownSymbol).count(), 5);
         // b-4: steps 30 trading days apart share no row: windows of their own.
         assert_eq!(windows.iter().filter(|w| w.0 == 2).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_carries_its_deadline_on_and_is_not_fetched_past_it() {
+        let source = SyntheticSource::new(SyntheticConfig::default());
+        let mut fetcher = Fetcher::new(Box::new(source), WindowShape { days: 30, features: 105 }, "fetched");
+        let ahead = sluice_messages::now_ms() + 60_000;
+        let stock = format!(
+            r#"{{"kind":"stock","event_id":"s-1","symbol":"S0042","as_of":"2024-05-31","deadline_ms":{ahead}}}"#
+        );
+        let batch = [
+            input(0, &stock, None),
+            // Requested at 1 ms after the epoch (its Kafka timestamp): long past a second's age.
+            input(1, r#"{"kind":"query","event_id":"q-1","text":"hi","max_age_ms":1000}"#, None),
+            input(2, r#"{"kind":"query","event_id":"q-2","text":"hi"}"#, None),
+        ];
+        let mut seen = Vec::new();
+        for output in fetcher.process(&batch).await.expect("processed") {
+            seen.push(match output {
+                Output::Send { source, payload, .. } => {
+                    (source, codec::decode(&payload).expect("envelope").deadline_ms, None)
+                }
+                Output::DeadLetter { source, reason, .. } => (source, None, Some(reason)),
+            });
+        }
+        seen.sort_by_key(|s| s.0);
+        assert_eq!(seen, vec![(0, Some(ahead), None), (1, None, Some(Reason::DeadlineExceeded)), (2, None, None)]);
     }
 
     #[tokio::test]

@@ -46,7 +46,7 @@ use self::answers::Answers;
 pub use self::calls::Answer;
 use self::calls::Calls;
 use self::served::ServedModel;
-use crate::common::{dead_letter, dead_letter_of, decode_or_dead, forward};
+use crate::common::{Cut, dead_letter, dead_letter_of, decode_or_dead, forward};
 use crate::{StageError, telemetry};
 
 /// Counts for reports and tests.
@@ -418,7 +418,9 @@ async fn prepare<T: Task>(batch: &[Incoming], at: &Serving<'_>, buffer: &mut Opt
         first: None,
         took: Duration::ZERO,
     };
-    decode_all::<T>(batch, at, &mut prepared.outputs, &mut prepared.rows);
+    // Events past their deadline (their own, or the live max_age_ms) are not computed.
+    let cut = Cut::now(at.settings.max_age_ms);
+    decode_all::<T>(batch, at, cut, &mut prepared.outputs, &mut prepared.rows);
     let rows = &prepared.rows;
     let decoding = lap();
     if rows.is_empty() {
@@ -463,12 +465,13 @@ const DECODED_APART: usize = 128;
 fn decode_all<T: Task>(
     batch: &[Incoming],
     at: &Serving<'_>,
+    cut: Cut,
     outputs: &mut Vec<Output>,
     rows: &mut Vec<(usize, Header, T::Row)>,
 ) {
     let parts = at.decode_threads.min(batch.len() / DECODED_APART).max(1);
     if parts == 1 {
-        return decode_part::<T>(batch, 0, at, outputs, rows);
+        return decode_part::<T>(batch, 0, at, cut, outputs, rows);
     }
     let size = batch.len().div_ceil(parts);
     std::thread::scope(|scope| {
@@ -479,13 +482,13 @@ fn decode_all<T: Task>(
             .map(|(n, part)| {
                 scope.spawn(move || {
                     let (mut outputs, mut rows) = (Vec::new(), Vec::with_capacity(part.len()));
-                    decode_part::<T>(part, n * size, at, &mut outputs, &mut rows);
+                    decode_part::<T>(part, n * size, at, cut, &mut outputs, &mut rows);
                     (outputs, rows)
                 })
             })
             .collect();
         // The first part on this thread, while the others decode theirs.
-        decode_part::<T>(&batch[..size], 0, at, outputs, rows);
+        decode_part::<T>(&batch[..size], 0, at, cut, outputs, rows);
         for part in decoding {
             let (more_outputs, more_rows) = part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             outputs.extend(more_outputs);
@@ -499,12 +502,13 @@ fn decode_part<T: Task>(
     part: &[Incoming],
     offset: usize,
     at: &Serving<'_>,
+    cut: Cut,
     outputs: &mut Vec<Output>,
     rows: &mut Vec<(usize, Header, T::Row)>,
 ) {
     for (i, input) in part.iter().enumerate() {
         let i = offset + i;
-        let Some((header, payload)) = decode_or_dead(i, input, outputs) else { continue };
+        let Some((header, payload)) = decode_or_dead(i, input, outputs, T::STAGE, cut) else { continue };
         let accepted = match T::accept(&header, payload, at.metadata) {
             Ok(accepted) => accepted,
             Err(e) => {

@@ -32,6 +32,7 @@ impl Task for QueryTask {
         Reason::ModelError,
         Reason::NonFinitePrediction,
         Reason::PredictionOutOfRange,
+        Reason::DeadlineExceeded,
     ];
     type Row = QueryTokens;
 

@@ -89,6 +89,7 @@ impl Task for StockTask {
         Reason::ModelError,
         Reason::NonFinitePrediction,
         Reason::PredictionOutOfRange,
+        Reason::DeadlineExceeded,
     ];
     type Row = StockRow;
 

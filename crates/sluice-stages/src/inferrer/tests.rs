@@ -244,6 +244,36 @@ async fn a_large_batch_decoded_in_parts_is_answered_as_when_decoded_whole() {
 }
 
 #[tokio::test]
+async fn events_past_their_deadline_are_not_computed_unless_replayed() {
+    let now = sluice_messages::now_ms();
+    // (requested ago, own deadline, attempt) of each input.
+    let events = [
+        (60_000, None, 0),           // older than max_age_ms: not computed
+        (60_000, None, 1),           // as old, but a replay: computed
+        (10, None, 0),               // young: computed
+        (10, Some(now - 5), 0),      // its own deadline has passed: not computed
+        (10, Some(now + 60_000), 0), // its own deadline is ahead: computed
+    ];
+    let mut inputs = batch(events.len(), &[]);
+    for (input, (ago, deadline, attempt)) in inputs.iter_mut().zip(events) {
+        let mut envelope = codec::decode(&input.payload).expect("envelope");
+        (envelope.requested_at_ms, envelope.deadline_ms, envelope.attempt) = (now - ago, deadline, attempt);
+        input.payload = codec::encode(&envelope);
+    }
+    let loader = FakeLoader::new(usize::MAX);
+    let (mut stage, tx, _) = stage(&loader, 0).await;
+    tx.send_modify(|s| s.max_age_ms = 30_000);
+    let (answers, dead) = outcome(&stage.process(&inputs).await.expect("the batch succeeds"));
+    assert_eq!(dead, vec![(0, Reason::DeadlineExceeded), (3, Reason::DeadlineExceeded)]);
+    assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert_eq!(loader.calls.lock().expect("lock").clone(), vec![3], "only the three in time reached the model");
+    // With no limit, only the event past its own deadline is refused.
+    tx.send_modify(|s| s.max_age_ms = 0);
+    let (_, dead) = outcome(&stage.process(&inputs).await.expect("the batch succeeds"));
+    assert_eq!(dead, vec![(3, Reason::DeadlineExceeded)]);
+}
+
+#[tokio::test]
 async fn out_of_memory_splits_the_call_and_caps_every_later_one() {
     let loader = FakeLoader::new(3);
     let (mut stage, _tx, _) = stage(&loader, 0).await;
