@@ -90,6 +90,28 @@ async fn wait_for_lag(metrics: &PrometheusHandle, group: &str, topic: &str, want
     }
 }
 
+/// Waits until the partitions `status` reports stalled are `want`, and each
+/// one's `sluice_kafka_partition_stalled` gauge says so.
+async fn wait_for_stalled(metrics: &PrometheusHandle, status: &StageStatus, want: &[i32], why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stalled: Vec<i32> = status.stalled().iter().map(|s| s.partition).collect();
+        let gauges: BTreeMap<i32, f64> = series(&metrics.render())
+            .into_iter()
+            .filter(|((name, labels), _)| {
+                name == "sluice_kafka_partition_stalled" && labels.get("stage").map(String::as_str) == Some("lag-probe")
+            })
+            .map(|((_, labels), value)| (labels["partition"].parse().expect("a partition label"), value))
+            .collect();
+        let flagged: Vec<i32> = gauges.iter().filter(|(_, v)| **v == 1.0).map(|(p, _)| *p).collect();
+        if stalled == want && flagged == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}: stalled {stalled:?}, gauges {gauges:?}, expected {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn produce(producer: &FutureProducer, topic: &str, partition: i32, count: usize) {
     for i in 0..count {
         let payload = format!("message {i}");
@@ -99,7 +121,7 @@ async fn produce(producer: &FutureProducer, topic: &str, partition: i32, count: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_the_partition_goes() {
+async fn lag_and_stalls_are_reported_per_partition_while_a_backlog_waits_and_cleared_when_the_partition_goes() {
     let recorder = PrometheusBuilder::new().build_recorder();
     let metrics = recorder.handle();
     assert!(metrics::set_global_recorder(recorder).is_ok(), "the only recorder of this test binary");
@@ -128,12 +150,15 @@ async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_th
         queue_capacity: 1000,
         queue_max_bytes: 32 << 20,
         prepare_next_batch: true,
+        throughput_window: Duration::from_secs(60),
+        // A second without progress, so the test is quick.
+        stall_after: Duration::from_secs(1),
     };
     let stage = Gated { gate: gate_rx, processed: processed.clone() };
+    let status = Arc::new(StageStatus::default());
     let running = tokio::spawn({
-        let kafka = kafka.clone();
-        let shutdown = shutdown.clone();
-        async move { run_stage(&kafka, options, stage, Arc::new(StageStatus::default()), shutdown).await }
+        let (kafka, shutdown, status) = (kafka.clone(), shutdown.clone(), status.clone());
+        async move { run_stage(&kafka, options, stage, status, shutdown).await }
     });
 
     // Caught up: both partitions are reported, at 0.
@@ -147,11 +172,14 @@ async fn lag_is_reported_per_partition_while_a_backlog_waits_and_cleared_when_th
     produce(&producer, &topic, 0, 100).await;
     produce(&producer, &topic, 1, 50).await;
     wait_for_lag(&metrics, &group, &topic, &[(0, 100.0), (1, 50.0)], "backlog waiting").await;
+    // Work waits and nothing is acknowledged: both partitions stall.
+    wait_for_stalled(&metrics, &status, &[0, 1], "backlog waiting").await;
 
-    // It drains.
+    // It drains, and moves again.
     gate.send_replace(true);
     wait_for_lag(&metrics, &group, &topic, &[(0, 0.0), (1, 0.0)], "drained").await;
     assert_eq!(processed.load(Ordering::SeqCst), 160);
+    wait_for_stalled(&metrics, &status, &[], "drained").await;
 
     // A partition that leaves this member (here: the member leaves, with a
     // backlog it never processed) is not reported any more: its lag is the

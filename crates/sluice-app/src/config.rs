@@ -141,6 +141,12 @@ pub struct RuntimeConfig {
     /// prepare while it processes the current one (the model stage decodes,
     /// looks up and lays out the next batch while the model runs).
     pub prepare_next_batch: bool,
+    /// The time constant (ms) of the acknowledged rate behind
+    /// `sluice_stage_drain_seconds` (lag ÷ rate).
+    pub throughput_window_ms: u64,
+    /// An assigned partition with lag and no offset stored for this long (ms)
+    /// is reported stalled (gauge, log line, `/readyz`, alert).
+    pub stall_after_ms: u64,
 }
 
 /// Where history comes from.
@@ -360,6 +366,12 @@ impl SluiceConfig {
         }
         if self.runtime.drain_timeout_ms == 0 {
             return Err(invalid("runtime.drain_timeout_ms", "must be above 0"));
+        }
+        if !(1_000..=3_600_000).contains(&self.runtime.throughput_window_ms) {
+            return Err(invalid("runtime.throughput_window_ms", "outside 1000..=3600000 (1 s to 1 h)"));
+        }
+        if !(5_000..=86_400_000).contains(&self.runtime.stall_after_ms) {
+            return Err(invalid("runtime.stall_after_ms", "outside 5000..=86400000 (5 s to a day)"));
         }
         if self.runtime.queue_capacity == 0 {
             return Err(invalid("runtime.queue_capacity", "must be above 0"));

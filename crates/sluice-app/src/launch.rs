@@ -262,6 +262,8 @@ async fn run(
         queue_capacity: config.runtime.queue_capacity,
         queue_max_bytes: config.runtime.queue_max_bytes,
         prepare_next_batch: config.runtime.prepare_next_batch,
+        throughput_window: Duration::from_millis(config.runtime.throughput_window_ms),
+        stall_after: Duration::from_millis(config.runtime.stall_after_ms),
     };
     built.run(kafka.clone(), options, status, shutdown).await?;
     Ok(())

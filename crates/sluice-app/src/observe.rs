@@ -111,6 +111,7 @@ fn stage_states(health: &Health) -> serde_json::Value {
                     "warmed_up": s.warmed_up(),
                     "assigned_partitions": s.assigned_partitions(),
                     "acknowledged": s.acknowledged.load(std::sync::atomic::Ordering::Relaxed),
+                    "stalled_partitions": s.stalled(),
                 }),
             )
         })

@@ -9,6 +9,7 @@
 //! - [`runtime`]: the consume → batch → process → produce → commit loop, which
 //!   also passes the W3C trace context on from each input to its outputs, and
 //!   reports consumer lag from librdkafka's statistics.
+//! - [`progress`]: the time the lag would take to drain, and stalled partitions.
 //! - [`admin`] and [`embedded`]: topic creation, and librdkafka's in-process
 //!   mock cluster for the demo and fast tests.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod embedded;
 mod error;
 mod lag;
+pub mod progress;
 pub mod runtime;
 pub mod status;
 mod telemetry;

@@ -44,6 +44,7 @@ use crate::batcher::{Batch, BatchPolicy, run_batcher};
 use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 
+use crate::progress::Progress;
 use crate::{KafkaConfig, KafkaRuntimeError, StageStatus, lag, telemetry};
 
 /// Where a stage reads and how it batches.
@@ -67,6 +68,10 @@ pub struct RunOptions {
     /// Hand the stage the next batch, where it is already cut, to prepare
     /// while it processes the current one ([`Stage::process_before`]).
     pub prepare_next_batch: bool,
+    /// The time constant of the acknowledged rate the drain time divides by.
+    pub throughput_window: Duration,
+    /// A partition with lag and no progress for this long is reported stalled.
+    pub stall_after: Duration,
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
@@ -82,11 +87,13 @@ pub async fn run_stage<S: Stage>(
     shutdown: CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
+    let progress = Arc::new(Mutex::new(Progress::new(options.throughput_window, options.stall_after)));
     let context = StageContext {
         stage: name,
         group: options.group_id.clone(),
         status: status.clone(),
         assigned: Mutex::new(BTreeSet::new()),
+        progress: progress.clone(),
         throttle: telemetry::Throttle::default(),
     };
     let consumer: Arc<StreamConsumer<StageContext>> = Arc::new(
@@ -116,8 +123,9 @@ pub async fn run_stage<S: Stage>(
     let consume =
         tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, budget, shutdown.clone(), name));
     tokio::spawn(run_batcher(item_rx, batch_tx, options.policy.clone()));
-    let acknowledge =
-        tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, name, status.clone(), shutdown.clone()));
+    tokio::spawn(watch_progress(progress.clone(), name, status.clone(), shutdown.clone()));
+    let acknowledged = Acknowledged { stage: name, status: status.clone(), progress };
+    let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, acknowledged, shutdown.clone()));
     let work = async {
         let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options, &shutdown).await;
         if processed.is_err() {
@@ -211,6 +219,8 @@ struct StageContext {
     /// set to 0 for those that leave, so that a partition that moved to
     /// another replica is not counted twice.
     assigned: Mutex<BTreeSet<(String, i32)>>,
+    /// Lag and progress per assigned partition, looked at by [`watch_progress`].
+    progress: Arc<Mutex<Progress>>,
     /// librdkafka's own lines, throttled.
     throttle: telemetry::Throttle,
 }
@@ -227,7 +237,10 @@ impl ClientContext for StageContext {
     fn stats_raw(&self, statistics: &[u8]) {
         let assigned = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
         match lag::assigned_lags(statistics, &assigned) {
-            Ok(lags) => telemetry::consumer_lag(self.stage, &self.group, &lags),
+            Ok(lags) => {
+                self.progress.lock().unwrap_or_else(PoisonError::into_inner).lags(Instant::now(), &lags);
+                telemetry::consumer_lag(self.stage, &self.group, &lags);
+            }
             Err(e) => telemetry::statistics_unreadable(self.stage, &e.to_string()),
         }
     }
@@ -250,6 +263,7 @@ impl ConsumerContext for StageContext {
             let now = now.unwrap_or_default();
             let mut kept = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
             let gone: Vec<(String, i32)> = kept.difference(&now).cloned().collect();
+            self.progress.lock().unwrap_or_else(PoisonError::into_inner).assigned(Instant::now(), now.iter().cloned());
             *kept = now;
             drop(kept);
             telemetry::lag_forgotten(self.stage, &self.group, &gone);
@@ -582,14 +596,21 @@ pub(crate) async fn enqueue<C: ClientContext + 'static>(
     }
 }
 
+/// Where the acknowledger reports what it stored.
+struct Acknowledged {
+    stage: &'static str,
+    status: Arc<StageStatus>,
+    progress: Arc<Mutex<Progress>>,
+}
+
 async fn ack_loop(
     consumer: Arc<StreamConsumer<StageContext>>,
     mut acks: mpsc::Receiver<PendingAck>,
     topic: Arc<str>,
-    stage: &'static str,
-    status: Arc<StageStatus>,
+    to: Acknowledged,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
+    let Acknowledged { stage, status, progress } = to;
     while let Some(pending) = acks.recv().await {
         for (topic, delivery) in pending.deliveries {
             let source = match delivery.await {
@@ -603,14 +624,44 @@ async fn ack_loop(
         }
         for (partition, offset) in pending.last_offsets {
             // Stores `offset + 1`, the next offset to read.
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
-                telemetry::stale_offset(stage, partition, &e.to_string());
+            match consumer.store_offset(&topic, partition, offset) {
+                Ok(()) => progress.lock().unwrap_or_else(PoisonError::into_inner).progressed(
+                    Instant::now(),
+                    &topic,
+                    partition,
+                ),
+                Err(e) => telemetry::stale_offset(stage, partition, &e.to_string()),
             }
         }
         status.acknowledged.fetch_add(pending.inputs as u64, Ordering::Relaxed);
         telemetry::acknowledged(stage, pending.inputs);
     }
     Ok(())
+}
+
+/// Looks at the stage's progress every second until shutdown: the drain
+/// time and the stalled partitions, as metrics, log lines and
+/// [`StageStatus::stalled`]. On a timer of its own, so that a stage stuck in
+/// a batch (which stops polling, and so stops the statistics) is still seen.
+async fn watch_progress(
+    progress: Arc<Mutex<Progress>>,
+    stage: &'static str,
+    status: Arc<StageStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalled = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let acknowledged = status.acknowledged.load(Ordering::Relaxed);
+        let reading = progress.lock().unwrap_or_else(PoisonError::into_inner).look(Instant::now(), acknowledged);
+        telemetry::progress(stage, &reading, &mut stalled);
+        status.set_stalled(reading.stalled);
+    }
 }
 
 #[cfg(test)]

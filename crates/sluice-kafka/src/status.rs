@@ -1,6 +1,9 @@
 //! A stage's live state, shared with the health endpoints.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::progress::Stalled;
 
 /// Read by `/readyz` and `/status`; written by the runtime and the stage.
 #[derive(Debug, Default)]
@@ -13,6 +16,9 @@ pub struct StageStatus {
     joined: AtomicBool,
     /// Inputs whose outputs were all acknowledged and whose offsets were stored.
     pub acknowledged: AtomicU64,
+    /// Assigned partitions with work waiting and no progress for
+    /// `runtime.stall_after_ms` (`crate::progress`).
+    stalled: Mutex<Vec<Stalled>>,
 }
 
 impl StageStatus {
@@ -31,6 +37,15 @@ impl StageStatus {
 
     pub fn assigned_partitions(&self) -> i64 {
         self.assigned_partitions.load(Ordering::Acquire)
+    }
+
+    /// The partitions stalled at the last look (none: every one moves or has no lag).
+    pub fn stalled(&self) -> Vec<Stalled> {
+        self.stalled.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_stalled(&self, stalled: Vec<Stalled>) {
+        *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = stalled;
     }
 
     /// Ready to serve: warmed up and a member of its consumer group. A member

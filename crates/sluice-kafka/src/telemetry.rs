@@ -2,7 +2,7 @@
 //! the log line and bumps the metrics together, once per batch rather than once
 //! per event. Names follow docs/instrumentation.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use sluice_messages::trace::TraceParent;
 use tracing::{debug, info, warn};
 
 use crate::lag::PartitionLag;
+use crate::progress::Reading;
 
 /// `traces` is this hop's trace context per input: the first few trace ids go
 /// in the debug line, to find a batch's events in a tracing system.
@@ -67,6 +68,8 @@ pub(crate) fn stage_started(stage: &'static str, dead_letter_reasons: &[Reason])
         counter!(name, "stage" => stage).increment(0);
     }
     counter!("sluice_kafka_consume_errors_total", "stage" => stage).increment(0);
+    gauge!("sluice_stage_drain_seconds", "stage" => stage).set(0.0);
+    gauge!("sluice_kafka_stalled_partitions", "stage" => stage).set(0.0);
     for retryable in ["true", "false"] {
         counter!("sluice_stage_batch_failures_total", "stage" => stage, "retryable" => retryable).increment(0);
     }
@@ -177,6 +180,38 @@ pub(crate) fn consumer_lag(stage: &'static str, group: &str, lags: &[PartitionLa
         lag_gauge(stage, group, &l.topic, l.partition).set(l.lag as f64);
     }
     debug!(stage, partitions = lags.len(), messages = lags.iter().map(|l| l.lag).sum::<i64>(), "consumer lag");
+}
+
+/// One look at a stage's progress (`crate::progress`): its drain time and
+/// rate, and each stalled partition's gauge, logging the partitions that
+/// stall and those that move again (`stalled` holds those stalled until now).
+pub(crate) fn progress(stage: &'static str, reading: &Reading, stalled: &mut BTreeSet<(String, i32)>) {
+    gauge!("sluice_stage_drain_seconds", "stage" => stage).set(reading.drain_seconds);
+    gauge!("sluice_stage_acknowledged_per_second", "stage" => stage).set(reading.rate);
+    gauge!("sluice_kafka_stalled_partitions", "stage" => stage).set(reading.stalled.len() as f64);
+    let now: BTreeSet<(String, i32)> = reading.stalled.iter().map(|s| (s.topic.clone(), s.partition)).collect();
+    for s in &reading.stalled {
+        if !stalled.contains(&(s.topic.clone(), s.partition)) {
+            warn!(
+                stage,
+                topic = s.topic,
+                partition = s.partition,
+                lag = s.lag,
+                for_seconds = s.for_seconds,
+                "partition stalled: work waits and nothing was acknowledged"
+            );
+        }
+        stalled_gauge(stage, &s.topic, s.partition).set(1.0);
+    }
+    for (topic, partition) in stalled.difference(&now) {
+        info!(stage, topic, partition, "partition moves again (or has nothing left, or left this member)");
+        stalled_gauge(stage, topic, *partition).set(0.0);
+    }
+    *stalled = now;
+}
+
+fn stalled_gauge(stage: &'static str, topic: &str, partition: i32) -> metrics::Gauge {
+    gauge!("sluice_kafka_partition_stalled", "stage" => stage, "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
 /// Partitions no longer assigned here: their lag is the new owner's to report.
