@@ -153,6 +153,7 @@ async fn lag_and_stalls_are_reported_per_partition_while_a_backlog_waits_and_cle
         throughput_window: Duration::from_secs(60),
         // A second without progress, so the test is quick.
         stall_after: Duration::from_secs(1),
+        latency_target: None,
     };
     let stage = Gated { gate: gate_rx, processed: processed.clone() };
     let status = Arc::new(StageStatus::default());
@@ -191,6 +192,87 @@ async fn lag_and_stalls_are_reported_per_partition_while_a_backlog_waits_and_cle
     let stopped = running.await.expect("stage task");
     assert!(matches!(stopped, Err(KafkaRuntimeError::DrainTimeout { .. })), "{stopped:?}");
     wait_for_lag(&metrics, &group, &topic, &[(0, 0.0), (1, 0.0)], "after leaving the group").await;
+}
+
+// ---------------------------------------------------------------- latency target
+
+/// A stage whose batch takes 1 ms plus 0.2 ms per input, like a model.
+struct Slow;
+
+impl Stage for Slow {
+    fn name(&self) -> &'static str {
+        "slow-probe"
+    }
+
+    async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
+        tokio::time::sleep(Duration::from_micros(1_000 + 200 * batch.len() as u64)).await;
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_latency_target_the_batch_size_comes_down_to_meet_it_and_back_when_it_is_off() {
+    let cluster = EmbeddedCluster::start().expect("mock cluster");
+    let topic = unique("slow.in");
+    cluster.create_topics(&[TopicSpec { name: topic.clone(), partitions: 1, replication: 1 }]).expect("topic");
+    let kafka = cluster.kafka_config(&KafkaConfig::default());
+    let producer: FutureProducer = kafka.producer_config("slow-test").create().expect("producer");
+    let bounds = BatchPolicy { max_batch_size: 512, max_wait_ms: 20 };
+    let (target, target_rx) = watch::channel(40u64);
+    let shutdown = CancellationToken::new();
+    let options = RunOptions {
+        input_topic: topic.clone(),
+        dead_letter_topic: unique("slow.dead"),
+        group_id: unique("slow-group"),
+        client_id: "slow-probe".into(),
+        policy: bounds.fixed(),
+        drain_timeout: Duration::from_secs(5),
+        queue_capacity: 4096,
+        queue_max_bytes: 32 << 20,
+        prepare_next_batch: true,
+        throughput_window: Duration::from_secs(60),
+        stall_after: Duration::from_secs(120),
+        latency_target: Some(target_rx),
+    };
+    // A backlog first, so that batches come out full: one of 512 takes over
+    // 100 ms, far over the 40 ms target.
+    let deliveries: Vec<_> = (0..40_000)
+        .map(|i| {
+            let payload = format!("message {i}");
+            let record: FutureRecord<'_, [u8], str> = FutureRecord::to(&topic).partition(0).payload(&payload);
+            producer.send_result(record).map_err(|(e, _)| e).expect("queued")
+        })
+        .collect();
+    for delivery in deliveries {
+        delivery.await.expect("not cancelled").map_err(|(e, _)| e).expect("delivered");
+    }
+    let status = Arc::new(StageStatus::default());
+    let running = tokio::spawn({
+        let (kafka, shutdown, status) = (kafka.clone(), shutdown.clone(), status.clone());
+        async move { run_stage(&kafka, options, Slow, status, shutdown).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let lowered = loop {
+        let state = status.controller();
+        if let Some(state) = state.as_ref().filter(|s| s.max_batch_size <= 128) {
+            break state.clone();
+        }
+        assert!(Instant::now() < deadline, "the batch size did not come down: {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lowered.target_ms, 40);
+    assert!(lowered.max_wait_ms < bounds.max_wait_ms, "{lowered:?}");
+    assert!(lowered.last_change.as_deref().is_some_and(|r| r.contains("over the target 40 ms")), "{lowered:?}");
+
+    // Off, live: the controller stops and the configured policy applies again.
+    target.send_replace(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status.controller().is_some() {
+        assert!(Instant::now() < deadline, "the controller is still on: {:?}", status.controller());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    let _ = running.await.expect("stage task");
 }
 
 // ---------------------------------------------------------------- tracing

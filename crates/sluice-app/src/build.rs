@@ -44,6 +44,8 @@ type Run = Box<
 /// A stage built from its configuration, and how it batches.
 pub struct Built {
     pub policy: watch::Receiver<BatchPolicy>,
+    /// A model stage's live latency target (ms; 0: off).
+    pub latency_target: Option<watch::Receiver<u64>>,
     run: Run,
 }
 
@@ -58,7 +60,17 @@ impl Built {
         let run: Run = Box::new(move |kafka, options, status, shutdown| {
             Box::pin(async move { run_stage(&kafka, options, stage, status, shutdown).await })
         });
-        Self { policy, run }
+        Self { policy, latency_target: None, run }
+    }
+
+    /// A model stage: its policy follows the live settings, and so does its
+    /// latency target.
+    fn model<S: Stage>(stage: S, settings: &watch::Receiver<Settings>) -> Self {
+        let policy = |s: &Settings| BatchPolicy { max_batch_size: s.max_batch_size, max_wait_ms: s.max_wait_ms };
+        Self {
+            latency_target: Some(follow(settings.clone(), |s| s.latency_target_ms)),
+            ..Self::new(stage, follow(settings.clone(), policy))
+        }
     }
 
     /// Runs it on the Kafka runtime until `shutdown` (see `sluice_kafka::run_stage`).
@@ -147,7 +159,7 @@ impl InferrerConfig {
             cx.stats.inferrer.clone(),
         )?
         .with_decode_threads(self.decode_threads);
-        Ok(Built::new(stage, inferrer_policy(settings)))
+        Ok(Built::model(stage, &settings))
     }
 
     async fn build_query(&self, cx: &Context<'_>) -> anyhow::Result<Built> {
@@ -164,7 +176,7 @@ impl InferrerConfig {
             cx.stats.query_inferrer.clone(),
         )?
         .with_decode_threads(self.decode_threads);
-        Ok(Built::new(stage, inferrer_policy(settings)))
+        Ok(Built::model(stage, &settings))
     }
 }
 
@@ -184,13 +196,16 @@ impl WriterConfig {
     }
 }
 
-/// The inferrer's batch policy, following the live settings.
-fn inferrer_policy(mut settings: watch::Receiver<Settings>) -> watch::Receiver<BatchPolicy> {
-    let policy = |s: &Settings| BatchPolicy { max_batch_size: s.max_batch_size, max_wait_ms: s.max_wait_ms };
-    let (tx, rx) = watch::channel(policy(&settings.borrow_and_update()));
+/// `part` of the live settings, as a receiver of its own that changes only
+/// when that part does.
+fn follow<T>(mut settings: watch::Receiver<Settings>, part: fn(&Settings) -> T) -> watch::Receiver<T>
+where
+    T: Copy + PartialEq + Send + Sync + 'static,
+{
+    let (tx, rx) = watch::channel(part(&settings.borrow_and_update()));
     tokio::spawn(async move {
         while settings.changed().await.is_ok() {
-            let next = policy(&settings.borrow_and_update());
+            let next = part(&settings.borrow_and_update());
             tx.send_if_modified(|current| std::mem::replace(current, next) != next);
         }
     });

@@ -201,6 +201,10 @@ pub struct InferrerConfig {
     /// not computed on its first pass: a `deadline_exceeded` dead letter.
     /// The live `max_age_ms` of the stock model's scope.
     pub max_age_ms: u64,
+    /// A p99 target (ms) from arrival at the stock model stage to the
+    /// answer; 0: off, `batch` applies as it is. With it, `batch` gives the
+    /// bounds the stage moves its batch size and wait within.
+    pub latency_target_ms: u64,
     /// The stock model.
     pub model: ModelConfig,
     /// The query model, its batches and its token budget.
@@ -216,6 +220,8 @@ pub struct QueryInferrerConfig {
     pub max_batch_tokens: usize,
     /// As `inferrer.max_age_ms`, for query events.
     pub max_age_ms: u64,
+    /// As `inferrer.latency_target_ms`, for the query model stage.
+    pub latency_target_ms: u64,
     pub model: ModelConfig,
 }
 
@@ -344,6 +350,8 @@ impl SluiceConfig {
         check("inferrer.query.max_batch_tokens", "max_batch_tokens", self.inferrer.query.max_batch_tokens as u64)?;
         check("inferrer.max_age_ms", "max_age_ms", self.inferrer.max_age_ms)?;
         check("inferrer.query.max_age_ms", "max_age_ms", self.inferrer.query.max_age_ms)?;
+        check("inferrer.latency_target_ms", "latency_target_ms", self.inferrer.latency_target_ms)?;
+        check("inferrer.query.latency_target_ms", "latency_target_ms", self.inferrer.query.latency_target_ms)?;
         self.kafka.validate()?;
         let t = &self.topics;
         let names = t.names();
@@ -452,6 +460,7 @@ impl SluiceConfig {
             cache_ttl_s: self.cache.ttl_s,
             intra_op_threads: self.inferrer.model.threads(),
             max_age_ms: self.inferrer.max_age_ms,
+            latency_target_ms: self.inferrer.latency_target_ms,
         }
     }
 
@@ -464,6 +473,7 @@ impl SluiceConfig {
             model_version: query.model.version.clone(),
             intra_op_threads: query.model.threads(),
             max_age_ms: query.max_age_ms,
+            latency_target_ms: query.latency_target_ms,
             ..self.base_settings()
         }
     }

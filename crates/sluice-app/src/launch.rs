@@ -264,6 +264,7 @@ async fn run(
         prepare_next_batch: config.runtime.prepare_next_batch,
         throughput_window: Duration::from_millis(config.runtime.throughput_window_ms),
         stall_after: Duration::from_millis(config.runtime.stall_after_ms),
+        latency_target: built.latency_target.clone(),
     };
     built.run(kafka.clone(), options, status, shutdown).await?;
     Ok(())

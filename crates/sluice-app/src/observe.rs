@@ -112,6 +112,7 @@ fn stage_states(health: &Health) -> serde_json::Value {
                     "assigned_partitions": s.assigned_partitions(),
                     "acknowledged": s.acknowledged.load(std::sync::atomic::Ordering::Relaxed),
                     "stalled_partitions": s.stalled(),
+                    "batch_controller": s.controller(),
                 }),
             )
         })

@@ -228,6 +228,8 @@ settings! {
     intra_op_threads: usize = Bounds::Count { min: 1, max: 256 }, Models;
     /// The model stage does not compute an event older than this on its first pass, from its request (ms; 0: no limit).
     max_age_ms: u64 = Bounds::Count { min: 0, max: 604_800_000 }, Models;
+    /// A p99 target from an event's arrival at the model stage to its answer (ms; 0: off): the stage then moves its batch size and wait within max_batch_size and max_wait_ms to hold it.
+    latency_target_ms: u64 = Bounds::Count { min: 0, max: 60_000 }, Models;
 }
 
 /// The setting named `name`.
@@ -436,6 +438,7 @@ mod tests {
             cache_ttl_s: 3600,
             intra_op_threads: 1,
             max_age_ms: 0,
+            latency_target_ms: 0,
         };
         let effective = base.with(&global.then(&model));
         assert_eq!((effective.max_batch_size, effective.max_wait_ms, effective.cache_ttl_s), (128, 5, 3600));
@@ -445,7 +448,7 @@ mod tests {
 
     #[test]
     fn every_field_is_declared_once_with_its_bounds() {
-        assert_eq!(names().collect::<Vec<_>>().len(), 9);
+        assert_eq!(names().collect::<Vec<_>>().len(), 10);
         assert_eq!(field("max_batch_size").map(|f| f.bounds), Some(Bounds::Count { min: 1, max: 65_536 }));
         assert!(FIELDS.iter().all(|f| !f.doc.is_empty()), "each has its documentation");
         assert_eq!(Bounds::Count { min: 1, max: 4 }.check_count(5), Err("5 is outside 1..=4".into()));

@@ -42,6 +42,16 @@ pub struct Batch<T> {
     pub items: Vec<T>,
     /// How long the oldest item waited before the cut.
     pub waited: Duration,
+    /// When it was cut.
+    pub cut_at: Instant,
+}
+
+impl<T> Batch<T> {
+    /// How long its oldest item has been in the stage, from its arrival at
+    /// the batcher until now.
+    pub fn oldest_age(&self) -> Duration {
+        self.waited + self.cut_at.elapsed()
+    }
 }
 
 /// The batching state machine, free of I/O so that it can be tested alone.
@@ -73,7 +83,7 @@ impl<T> Batcher<T> {
     pub fn take(&mut self, now: Instant) -> Option<Batch<T>> {
         let oldest = self.oldest.take()?;
         let items = std::mem::replace(&mut self.items, Vec::with_capacity(self.policy.max_batch_size.max(1)));
-        Some(Batch { items, waited: now.saturating_duration_since(oldest) })
+        Some(Batch { items, waited: now.saturating_duration_since(oldest), cut_at: now })
     }
 
     /// Applies a new policy; cuts at once if the waiting items already meet it.

@@ -10,6 +10,7 @@
 //!   also passes the W3C trace context on from each input to its outputs, and
 //!   reports consumer lag from librdkafka's statistics.
 //! - [`progress`]: the time the lag would take to drain, and stalled partitions.
+//! - [`latency`]: a batch policy that holds a p99 latency target by itself.
 //! - [`admin`] and [`embedded`]: topic creation, and librdkafka's in-process
 //!   mock cluster for the demo and fast tests.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod embedded;
 mod error;
 mod lag;
+pub mod latency;
 pub mod progress;
 pub mod runtime;
 pub mod status;

@@ -44,6 +44,7 @@ use crate::batcher::{Batch, BatchPolicy, run_batcher};
 use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 
+use crate::latency::{Change, LatencyController};
 use crate::progress::Progress;
 use crate::{KafkaConfig, KafkaRuntimeError, StageStatus, lag, telemetry};
 
@@ -72,6 +73,10 @@ pub struct RunOptions {
     pub throughput_window: Duration,
     /// A partition with lag and no progress for this long is reported stalled.
     pub stall_after: Duration,
+    /// A p99 target (ms; 0: none) from an event's arrival to its answer,
+    /// which the batch policy then follows within `policy`'s bounds
+    /// ([`crate::latency`]); `None` for a stage that never has one.
+    pub latency_target: Option<watch::Receiver<u64>>,
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
@@ -122,12 +127,23 @@ pub async fn run_stage<S: Stage>(
     let budget = ByteBudget::new(options.queue_max_bytes);
     let consume =
         tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, budget, shutdown.clone(), name));
-    tokio::spawn(run_batcher(item_rx, batch_tx, options.policy.clone()));
+    // With a latency target, the batcher cuts by the controller's policy.
+    let (policy, observed) = match options.latency_target.clone() {
+        Some(target) => {
+            let (policy_tx, policy_rx) = watch::channel(*options.policy.borrow());
+            let (observed_tx, observed_rx) = mpsc::channel(64);
+            let controlling = (options.policy.clone(), target, observed_rx);
+            tokio::spawn(control_batches(name, controlling, policy_tx, status.clone()));
+            (policy_rx, Some(observed_tx))
+        }
+        None => (options.policy.clone(), None),
+    };
+    tokio::spawn(run_batcher(item_rx, batch_tx, policy));
     tokio::spawn(watch_progress(progress.clone(), name, status.clone(), shutdown.clone()));
     let acknowledged = Acknowledged { stage: name, status: status.clone(), progress };
     let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, acknowledged, shutdown.clone()));
     let work = async {
-        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options, &shutdown).await;
+        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options, observed, &shutdown).await;
         if processed.is_err() {
             // Stop consuming (and sibling stages) now, not after the acknowledger.
             shutdown.cancel();
@@ -374,13 +390,14 @@ async fn process_loop<S: Stage>(
     producer: &FutureProducer,
     acks: mpsc::Sender<PendingAck>,
     options: &RunOptions,
+    observed: Option<mpsc::Sender<(usize, Duration)>>,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
     let dead_letter_topic: Arc<str> = options.dead_letter_topic.as_str().into();
     let unzip = |batch: Batch<Held>| {
         let (items, held): (Vec<Incoming>, Vec<_>) = batch.items.into_iter().unzip();
-        (Batch { items, waited: batch.waited }, held)
+        (Batch { items, waited: batch.waited, cut_at: batch.cut_at }, held)
     };
     // The batch after this one, where it is already cut.
     let mut next = None;
@@ -430,6 +447,11 @@ async fn process_loop<S: Stage>(
         let Some(outputs) = outputs? else {
             return Ok(());
         };
+        // The latency controller's measure: the oldest event's time from
+        // arrival to answer (never waited for: a full channel drops one).
+        if let Some(observed) = &observed {
+            let _ = observed.try_send((batch.items.len(), batch.oldest_age()));
+        }
         // This hop's trace context for each input: every output of input `i`
         // (dead letters included) carries `hops[i]`.
         let hops: Vec<TraceParent> =
@@ -637,6 +659,64 @@ async fn ack_loop(
         telemetry::acknowledged(stage, pending.inputs);
     }
     Ok(())
+}
+
+/// Keeps the batch policy the batcher cuts by (`policy`) to the latency
+/// target, within the configured bounds, from each batch's measure
+/// ([`LatencyController`]); a target of 0 turns it off (the bounds apply as
+/// they are). Ends when the measures stop (the process loop ended).
+async fn control_batches(
+    stage: &'static str,
+    (mut bounds, mut target, mut observed): (
+        watch::Receiver<BatchPolicy>,
+        watch::Receiver<u64>,
+        mpsc::Receiver<(usize, Duration)>,
+    ),
+    policy: watch::Sender<BatchPolicy>,
+    status: Arc<StageStatus>,
+) {
+    let start =
+        |ms: u64, bounds: BatchPolicy| (ms > 0).then(|| LatencyController::new(Duration::from_millis(ms), bounds));
+    let mut controller = start(*target.borrow_and_update(), *bounds.borrow_and_update());
+    loop {
+        status.set_controller(controller.as_ref().map(LatencyController::state));
+        let change = tokio::select! {
+            Ok(()) = target.changed() => {
+                let ms = *target.borrow_and_update();
+                match (&mut controller, ms) {
+                    (_, 0) => {
+                        controller = None;
+                        let policy = *bounds.borrow();
+                        Some(Change { policy, reason: "the latency target is off: the configured policy applies".into() })
+                    }
+                    (Some(c), ms) => {
+                        c.set_target(Duration::from_millis(ms));
+                        None
+                    }
+                    (None, ms) => {
+                        controller = start(ms, *bounds.borrow());
+                        None
+                    }
+                }
+            }
+            Ok(()) = bounds.changed() => {
+                let new = *bounds.borrow_and_update();
+                match &mut controller {
+                    Some(c) => c.set_bounds(new),
+                    None => Some(Change { policy: new, reason: "the configured policy changed".into() }),
+                }
+            }
+            measure = observed.recv() => match (measure, &mut controller) {
+                (None, _) => return,
+                (Some((size, took)), Some(c)) => c.observe(size, took),
+                (Some(_), None) => None,
+            },
+        };
+        if let Some(change) = change {
+            telemetry::batch_policy_changed(stage, &change, controller.as_ref().map(LatencyController::state));
+            policy.send_replace(change.policy);
+        }
+    }
 }
 
 /// Looks at the stage's progress every second until shutdown: the drain

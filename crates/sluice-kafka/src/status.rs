@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use crate::latency::ControllerState;
 use crate::progress::Stalled;
 
 /// Read by `/readyz` and `/status`; written by the runtime and the stage.
@@ -19,6 +20,8 @@ pub struct StageStatus {
     /// Assigned partitions with work waiting and no progress for
     /// `runtime.stall_after_ms` (`crate::progress`).
     stalled: Mutex<Vec<Stalled>>,
+    /// The latency controller's state, while it is on.
+    controller: Mutex<Option<ControllerState>>,
 }
 
 impl StageStatus {
@@ -46,6 +49,15 @@ impl StageStatus {
 
     pub(crate) fn set_stalled(&self, stalled: Vec<Stalled>) {
         *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = stalled;
+    }
+
+    /// The latency controller's target, policy and last change (none: off).
+    pub fn controller(&self) -> Option<ControllerState> {
+        self.controller.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_controller(&self, state: Option<ControllerState>) {
+        *self.controller.lock().unwrap_or_else(PoisonError::into_inner) = state;
     }
 
     /// Ready to serve: warmed up and a member of its consumer group. A member

@@ -12,7 +12,9 @@ use sluice_messages::dead_letter::Reason;
 use sluice_messages::trace::TraceParent;
 use tracing::{debug, info, warn};
 
+use crate::BatchPolicy;
 use crate::lag::PartitionLag;
+use crate::latency::{Change, ControllerState};
 use crate::progress::Reading;
 
 /// `traces` is this hop's trace context per input: the first few trace ids go
@@ -212,6 +214,22 @@ pub(crate) fn progress(stage: &'static str, reading: &Reading, stalled: &mut BTr
 
 fn stalled_gauge(stage: &'static str, topic: &str, partition: i32) -> metrics::Gauge {
     gauge!("sluice_kafka_partition_stalled", "stage" => stage, "topic" => topic.to_string(), "partition" => partition.to_string())
+}
+
+/// The batch policy changed (the latency controller, or the configuration
+/// while it is off): the log line says why; the gauges hold the policy in
+/// force and the controller's last p99.
+pub(crate) fn batch_policy_changed(stage: &'static str, change: &Change, state: Option<ControllerState>) {
+    let BatchPolicy { max_batch_size, max_wait_ms } = change.policy;
+    gauge!("sluice_batch_max_size", "stage" => stage).set(max_batch_size as f64);
+    gauge!("sluice_batch_max_wait_ms", "stage" => stage).set(max_wait_ms as f64);
+    counter!("sluice_batch_policy_changes_total", "stage" => stage).increment(1);
+    let p99_ms = state.as_ref().and_then(|s| s.p99_ms);
+    if let Some(p99) = p99_ms {
+        gauge!("sluice_batch_controller_p99_ms", "stage" => stage).set(p99);
+    }
+    let target_ms = state.map(|s| s.target_ms);
+    info!(stage, max_batch_size, max_wait_ms, ?target_ms, ?p99_ms, reason = change.reason, "batch policy changed");
 }
 
 /// Partitions no longer assigned here: their lag is the new owner's to report.

@@ -41,6 +41,7 @@ pub(crate) mod testing {
             cache_ttl_s: 60,
             intra_op_threads: 1,
             max_age_ms: 0,
+            latency_target_ms: 0,
         }
     }
 }

@@ -503,6 +503,7 @@ pub fn settings() -> sluice_control::Settings {
         cache_ttl_s: 60,
         intra_op_threads: 1,
         max_age_ms: 0,
+        latency_target_ms: 0,
     }
 }
 
