@@ -8,8 +8,10 @@ SLUICE_CACHE ?= $(HOME)/.cache/sluice
 export SLUICE_CACHE
 CARGO ?= cargo
 EVENTS ?= 2000
+# apt-get needs root: sudo where make does not run as root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup demo test fmt lint build clean-cache
+.PHONY: setup demo test fmt lint build promtool clean-cache
 
 setup:
 	@bash deploy/setup.sh
@@ -26,9 +28,16 @@ lint: setup
 build: setup
 	$(CARGO) build --release --workspace --bins
 
+# The alert rule tests run promtool, from Debian's prometheus package (apt).
+promtool:
+	@command -v promtool >/dev/null || { \
+		echo "setup: installing Debian's prometheus package (promtool, for the alert tests)" >&2; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y -qq prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }; }
+
 # The integration tests start `sluice` as separate processes, so the binary is
 # built first. Everything builds in release: one build serves tests and demo.
-test: fmt lint build
+test: fmt lint build promtool
 	$(CARGO) test --release --workspace
 
 clean-cache:

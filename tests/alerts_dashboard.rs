@@ -4,9 +4,13 @@
 //! expression), the dashboard shows what an operator needs, and every alert
 //! has a severity, its annotations and a runbook section in
 //! docs/operations.md. Every check is shown to fail on a file broken on purpose.
+//! promtool (Prometheus' own) checks the rules, and its unit tests
+//! (`deploy/prometheus/alerts.test.yml`) show every alert firing on the series
+//! it watches and silent on healthy ones.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::process::Command;
 
 use serde_json::{Value, json};
 
@@ -395,4 +399,37 @@ fn the_alert_check_refuses_broken_rules() {
     stale.insert("SluiceRemoved".into());
     let errors = check_alert_rules(&good, &metrics, &stale);
     assert!(errors.iter().any(|e| e.contains("SluiceRemoved has no alert")), "{errors:#?}");
+}
+
+/// `promtool check rules` passes, `promtool test rules` passes on
+/// alerts.test.yml, and that file has a group expecting every alert to fire.
+#[test]
+fn promtool_checks_the_rules_and_every_alert_fires_in_its_unit_test() {
+    let dir = repo_root().join("deploy/prometheus");
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    for args in [["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]] {
+        let out = Command::new(&promtool).args(args).current_dir(&dir).output().unwrap_or_else(|e| {
+            panic!("{promtool}: {e} (it comes with Debian's prometheus package, which `make test` installs)")
+        });
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+    }
+    let tests = read_one_yaml(&dir.join("alerts.test.yml"));
+    let fired: BTreeSet<String> = tests["tests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .filter(|case| case["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .filter_map(|case| case["alertname"].as_str().map(str::to_string))
+        .collect();
+    let alerts: BTreeSet<String> = alert_rules()["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["alert"].as_str().map(str::to_string))
+        .collect();
+    assert!(alerts.len() >= 15, "the rules were not read: {alerts:?}");
+    assert_eq!(fired, alerts, "alerts.test.yml must show each alert of alerts.yml firing");
 }
