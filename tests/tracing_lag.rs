@@ -7,6 +7,9 @@
 //!   reads the headers of every topic.
 //! - The alerted series are read from the `/metrics` of a `sluice run inferrer`
 //!   whose broker never answers.
+//! - A real Prometheus (Debian's) scrapes the four stages of a running
+//!   pipeline: every dashboard panel's query returns series and every alert
+//!   rule evaluates.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -506,4 +509,168 @@ fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
         "the inferrer did not stop:\n{}",
         tail(&inferrer.logs(), 30)
     );
+}
+
+// ---------------------------------------------------------------- a real Prometheus
+
+/// `text` percent-encoded for a URL's query string.
+fn encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prometheus' answer to `path` (its `data`), failing on anything but success.
+fn prometheus_api(port: u16, path: &str) -> serde_json::Value {
+    let (code, body) =
+        sluice_testkit::http_get(port, path).unwrap_or_else(|| panic!("Prometheus: no answer to {path}"));
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    assert!(code == 200 && answer["status"] == "success", "{path}: {code} {body}");
+    answer["data"].clone()
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, start to end")]
+fn prometheus_scrapes_the_four_stages_and_every_panel_and_alert_rule_evaluates() {
+    let mut p = TestPipeline::start(
+        "prometheus",
+        2,
+        // A pipeline name of its own: its cache starts empty, so the models run.
+        &format!("[control]\nredis_url = \"{}\"\npipeline = \"{}\"\n", sluice_testkit::LOCAL_REDIS, unique("prom")),
+        Processes::None,
+    );
+    let mut targets = Vec::new();
+    for stage in ["fetcher", "normalizer", "inferrer", "writer"] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        p.stages.push(StageProcess::command(&p.config, &["--listen", &listen, "run", stage], stage, &p.dir));
+        targets.push((stage, port));
+    }
+    for (_, port) in &targets {
+        wait_for_http(*port, "/readyz", Duration::from_secs(120), |code, _| code == 200);
+    }
+    // Stock events twice (the second time from the cache), queries, and a few invalid ones.
+    let events = sluice_stages::generate::generate("prometheus", 200, 20, 5000);
+    let queries = sluice_stages::generate::generate_queries("prometheus", 20);
+    let lines: Vec<&[u8]> = events.iter().chain(&events).chain(&queries).map(|e| e.json.as_slice()).collect();
+    p.produce("events", lines);
+
+    let dir = p.path("prometheus");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy/prometheus/alerts.yml");
+    let mut config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
+        rules.display()
+    );
+    for (stage, port) in &targets {
+        config.push_str(&format!(
+            "  - job_name: sluice-{stage}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ));
+    }
+    std::fs::write(dir.join("prometheus.yml"), config).expect("config");
+    let port = free_port();
+    let prometheus = std::process::Command::new(std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into()))
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log"))
+        .spawn();
+    let mut prometheus = prometheus.expect("prometheus (Debian's prometheus package, which `make test` installs)");
+    let log = || std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+
+    // Every stage scraped, twice at least (rates need two samples).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = sluice_testkit::http_get(port, "/api/v1/query?query=up").is_some_and(|(code, body)| {
+            let up: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let result = up["data"]["result"].as_array().cloned().unwrap_or_default();
+            code == 200 && result.len() == 4 && result.iter().all(|r| r["value"][1] == "1")
+        });
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus did not scrape the four stages:\n{}", tail(&log(), 20));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Until the events are through, and a little longer for rates over it.
+    let written = |(_, port): &(&str, u16)| {
+        let metrics = sluice_testkit::http_get(*port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+        series(&metrics)
+            .into_iter()
+            .filter(|((name, _), _)| name == "sluice_writer_predictions_written_total")
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while written(&targets[3]) < 200.0 {
+        assert!(Instant::now() < deadline, "the events did not get through: {}", p.logs(40));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+
+    // Every dashboard panel shows something: at least one of its queries returns series.
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy/grafana/dashboards/sluice.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut empty = Vec::new();
+    // Rows hold no queries (a collapsed row holds its panels).
+    let panels: Vec<serde_json::Value> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            if p["type"] == "row" { p["panels"].as_array().cloned().unwrap_or_default() } else { vec![p.clone()] }
+        })
+        .collect();
+    for panel in &panels {
+        let mut shown = false;
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = target["expr"].as_str() else { continue };
+            let expr = expr.replace("$__rate_interval", "30s");
+            let data = prometheus_api(port, &format!("/api/v1/query?query={}", encoded(&expr)));
+            shown |= data["result"].as_array().is_some_and(|r| !r.is_empty());
+        }
+        if !shown {
+            empty.push(panel["title"].as_str().unwrap_or("?").to_string());
+        }
+    }
+    assert!(panels.len() >= 10, "the dashboard was not read");
+    if !empty.is_empty() {
+        let names = prometheus_api(port, "/api/v1/label/__name__/values");
+        panic!("panels that show nothing: {empty:?}; the series Prometheus has: {names}");
+    }
+
+    // Every alert rule has been evaluated without an error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let data = prometheus_api(port, "/api/v1/rules");
+        let rules: Vec<serde_json::Value> = data["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let failing: Vec<String> = rules
+            .iter()
+            .filter(|r| r["health"] == "err")
+            .map(|r| format!("{}: {}", r["name"], r["lastError"]))
+            .collect();
+        assert!(failing.is_empty(), "alert rules that fail to evaluate: {failing:?}");
+        if rules.len() >= 15 && rules.iter().all(|r| r["health"] == "ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rules not all evaluated: {rules:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    for stage in &mut p.stages {
+        stage.signal("TERM");
+        assert!(stage.wait(Duration::from_secs(30)).is_some_and(|s| s.success()), "{} did not drain", stage.stage);
+    }
 }

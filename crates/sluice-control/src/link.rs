@@ -59,6 +59,7 @@ impl RedisLink {
     pub fn new(url: &str) -> Result<Self, ControlError> {
         let client = redis::Client::open(url)
             .map_err(|e| ControlError::Config(ConfigError::new("control.redis_url", e.to_string())))?;
+        telemetry::redis_link_created();
         Ok(Self {
             client,
             state: Mutex::new(State {

@@ -50,6 +50,13 @@ pub(crate) fn redis_slow(budget: Duration) {
     tracing::debug!(?budget, "a redis call got no answer within its budget (counted as slow, not an outage)");
 }
 
+/// A link to Redis is made: up until a call fails (as `RedisLink::is_up`
+/// says), so that dashboards and alerts see the series from the start.
+pub(crate) fn redis_link_created() {
+    gauge!("sluice_redis_up").set(1.0);
+    counter!("sluice_redis_outages_total").increment(0);
+}
+
 /// An outage begins (reported once, not once per call).
 pub(crate) fn redis_down(error: &str) {
     tracing::warn!(error, "redis is unreachable: keeping the last good settings, cache lookups miss");
