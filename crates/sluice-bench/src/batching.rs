@@ -531,7 +531,7 @@ async fn inferrer_through_broker(
 
 /// The inferrer draining `incoming` at batch size `size`, preparing the next
 /// batch while the model runs or not.
-async fn inferrer_point(
+pub(crate) async fn inferrer_point(
     config: &SluiceConfig,
     size: usize,
     incoming: &[sluice_core::Incoming],
@@ -601,7 +601,7 @@ pub(crate) async fn pipeline_of(
     Ok(point)
 }
 
-async fn publish<'a>(
+pub(crate) async fn publish<'a>(
     kafka: &KafkaConfig,
     topic: &str,
     records: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8])>,

@@ -7,6 +7,7 @@
 //! - [`query`]: the query model by batch size and token budget.
 //! - [`postgres`]: the users' 5,000-stock job through PostgreSQL.
 //! - [`batching`]: what batching buys, from the raw model to the pipeline.
+//! - [`baseline`]: the inferrer against a plain Python consumer loop.
 //! - [`decode`]: a large batch decoded on several threads, in process.
 //! - [`backlog`]: a backlog drained with bounded memory.
 //! - [`recovery`]: answers again after the inferrer is killed.
@@ -14,6 +15,7 @@
 //! - [`cluster`]: a local deployment (tansu and stage processes) they share.
 
 pub mod backlog;
+pub mod baseline;
 pub mod batching;
 pub mod cache;
 pub mod cluster;

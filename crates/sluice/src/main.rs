@@ -209,6 +209,23 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks")]
         out_dir: PathBuf,
     },
+    /// Sluice's inferrer against a plain Python consumer loop (confluent-kafka
+    /// and torch) on the same broker, records and model, LSTM and near-free.
+    Baseline {
+        /// Events per run.
+        #[arg(long, default_value_t = 16384)]
+        events: usize,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Rounds: the median run is reported, with the spread.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// The near-free model, measured after the LSTM [default: the stock-light fixture].
+        #[arg(long)]
+        light_model: Option<PathBuf>,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// What decoding a large batch on several threads (`inferrer.decode_threads`)
     /// brings to the inferrer in memory, with the LSTM and the near-free model.
     Decode {
@@ -349,6 +366,11 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
             let options =
                 bench::batching::Options { events, sizes, waits, low_load_rate: rate, repeats, light_model, out_dir };
             bench::batching::batching(config, options).await
+        }
+        Command::Bench { what: BenchWhat::Baseline { events, batch, repeats, light_model, out } } => {
+            let light_model = light_model.or_else(bench::batching::light_fixture);
+            let options = bench::baseline::Options { events, batch, repeats, light_model, out };
+            bench::baseline::baseline(config, options).await
         }
         Command::Bench { what: BenchWhat::Decode { events, sizes, threads, repeats, light_model, out } } => {
             let light_model = light_model.or_else(bench::batching::light_fixture);
