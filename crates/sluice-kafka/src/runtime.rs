@@ -678,6 +678,7 @@ async fn control_batches(
     let start =
         |ms: u64, bounds: BatchPolicy| (ms > 0).then(|| LatencyController::new(Duration::from_millis(ms), bounds));
     let mut controller = start(*target.borrow_and_update(), *bounds.borrow_and_update());
+    telemetry::batch_policy(stage, *policy.borrow());
     loop {
         status.set_controller(controller.as_ref().map(LatencyController::state));
         let change = tokio::select! {

@@ -216,13 +216,20 @@ fn stalled_gauge(stage: &'static str, topic: &str, partition: i32) -> metrics::G
     gauge!("sluice_kafka_partition_stalled", "stage" => stage, "topic" => topic.to_string(), "partition" => partition.to_string())
 }
 
+/// The batch policy in force in a stage that may follow a latency target
+/// (from its start: a panel and a rule see it before any change).
+pub(crate) fn batch_policy(stage: &'static str, policy: BatchPolicy) {
+    gauge!("sluice_batch_max_size", "stage" => stage).set(policy.max_batch_size as f64);
+    gauge!("sluice_batch_max_wait_ms", "stage" => stage).set(policy.max_wait_ms as f64);
+    counter!("sluice_batch_policy_changes_total", "stage" => stage).increment(0);
+}
+
 /// The batch policy changed (the latency controller, or the configuration
 /// while it is off): the log line says why; the gauges hold the policy in
 /// force and the controller's last p99.
 pub(crate) fn batch_policy_changed(stage: &'static str, change: &Change, state: Option<ControllerState>) {
     let BatchPolicy { max_batch_size, max_wait_ms } = change.policy;
-    gauge!("sluice_batch_max_size", "stage" => stage).set(max_batch_size as f64);
-    gauge!("sluice_batch_max_wait_ms", "stage" => stage).set(max_wait_ms as f64);
+    batch_policy(stage, change.policy);
     counter!("sluice_batch_policy_changes_total", "stage" => stage).increment(1);
     let p99_ms = state.as_ref().and_then(|s| s.p99_ms);
     if let Some(p99) = p99_ms {
