@@ -15,7 +15,7 @@ use sluice_app::config::SluiceConfig;
 
 use crate::batching::{Point, inferrer_point, machine, median, publish, with_spread};
 use crate::cluster::LocalCluster;
-use crate::{inputs, write_section};
+use crate::{inputs, models, write_section};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -32,14 +32,8 @@ pub struct Options {
 pub async fn baseline(config: SluiceConfig, options: Options) -> anyhow::Result<()> {
     ensure_confluent_kafka()?;
     let incoming = inputs(&config, options.events)?;
-    let mut models = vec![("LSTM".to_string(), config.clone())];
-    if let Some(dir) = &options.light_model {
-        let mut light = config.clone();
-        light.inferrer.model.dir.clone_from(dir);
-        models.push(("near-free".to_string(), light));
-    }
     let mut rows = Vec::new();
-    for (name, config) in &models {
+    for (name, config) in &models(&config, options.light_model.as_deref()) {
         let (mut sluice, mut python) = (Vec::new(), Vec::new());
         for _ in 0..options.repeats.max(1) {
             let ours = inferrer_point(config, options.batch, &incoming, true).await?;
@@ -48,7 +42,7 @@ pub async fn baseline(config: SluiceConfig, options: Options) -> anyhow::Result<
             sluice.push(ours);
             python.push(theirs);
         }
-        rows.push((name.clone(), median(sluice), median(python)));
+        rows.push((*name, median(sluice), median(python)));
     }
     let mut md = format!(
         "## Against a plain Python consumer\n\n\

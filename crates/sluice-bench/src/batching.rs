@@ -32,26 +32,22 @@
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_app::config::SluiceConfig;
 use sluice_app::launch::StageKind;
-use sluice_control::Settings;
 use sluice_kafka::KafkaConfig;
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
 use sluice_model::Batch;
 use sluice_stages::fetcher::SyntheticConfig;
 use sluice_stages::generate::generate;
-use sluice_stages::{Inferrer, InferrerStats};
-use sluice_torch::{Model, TorchLoader};
-use tokio::sync::watch;
+use sluice_torch::Model;
 
 use crate::cluster::{LocalCluster, ThreadCpu, cpu_seconds, rss_bytes, thread_cpu_seconds};
-use crate::{inputs, run, write_section};
+use crate::{inferrer_at, inputs, run, with_model_dir, write_section};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -307,8 +303,7 @@ pub async fn batching(config: SluiceConfig, options: Options) -> anyhow::Result<
     let broker_floor = broker_floor(&config, &incoming).await?;
     let light_model = match &options.light_model {
         Some(dir) => {
-            let mut light = config.clone();
-            light.inferrer.model.dir.clone_from(dir);
+            let light = with_model_dir(&config, dir);
             tracing::info!(dir = %dir.display(), "the near-free model");
             Some(LightModel {
                 dir: dir.clone(),
@@ -398,20 +393,7 @@ async fn inferrer_in_memory(
 ) -> anyhow::Result<Vec<Point>> {
     let mut points = Vec::new();
     for &size in &options.sizes {
-        let model = config.inferrer.model.clone();
-        let worker =
-            sluice_torch::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
-                .await?;
-        let settings = Settings { max_batch_size: size, cache_enabled: false, ..config.base_settings() };
-        let mut inferrer = Inferrer::new(
-            TorchLoader,
-            worker,
-            model,
-            watch::channel(settings).1,
-            None,
-            "bench",
-            Arc::new(InferrerStats::default()),
-        )?;
+        let mut inferrer = inferrer_at(config, size).await?;
         run(&mut inferrer, &incoming[..size.min(incoming.len())], size).await?;
         // The runs borrow the stage in turn, so they are not a closure for `repeated`.
         let mut runs = Vec::with_capacity(options.repeats.max(1));

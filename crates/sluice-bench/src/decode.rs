@@ -9,17 +9,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use serde::Serialize;
 use sluice_app::config::SluiceConfig;
-use sluice_control::Settings;
-use sluice_stages::{Inferrer, InferrerStats};
-use sluice_torch::TorchLoader;
-use tokio::sync::watch;
 
 use crate::batching::{Point, machine, median, with_spread};
-use crate::{inputs, run, write_section};
+use crate::{inferrer_at, inputs, models, run, write_section};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -47,18 +42,12 @@ pub async fn decode(config: SluiceConfig, options: Options) -> anyhow::Result<()
     anyhow::ensure!(!options.threads.is_empty() && options.threads.iter().all(|t| *t >= 1), "--threads ≥ 1 each");
     anyhow::ensure!(!options.sizes.is_empty() && options.sizes.iter().all(|s| *s >= 1), "--sizes ≥ 1 each");
     let incoming = inputs(&config, options.events)?;
-    let mut models = vec![("LSTM".to_string(), config.clone())];
-    if let Some(dir) = &options.light_model {
-        let mut light = config.clone();
-        light.inferrer.model.dir.clone_from(dir);
-        models.push(("near-free".to_string(), light));
-    }
     let mut rows = Vec::new();
-    for (name, config) in &models {
+    for (name, config) in &models(&config, options.light_model.as_deref()) {
         for &size in &options.sizes {
             let mut stages = Vec::new();
             for &threads in &options.threads {
-                let mut stage = inferrer(config, size, threads).await?;
+                let mut stage = inferrer_at(config, size).await?.with_decode_threads(threads);
                 run(&mut stage, &incoming[..size.min(incoming.len())], size).await?;
                 stages.push((threads, stage, Vec::new()));
             }
@@ -70,25 +59,13 @@ pub async fn decode(config: SluiceConfig, options: Options) -> anyhow::Result<()
                 }
             }
             let by_threads = stages.into_iter().map(|(threads, _, runs)| (threads, median(runs))).collect();
-            rows.push(Row { model: name.clone(), batch_size: size, by_threads });
+            rows.push(Row { model: (*name).to_string(), batch_size: size, by_threads });
         }
     }
     let section = markdown(&rows, &options);
     write_section(&options.out, "decode", &section)?;
     writeln!(std::io::stdout(), "{section}")?;
     Ok(())
-}
-
-/// The stock inferrer at batch `size`, decoding on `threads`, no cache.
-async fn inferrer(config: &SluiceConfig, size: usize, threads: usize) -> anyhow::Result<Inferrer<TorchLoader>> {
-    let model = config.inferrer.model.clone();
-    let worker =
-        sluice_torch::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
-            .await?;
-    let settings = Settings { max_batch_size: size, cache_enabled: false, ..config.base_settings() };
-    let stats = Arc::new(InferrerStats::default());
-    let stage = Inferrer::new(TorchLoader, worker, model, watch::channel(settings).1, None, "bench", stats)?;
-    Ok(stage.with_decode_threads(threads))
 }
 
 fn markdown(rows: &[Row], options: &Options) -> String {

@@ -93,6 +93,33 @@ pub(crate) fn normalized_windows(
     Ok(out)
 }
 
+/// The stock inferrer of `config` at batch `size`, no cache, warmed up at
+/// that size, as the in-memory scenarios run it.
+pub(crate) async fn inferrer_at(config: &SluiceConfig, size: usize) -> anyhow::Result<Inferrer<TorchLoader>> {
+    let model = config.inferrer.model.clone();
+    let worker =
+        sluice_torch::ModelWorker::start(sluice_model::ModelConfig { warmup_batch_size: size, ..model.clone() })
+            .await?;
+    let settings = sluice_control::Settings { max_batch_size: size, cache_enabled: false, ..config.base_settings() };
+    let stats = std::sync::Arc::new(sluice_stages::InferrerStats::default());
+    Ok(Inferrer::new(TorchLoader, worker, model, tokio::sync::watch::channel(settings).1, None, "bench", stats)?)
+}
+
+/// `config` serving the stock model in `dir` instead (the near-free model).
+pub(crate) fn with_model_dir(config: &SluiceConfig, dir: &Path) -> SluiceConfig {
+    let mut other = config.clone();
+    other.inferrer.model.dir = dir.to_path_buf();
+    other
+}
+
+/// The LSTM of `config`, then the near-free model in `light` if there is one,
+/// each named for the reports.
+pub(crate) fn models(config: &SluiceConfig, light: Option<&Path>) -> Vec<(&'static str, SluiceConfig)> {
+    let mut models = vec![("LSTM", config.clone())];
+    models.extend(light.map(|dir| ("near-free", with_model_dir(config, dir))));
+    models
+}
+
 pub(crate) async fn run(
     inferrer: &mut Inferrer<TorchLoader>,
     inputs: &[Incoming],
