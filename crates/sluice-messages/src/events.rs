@@ -117,6 +117,14 @@ impl RequestEvent {
         Ok(event)
     }
 
+    /// `stock` or `query`, as `kind` names it in the JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Stock(_) => "stock",
+            Self::Query(_) => "query",
+        }
+    }
+
     /// The producer's id for this event.
     pub fn event_id(&self) -> &str {
         match self {

@@ -50,11 +50,23 @@ pub(crate) fn decode_or_dead(
         }
     };
     if let Some(late) = cut.late(&header) {
-        telemetry::deadline_exceeded(stage, payload.event_kind());
-        outputs.push(dead_letter(source, &late, Some(header.event_id)));
+        outputs.push(too_late(source, &late, stage, payload.event_kind(), header.event_id));
         return None;
     }
     Some((header, payload))
+}
+
+/// The dead letter of input `source`, an event of `kind` past its deadline
+/// (not computed), counted for `stage`.
+pub(crate) fn too_late(
+    source: usize,
+    late: &StageError,
+    stage: &'static str,
+    kind: &'static str,
+    event_id: String,
+) -> Output {
+    telemetry::deadline_exceeded(stage, kind);
+    dead_letter(source, late, Some(event_id))
 }
 
 /// When a batch was cut, and what makes an event in it too late to compute.

@@ -18,8 +18,8 @@ pub use synthetic::{
     trading_days_back,
 };
 
-use crate::common::{Cut, dead_letter, forward, forward_several};
-use crate::{StageError, telemetry};
+use crate::StageError;
+use crate::common::{Cut, dead_letter, forward, forward_several, too_late};
 
 /// The shape every window must have: the model's input shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,9 +303,8 @@ impl Stage for Fetcher {
             };
             // A request already past its own deadline is not fetched.
             if let Some(late) = cut.late(&header(String::new())) {
-                let kind = if matches!(event, RequestEvent::Query(_)) { "query" } else { "stock" };
-                telemetry::deadline_exceeded("fetcher", kind);
-                pending.push(Pending::Done(dead_letter(i, &late, Some(event.event_id().to_string()))));
+                let id = event.event_id().to_string();
+                pending.push(Pending::Done(too_late(i, &late, "fetcher", event.kind(), id)));
                 continue;
             }
             match event {
