@@ -13,7 +13,7 @@ use jsonschema::Validator;
 use serde_json::{Value, json};
 use sluice_messages::dead_letter::{DeadLetter, SourceCoordinates};
 use sluice_messages::envelope::LabelScore;
-use sluice_messages::events::{QueryRequest, RequestEvent, StockRequest};
+use sluice_messages::events::{Priority, QueryRequest, RequestEvent, StockRequest};
 use sluice_messages::prediction::{IntentRecord, ModelRef, PredictionRecord};
 
 /// The schemas, by name: `schemas/<name>.schema.json`, examples `<name>.<anything>.json`.
@@ -258,6 +258,7 @@ fn records_written_by_rust_match_their_schemas() {
             stride: None,
             deadline_ms: Some(1_717_171_260_000),
             max_age_ms: None,
+            priority: None,
         }),
         RequestEvent::Stock(StockRequest {
             event_id: "backfill-1".into(),
@@ -268,6 +269,7 @@ fn records_written_by_rust_match_their_schemas() {
             stride: Some(5),
             deadline_ms: None,
             max_age_ms: None,
+            priority: Some(Priority::Bulk),
         }),
         RequestEvent::Stock(StockRequest {
             event_id: "req-2".into(),
@@ -278,12 +280,14 @@ fn records_written_by_rust_match_their_schemas() {
             stride: None,
             deadline_ms: None,
             max_age_ms: None,
+            priority: None,
         }),
         RequestEvent::Query(QueryRequest {
             event_id: "q-1".into(),
             text: "what is my balance".into(),
             deadline_ms: None,
             max_age_ms: Some(2_000),
+            priority: None,
         }),
     ] {
         let json = serde_json::to_value(&event).expect("a RequestEvent serialises");

@@ -55,6 +55,9 @@ pub struct StockRequest {
     /// with `deadline_ms` too, the earlier of the two holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_ms: Option<u64>,
+    /// Optional: the lane it travels in when lanes are on ([`Priority`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// Latest `deadline_ms` accepted: the end of the year 9999.
@@ -103,9 +106,30 @@ pub struct QueryRequest {
     /// with `deadline_ms` too, the earlier of the two holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_ms: Option<u64>,
+    /// Optional: the lane it travels in when lanes are on ([`Priority`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// Which lane a request travels in when the deployment has lanes on: `live`
+/// work is served before `bulk` work, which keeps a guaranteed share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Live,
+    Bulk,
 }
 
 impl RequestEvent {
+    /// Its lane: its `priority`, or else bulk for a backfill and live for
+    /// anything else.
+    pub fn priority(&self) -> Priority {
+        match self {
+            Self::Stock(s) => s.priority.unwrap_or(if s.from.is_some() { Priority::Bulk } else { Priority::Live }),
+            Self::Query(q) => q.priority.unwrap_or(Priority::Live),
+        }
+    }
+
     /// Parses and validates one request. Every error says what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self, MessageError> {
         std::str::from_utf8(bytes).map_err(|e| MessageError::InvalidUtf8(e.valid_up_to()))?;

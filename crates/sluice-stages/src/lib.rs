@@ -42,6 +42,7 @@ pub(crate) mod testing {
             intra_op_threads: 1,
             max_age_ms: 0,
             latency_target_ms: 0,
+            bulk_share: 8,
         }
     }
 }

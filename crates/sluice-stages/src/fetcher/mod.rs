@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 use sluice_messages::envelope::{Header, Payload, QueryText, SeriesStep, StockSeries, StockWindow};
-use sluice_messages::events::{RequestEvent, StockRequest};
+use sluice_messages::events::{Priority, RequestEvent, StockRequest};
 
 pub use synthetic::{
     SyntheticConfig, SyntheticHistory, SyntheticSource, WALK_DAYS, feature_mean, feature_std, synthetic_row,
@@ -92,6 +92,9 @@ pub struct Fetcher {
     source: Box<dyn HistorySource>,
     shape: WindowShape,
     output: Arc<str>,
+    /// With lanes on: where the windows of bulk requests go (the bulk twin
+    /// of `output`).
+    bulk_output: Option<Arc<str>>,
     /// Larger requests are dead letters, unparsed.
     max_request_bytes: usize,
 }
@@ -121,7 +124,20 @@ impl Fetcher {
     pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
 
     pub fn new(source: Box<dyn HistorySource>, shape: WindowShape, output_topic: &str) -> Self {
-        Self { source, shape, output: output_topic.into(), max_request_bytes: Self::DEFAULT_MAX_REQUEST_BYTES }
+        Self {
+            source,
+            shape,
+            output: output_topic.into(),
+            bulk_output: None,
+            max_request_bytes: Self::DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+
+    /// Lanes on: the windows of requests whose priority is bulk (a backfill's
+    /// by default) go to `topic`.
+    pub fn with_bulk_output(mut self, topic: &str) -> Self {
+        self.bulk_output = Some(topic.into());
+        self
     }
 
     /// Refuses requests over `bytes` (dead letters, `request_too_large`).
@@ -275,6 +291,8 @@ impl Stage for Fetcher {
 
     async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
         let mut pending = Vec::with_capacity(batch.len());
+        // The inputs whose outputs take the bulk lane.
+        let mut bulk = vec![false; batch.len()];
         let cut = Cut::now(0);
         for (i, input) in batch.iter().enumerate() {
             if input.payload.len() > self.max_request_bytes {
@@ -307,6 +325,7 @@ impl Stage for Fetcher {
                 pending.push(Pending::Done(too_late(i, &late, "fetcher", event.kind(), id)));
                 continue;
             }
+            bulk[i] = event.priority() == Priority::Bulk;
             match event {
                 RequestEvent::Query(query) => {
                     let payload = Payload::Query(QueryText { text: query.text });
@@ -392,6 +411,15 @@ impl Stage for Fetcher {
                     }
                 },
             });
+        }
+        if let Some(bulk_output) = &self.bulk_output {
+            for output in &mut outputs {
+                if let Output::Send { source, topic, .. } = output
+                    && bulk[*source]
+                {
+                    *topic = bulk_output.clone();
+                }
+            }
         }
         Ok(outputs)
     }
@@ -535,6 +563,62 @@ mod tests {
         }
         seen.sort_by_key(|s| s.0);
         assert_eq!(seen, vec![(0, Some(ahead), None), (1, None, Some(Reason::DeadlineExceeded)), (2, None, None)]);
+    }
+
+    #[tokio::test]
+    async fn with_lanes_bulk_requests_and_backfills_go_to_the_bulk_output_and_the_rest_stays_live() {
+        let source = SyntheticSource::new(SyntheticConfig::default());
+        let shape = WindowShape { days: 30, features: 105 };
+        let mut fetcher = Fetcher::new(Box::new(source), shape, "fetched").with_bulk_output("fetched.bulk");
+        let batch = [
+            input(0, r#"{"kind":"stock","event_id":"s-1","symbol":"S0042","as_of":"2024-05-31"}"#, None),
+            input(
+                1,
+                r#"{"kind":"stock","event_id":"s-2","symbol":"S0042","as_of":"2024-05-31","priority":"bulk"}"#,
+                None,
+            ),
+            // A backfill is bulk unless it says otherwise.
+            input(
+                2,
+                r#"{"kind":"stock","event_id":"b-1","symbol":"S0007","from":"2024-05-01","as_of":"2024-05-31","stride":5}"#,
+                None,
+            ),
+            input(
+                3,
+                r#"{"kind":"stock","event_id":"b-2","symbol":"S0007","from":"2024-05-01","as_of":"2024-05-31","stride":5,"priority":"live"}"#,
+                None,
+            ),
+            input(4, r#"{"kind":"query","event_id":"q-1","text":"hi","priority":"bulk"}"#, None),
+            input(5, r#"{"kind":"query","event_id":"q-2","text":"hi"}"#, None),
+        ];
+        let mut routed: Vec<(usize, String)> = fetcher
+            .process(&batch)
+            .await
+            .expect("processed")
+            .into_iter()
+            .map(|o| match o {
+                Output::Send { source, topic, .. } => (source, topic.to_string()),
+                Output::DeadLetter { detail, .. } => panic!("dead letter: {detail}"),
+            })
+            .collect();
+        routed.sort();
+        routed.dedup();
+        let expected = [
+            (0, "fetched"),
+            (1, "fetched.bulk"),
+            (2, "fetched.bulk"),
+            (3, "fetched"),
+            (4, "fetched.bulk"),
+            (5, "fetched"),
+        ];
+        assert_eq!(routed, expected.map(|(s, t)| (s, t.to_string())));
+        // Without lanes, priority is accepted and everything goes to the one output.
+        let mut one_lane = Fetcher::new(Box::new(SyntheticSource::new(SyntheticConfig::default())), shape, "fetched");
+        let outputs = one_lane.process(&batch).await.expect("processed");
+        assert!(
+            outputs.iter().all(|o| matches!(o, Output::Send { topic, .. } if &**topic == "fetched")),
+            "{outputs:?}"
+        );
     }
 
     #[tokio::test]
