@@ -3,6 +3,8 @@
 //!
 //! - Lag runs a stage in this process against librdkafka's mock cluster (whose
 //!   watermarks are right; tansu's are not) and reads the Prometheus rendering.
+//! - Lanes run a stage in this process against the mock cluster: live goes
+//!   first, bulk keeps its share, a full bulk queue pauses bulk only.
 //! - Tracing runs the four stages as `sluice run` processes against tansu and
 //!   reads the headers of every topic.
 //! - The alerted series are read from the `/metrics` of a `sluice run inferrer`
@@ -24,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_kafka::admin::TopicSpec;
 use sluice_kafka::embedded::EmbeddedCluster;
-use sluice_kafka::{BatchPolicy, KafkaConfig, KafkaRuntimeError, RunOptions, StageStatus, run_stage};
+use sluice_kafka::{BatchPolicy, KafkaConfig, KafkaRuntimeError, Lanes, RunOptions, StageStatus, run_stage};
 use sluice_messages::codec;
 use sluice_messages::trace::{TRACEPARENT_HEADER, TRACEPARENT_LEN, TraceParent};
 use sluice_stages::Task;
@@ -157,6 +159,7 @@ async fn lag_and_stalls_are_reported_per_partition_while_a_backlog_waits_and_cle
         // A second without progress, so the test is quick.
         stall_after: Duration::from_secs(1),
         latency_target: None,
+        lanes: None,
     };
     let stage = Gated { gate: gate_rx, processed: processed.clone() };
     let status = Arc::new(StageStatus::default());
@@ -236,6 +239,7 @@ async fn with_a_latency_target_the_batch_size_comes_down_to_meet_it_and_back_whe
         throughput_window: Duration::from_secs(60),
         stall_after: Duration::from_secs(120),
         latency_target: Some(target_rx),
+        lanes: None,
     };
     // A backlog first, so that batches come out full: one of 512 takes over
     // 100 ms, far over the 40 ms target.
@@ -276,6 +280,159 @@ async fn with_a_latency_target_the_batch_size_comes_down_to_meet_it_and_back_whe
     }
     shutdown.cancel();
     let _ = running.await.expect("stage task");
+}
+
+// ---------------------------------------------------------------- lanes
+
+/// Each batch the probe saw: bulk or not, and its inputs' (topic, offset).
+type SeenBatches = Arc<std::sync::Mutex<Vec<(bool, Vec<(String, i64)>)>>>;
+
+/// A stage that takes 1 ms per batch, records each batch's lane and inputs,
+/// and forwards every input to `out`.
+struct Laned {
+    out: Arc<str>,
+    seen: SeenBatches,
+}
+
+impl Stage for Laned {
+    fn name(&self) -> &'static str {
+        "lane-probe"
+    }
+
+    async fn process(&mut self, batch: &[Incoming]) -> Result<Vec<Output>, BatchFailure> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let bulk = batch[0].topic.ends_with(".bulk");
+        let inputs = batch.iter().map(|i| (i.topic.to_string(), i.offset)).collect();
+        self.seen.lock().expect("not poisoned").push((bulk, inputs));
+        let send = |(source, input): (usize, &Incoming)| Output::Send {
+            source,
+            topic: self.out.clone(),
+            key: None,
+            payload: input.payload.clone(),
+        };
+        Ok(batch.iter().enumerate().map(send).collect())
+    }
+}
+
+/// How many records `topic` holds, read from the start.
+async fn count_records(kafka: &KafkaConfig, topic: &str, want: usize) -> usize {
+    let consumer: StreamConsumer =
+        kafka.consumer_config("lane-count", &unique("lane-count")).create().expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribed");
+    let mut seen = 0;
+    while seen < want {
+        match tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await {
+            Ok(Ok(_)) => seen += 1,
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_lanes_live_goes_first_bulk_keeps_its_share_and_a_full_bulk_queue_pauses_only_bulk() {
+    let cluster = EmbeddedCluster::start().expect("mock cluster");
+    let (input, out) = (unique("lanes.in"), unique("lanes.out"));
+    let (bulk_input, bulk_out) = (format!("{input}.bulk"), format!("{out}.bulk"));
+    let topics: Vec<TopicSpec> = [&input, &bulk_input, &out, &bulk_out]
+        .into_iter()
+        .map(|name| TopicSpec { name: name.clone(), partitions: 1, replication: 1 })
+        .collect();
+    cluster.create_topics(&topics).expect("topics");
+    let kafka = cluster.kafka_config(&KafkaConfig::default());
+    let producer: FutureProducer = kafka.producer_config("lanes-test").create().expect("producer");
+    let (bulk_count, live_count) = (2_000, 400);
+    let (_share, share_rx) = watch::channel(4u64);
+    let shutdown = CancellationToken::new();
+    let options = RunOptions {
+        input_topic: input.clone(),
+        dead_letter_topic: unique("lanes.dead"),
+        group_id: unique("lanes-group"),
+        client_id: "lane-probe".into(),
+        policy: BatchPolicy { max_batch_size: 8, max_wait_ms: 0 }.fixed(),
+        drain_timeout: Duration::from_secs(5),
+        // Four batches per lane: the bulk backlog fills its queue at once.
+        queue_capacity: 32,
+        queue_max_bytes: 32 << 20,
+        prepare_next_batch: true,
+        throughput_window: Duration::from_secs(60),
+        stall_after: Duration::from_secs(120),
+        latency_target: None,
+        lanes: Some(Lanes { suffix: ".bulk".into(), twinned: vec![out.clone()], bulk_share: share_rx }),
+    };
+    let send_all = |topic: &str, count: usize| {
+        let deliveries: Vec<_> = (0..count)
+            .map(|i| {
+                let payload = format!("{topic} {i}");
+                let record: FutureRecord<'_, [u8], str> = FutureRecord::to(topic).partition(0).payload(&payload);
+                producer.send_result(record).map_err(|(e, _)| e).expect("queued")
+            })
+            .collect();
+        async move {
+            for delivery in deliveries {
+                delivery.await.expect("not cancelled").map_err(|(e, _)| e).expect("delivered");
+            }
+        }
+    };
+    // Both backlogs wait before the stage starts: from the start, both lanes
+    // have batches to take.
+    send_all(&bulk_input, bulk_count).await;
+    send_all(&input, live_count).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stage = Laned { out: out.as_str().into(), seen: seen.clone() };
+    let status = Arc::new(StageStatus::default());
+    let running = tokio::spawn({
+        let (kafka, shutdown, status) = (kafka.clone(), shutdown.clone(), status.clone());
+        async move { run_stage(&kafka, options, stage, status, shutdown).await }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let processed = |seen: &[(bool, Vec<(String, i64)>)]| seen.iter().map(|(_, b)| b.len()).sum::<usize>();
+    while processed(&seen.lock().expect("not poisoned")) < bulk_count + live_count {
+        assert!(Instant::now() < deadline, "not all processed: {}", processed(&seen.lock().expect("not poisoned")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status.bulk_paused() {
+        assert!(Instant::now() < deadline, "the bulk partition was never resumed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The bulk backlog filled its queue: the bulk partition was paused (not
+    // the stage: live went on) and resumed, more than once over the drain.
+    let pauses = status.bulk_pauses();
+    assert!(pauses >= 2, "paused and resumed repeatedly while the backlog drained: {pauses}");
+
+    let seen = seen.lock().expect("not poisoned").clone();
+    // Every input exactly once, in order, each batch from one lane only.
+    for (topic, count) in [(&bulk_input, bulk_count), (&input, live_count)] {
+        let offsets: Vec<i64> =
+            seen.iter().flat_map(|(_, b)| b.iter()).filter(|(t, _)| t == topic).map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..count as i64).collect::<Vec<_>>(), "{topic}: each once, in order, none lost");
+    }
+    assert!(seen.iter().all(|(bulk, b)| b.iter().all(|(t, _)| t.ends_with(".bulk") == *bulk)), "one lane per batch");
+    // Up to the last live batch, live goes first and bulk keeps
+    // its share: one batch in 4 while both wait (3 live for each bulk one).
+    // (From the first bulk batch on: at the start the consumer may have
+    // fetched only live records, and then there is no bulk batch to take.)
+    let last = seen.iter().rposition(|(bulk, _)| !bulk).expect("live batches");
+    let first = seen.iter().position(|(bulk, _)| *bulk).expect("bulk batches");
+    assert!(first < last, "bulk came only after all live work: no share while live waited");
+    let span = &seen[first..=last];
+    let bulk = span.iter().filter(|(bulk, _)| *bulk).count();
+    let live = span.len() - bulk;
+    assert!(bulk * 2 <= live + 2, "live first: {live} live and {bulk} bulk batches while live waited");
+    let order: String = seen.iter().map(|(bulk, b)| format!("{}{} ", if *bulk { 'B' } else { 'L' }, b.len())).collect();
+    assert!(
+        bulk * 6 >= live,
+        "bulk kept its share (1 in 4): {live} live and {bulk} bulk batches while live waited: {order}"
+    );
+
+    // A bulk input's outputs go to the bulk twin of their topic.
+    assert_eq!(count_records(&kafka, &bulk_out, bulk_count).await, bulk_count, "bulk outputs in {bulk_out}");
+    assert_eq!(count_records(&kafka, &out, live_count).await, live_count, "live outputs in {out}");
+    shutdown.cancel();
+    running.await.expect("stage task").expect("clean stop");
 }
 
 // ---------------------------------------------------------------- tracing

@@ -10,6 +10,7 @@
 //!   also passes the W3C trace context on from each input to its outputs, and
 //!   reports consumer lag from librdkafka's statistics.
 //! - [`progress`]: the time the lag would take to drain, and stalled partitions.
+//! - [`lanes`]: live work before bulk, bulk backpressure by pausing partitions.
 //! - [`latency`]: a batch policy that holds a p99 latency target by itself.
 //! - [`admin`] and [`embedded`]: topic creation, and librdkafka's in-process
 //!   mock cluster for the demo and fast tests.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod embedded;
 mod error;
 mod lag;
+pub mod lanes;
 pub mod latency;
 pub mod progress;
 pub mod runtime;
@@ -30,5 +32,6 @@ mod telemetry;
 pub use batcher::BatchPolicy;
 pub use config::KafkaConfig;
 pub use error::KafkaRuntimeError;
+pub use lanes::Lanes;
 pub use runtime::{RunOptions, run_stage};
 pub use status::StageStatus;

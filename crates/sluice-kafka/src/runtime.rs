@@ -21,7 +21,7 @@
 //! [`sluice_messages::trace`]). The consumer's context reports consumer lag
 //! from librdkafka's statistics (see [`crate::lag`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -44,6 +44,7 @@ use crate::batcher::{Batch, BatchPolicy, run_batcher};
 use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 
+use crate::lanes::{BulkEvent, BulkIntake, Lane, Lanes, Queue};
 use crate::latency::{Change, LatencyController};
 use crate::progress::Progress;
 use crate::{KafkaConfig, KafkaRuntimeError, StageStatus, lag, telemetry};
@@ -77,6 +78,9 @@ pub struct RunOptions {
     /// which the batch policy then follows within `policy`'s bounds
     /// ([`crate::latency`]); `None` for a stage that never has one.
     pub latency_target: Option<watch::Receiver<u64>>,
+    /// Live before bulk ([`crate::lanes`]): the input topic's bulk twin is
+    /// read too, in a lane of its own; `None`: one lane.
+    pub lanes: Option<Lanes>,
 }
 
 /// Runs `stage` until `shutdown` is cancelled, then drains: what was consumed
@@ -107,15 +111,15 @@ pub async fn run_stage<S: Stage>(
             .create_with_context(context)
             .map_err(|e| KafkaRuntimeError::client(format!("{name} consumer"), e))?,
     );
-    consumer
-        .subscribe(&[&options.input_topic])
-        .map_err(|e| KafkaRuntimeError::client(format!("{name} subscribe"), e))?;
+    let bulk_topic = options.lanes.as_ref().map(|lanes| lanes.twin(&options.input_topic));
+    let topics: Vec<&str> = std::iter::once(options.input_topic.as_str()).chain(bulk_topic.as_deref()).collect();
+    consumer.subscribe(&topics).map_err(|e| KafkaRuntimeError::client(format!("{name} subscribe"), e))?;
     let producer: FutureProducer = kafka
         .producer_config(&options.client_id)
         .create()
         .map_err(|e| KafkaRuntimeError::client(format!("{name} producer"), e))?;
     telemetry::stage_started(name, stage.dead_letter_reasons());
-    info!(stage = name, topic = options.input_topic, group = options.group_id, "stage started");
+    info!(stage = name, topic = options.input_topic, bulk = bulk_topic, group = options.group_id, "stage started");
 
     let (item_tx, item_rx) = mpsc::channel(options.queue_capacity.max(1));
     // Two cut batches may wait: with a backlog, the one after the batch being
@@ -125,8 +129,19 @@ pub async fn run_stage<S: Stage>(
     let input_topic: Arc<str> = options.input_topic.as_str().into();
 
     let budget = ByteBudget::new(options.queue_max_bytes);
-    let consume =
-        tokio::spawn(consume_loop(consumer.clone(), input_topic.clone(), item_tx, budget, shutdown.clone(), name));
+    // The bulk lane: a queue, a byte budget and a batcher of its own, so that
+    // a bulk backlog never holds what live records need.
+    let (bulk_intake, bulk_batcher, bulk_batches) = match (&options.lanes, &bulk_topic) {
+        (Some(lanes), Some(topic)) => {
+            let (bulk_tx, bulk_rx) = mpsc::channel(options.queue_capacity.max(1));
+            let (bulk_batch_tx, bulk_batch_rx) = mpsc::channel(2);
+            let intake = BulkIntake::new(topic.as_str().into(), bulk_tx, options.queue_max_bytes);
+            (Some(intake), Some((bulk_rx, bulk_batch_tx)), Some((bulk_batch_rx, lanes.bulk_share.clone())))
+        }
+        _ => (None, None, None),
+    };
+    let intake = Intake { live_topic: input_topic.clone(), live: item_tx, budget, bulk: bulk_intake };
+    let consume = tokio::spawn(consume_loop(consumer.clone(), intake, status.clone(), shutdown.clone(), name));
     // With a latency target, the batcher cuts by the controller's policy.
     let (policy, observed) = match options.latency_target.clone() {
         Some(target) => {
@@ -138,12 +153,16 @@ pub async fn run_stage<S: Stage>(
         }
         None => (options.policy.clone(), None),
     };
+    if let Some((bulk_rx, bulk_batch_tx)) = bulk_batcher {
+        tokio::spawn(run_batcher(bulk_rx, bulk_batch_tx, policy.clone()));
+    }
     tokio::spawn(run_batcher(item_rx, batch_tx, policy));
+    let queue = Queue::new(batch_rx, bulk_batches);
     tokio::spawn(watch_progress(progress.clone(), name, status.clone(), shutdown.clone()));
     let acknowledged = Acknowledged { stage: name, status: status.clone(), progress };
-    let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, input_topic, acknowledged, shutdown.clone()));
+    let acknowledge = tokio::spawn(ack_loop(consumer.clone(), ack_rx, acknowledged, shutdown.clone()));
     let work = async {
-        let processed = process_loop(&mut stage, batch_rx, &producer, ack_tx, &options, observed, &shutdown).await;
+        let processed = process_loop(&mut stage, queue, &producer, ack_tx, &options, observed, &shutdown).await;
         if processed.is_err() {
             // Stop consuming (and sibling stages) now, not after the acknowledger.
             shutdown.cancel();
@@ -323,30 +342,43 @@ impl ByteBudget {
 /// A consumed message and the bytes it holds of the [`ByteBudget`].
 type Held = (Incoming, tokio::sync::OwnedSemaphorePermit);
 
+/// Where the consume loop puts what it reads: the live queue (waiting for
+/// room: backpressure) and, with lanes, the bulk lane's intake (never
+/// waiting: it pauses the bulk partitions instead).
+struct Intake {
+    live_topic: Arc<str>,
+    live: mpsc::Sender<Held>,
+    budget: ByteBudget,
+    bulk: Option<BulkIntake<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+/// How often paused bulk partitions look for room in their queue.
+const BULK_RETRY: Duration = Duration::from_millis(5);
+
 async fn consume_loop(
     consumer: Arc<StreamConsumer<StageContext>>,
-    topic: Arc<str>,
-    items: mpsc::Sender<Held>,
-    budget: ByteBudget,
+    mut intake: Intake,
+    status: Arc<StageStatus>,
     shutdown: CancellationToken,
     stage: &'static str,
 ) -> Result<(), KafkaRuntimeError> {
     let throttle = telemetry::Throttle::default();
+    let mut retry = tokio::time::interval(BULK_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let paused = intake.bulk.as_ref().is_some_and(BulkIntake::paused);
         let received = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             received = consumer.recv() => received,
+            _ = retry.tick(), if paused => {
+                if release(&mut intake.bulk, &consumer, stage, &status) {
+                    return Ok(());
+                }
+                continue;
+            }
         };
-        let incoming = match received {
-            Ok(message) => Incoming {
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().unwrap_or_default().to_vec(),
-                topic: if *topic == *message.topic() { topic.clone() } else { message.topic().into() },
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp_ms: message.timestamp().to_millis(),
-                traceparent: message.headers().and_then(traceparent),
-            },
+        let message = match received {
+            Ok(message) => message,
             Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
                 // The client cannot go on (fenced, unauthorised, ...): stop the
                 // stage rather than log forever.
@@ -359,14 +391,76 @@ async fn consume_loop(
                 continue;
             }
         };
-        let held = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            held = budget.hold(incoming.payload.len()) => held,
+        let topic = match &intake.bulk {
+            Some(bulk) if *bulk.topic == *message.topic() => bulk.topic.clone(),
+            _ if *intake.live_topic == *message.topic() => intake.live_topic.clone(),
+            _ => message.topic().into(),
         };
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            sent = items.send((incoming, held)) => if sent.is_err() { return Ok(()) },
+        let incoming = Incoming {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            traceparent: message.headers().and_then(traceparent),
+        };
+        drop(message);
+        if let Some(bulk) = intake.bulk.as_mut().filter(|bulk| Arc::ptr_eq(&bulk.topic, &incoming.topic)) {
+            match bulk.offer(incoming, &consumer) {
+                BulkEvent::Closed => return Ok(()),
+                BulkEvent::Paused => telemetry::bulk_paused(stage, &status),
+                _ => {}
+            }
+            continue;
         }
+        // Waiting for room in the live queue (backpressure) must not stop
+        // the paused bulk lane from being served: its kept record is queued,
+        // and its partitions resumed, meanwhile.
+        let Intake { live, budget, bulk, .. } = &mut intake;
+        let bytes = incoming.payload.len();
+        let room = async move {
+            let held = budget.hold(bytes).await;
+            live.reserve().await.ok().map(|slot| (slot, held))
+        };
+        tokio::pin!(room);
+        loop {
+            let paused = bulk.as_ref().is_some_and(BulkIntake::paused);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                room = &mut room => match room {
+                    Some((slot, held)) => {
+                        slot.send((incoming, held));
+                        break;
+                    }
+                    None => return Ok(()),
+                },
+                _ = retry.tick(), if paused => {
+                    if release(bulk, &consumer, stage, &status) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Queues what the paused bulk lane kept, resuming it once there is room;
+/// `true` when the bulk batcher is gone (shutdown).
+fn release(
+    bulk: &mut Option<BulkIntake<tokio::sync::OwnedSemaphorePermit>>,
+    consumer: &StreamConsumer<StageContext>,
+    stage: &'static str,
+    status: &StageStatus,
+) -> bool {
+    let Some(bulk) = bulk.as_mut() else { return false };
+    match bulk.release(consumer) {
+        BulkEvent::Closed => true,
+        BulkEvent::Resumed => {
+            telemetry::bulk_resumed(stage, status);
+            false
+        }
+        _ => false,
     }
 }
 
@@ -379,14 +473,15 @@ fn traceparent(headers: &BorrowedHeaders) -> Option<TraceParent> {
 /// A processed batch whose outputs are on their way to the broker.
 struct PendingAck {
     deliveries: Vec<(Arc<str>, DeliveryFuture)>,
-    /// The batch's last offset per partition.
-    last_offsets: BTreeMap<i32, i64>,
+    /// The batch's last offset per (topic, partition): with lanes, a stage
+    /// reads two topics.
+    last_offsets: BTreeMap<(Arc<str>, i32), i64>,
     inputs: usize,
 }
 
 async fn process_loop<S: Stage>(
     stage: &mut S,
-    mut batches: mpsc::Receiver<Batch<Held>>,
+    mut batches: Queue<Held>,
     producer: &FutureProducer,
     acks: mpsc::Sender<PendingAck>,
     options: &RunOptions,
@@ -395,9 +490,10 @@ async fn process_loop<S: Stage>(
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
     let dead_letter_topic: Arc<str> = options.dead_letter_topic.as_str().into();
-    let unzip = |batch: Batch<Held>| {
+    let routes = options.lanes.as_ref().map(Lanes::routes).unwrap_or_default();
+    let unzip = |(lane, batch): (Lane, Batch<Held>)| {
         let (items, held): (Vec<Incoming>, Vec<_>) = batch.items.into_iter().unzip();
-        (Batch { items, waited: batch.waited, cut_at: batch.cut_at }, held)
+        (lane, Batch { items, waited: batch.waited, cut_at: batch.cut_at }, held)
     };
     // The batch after this one, where it is already cut.
     let mut next = None;
@@ -405,8 +501,15 @@ async fn process_loop<S: Stage>(
     // this batch is processed.
     let mut sending = None;
     loop {
-        let (batch, held) = match next.take() {
-            Some(taken) => taken,
+        // The look-ahead goes back to its lane: a live batch cut while the
+        // last one ran goes before a bulk look-ahead (its preparation is then
+        // wasted; the stage checks what it prepared against what it gets).
+        if let Some((lane, batch, held)) = next.take() {
+            let Batch { items, waited, cut_at } = batch;
+            batches.give_back(lane, Batch { items: items.into_iter().zip(held).collect(), waited, cut_at });
+        }
+        let (lane, batch, held) = match batches.try_next() {
+            Some(taken) => unzip(taken),
             None => {
                 // Nothing more is cut: the last outputs go out before waiting.
                 if let Some(sent) = sending.take()
@@ -415,18 +518,20 @@ async fn process_loop<S: Stage>(
                     // The acknowledger stopped on an error, which it reports.
                     return Ok(());
                 }
-                match batches.recv().await {
-                    Some(batch) => unzip(batch),
+                match batches.next().await {
+                    Some(taken) => unzip(taken),
                     None => break,
                 }
             }
         };
+        batches.took(lane);
+        telemetry::lane_batch(name, lane, batch.items.len(), batch.oldest_age());
         let started = Instant::now();
         // Only a batch already cut: looking ahead never delays this one.
         if options.prepare_next_batch {
-            next = batches.try_recv().ok().map(unzip);
+            next = batches.try_next().map(unzip);
         }
-        let ahead = next.as_ref().map(|(next, _)| next.items.as_slice());
+        let ahead = next.as_ref().map(|(_, next, _)| next.items.as_slice());
         // Biased: the stage starts on this batch (its model call first)
         // before the last batch's outputs take this thread.
         let processing = process_with_retry(stage, &batch.items, ahead, shutdown);
@@ -449,7 +554,8 @@ async fn process_loop<S: Stage>(
         };
         // The latency controller's measure: the oldest event's time from
         // arrival to answer (never waited for: a full channel drops one).
-        if let Some(observed) = &observed {
+        // Live batches only: a bulk batch's wait is the lanes' doing.
+        if let Some(observed) = observed.as_ref().filter(|_| lane == Lane::Live) {
             let _ = observed.try_send((batch.items.len(), batch.oldest_age()));
         }
         // This hop's trace context for each input: every output of input `i`
@@ -457,13 +563,22 @@ async fn process_loop<S: Stage>(
         let hops: Vec<TraceParent> =
             batch.items.iter().map(|input| input.traceparent.map_or_else(TraceParent::root, |t| t.child())).collect();
         telemetry::batch_processed(name, batch.items.len(), batch.waited, started.elapsed(), &hops);
-        sending = Some(send_outputs(name, producer, &dead_letter_topic, batch, held, outputs, hops));
+        let to = Destinations { dead_letters: &dead_letter_topic, bulk_twins: (lane == Lane::Bulk).then_some(&routes) };
+        sending = Some(send_outputs(name, producer, to, batch, held, outputs, hops));
     }
     if let Some(sent) = sending.take() {
         // A stopped acknowledger reports its own error.
         let _ = acks.send(sent.await?).await;
     }
     Ok(())
+}
+
+/// Where a batch's outputs go besides the topics the stage names.
+#[derive(Clone, Copy)]
+struct Destinations<'a> {
+    dead_letters: &'a Arc<str>,
+    /// A bulk batch's: the bulk twin of each twinned topic.
+    bulk_twins: Option<&'a HashMap<Arc<str>, Arc<str>>>,
 }
 
 /// Hands a processed batch's outputs to the producer (a dead letter instead
@@ -473,18 +588,23 @@ async fn process_loop<S: Stage>(
 async fn send_outputs(
     name: &'static str,
     producer: &FutureProducer,
-    dead_letter_topic: &Arc<str>,
+    to: Destinations<'_>,
     batch: Batch<Incoming>,
     _held: Vec<tokio::sync::OwnedSemaphorePermit>,
     outputs: Vec<Output>,
     hops: Vec<TraceParent>,
 ) -> Result<PendingAck, KafkaRuntimeError> {
+    let dead_letter_topic = to.dead_letters;
     let mut deliveries = Vec::with_capacity(outputs.len());
     let mut sent = 0;
     for output in outputs {
         let delivery = match output {
             Output::Send { source, topic, key, payload } => {
                 check_source(name, source, batch.items.len())?;
+                let topic = match to.bulk_twins.and_then(|twins| twins.get(&topic)) {
+                    Some(twin) => twin.clone(),
+                    None => topic,
+                };
                 match enqueue(producer, &topic, key.as_deref(), &payload, Some(&hops[source])).await {
                     Ok(delivery) => {
                         sent += 1;
@@ -519,7 +639,7 @@ async fn send_outputs(
     telemetry::outputs_sent(name, sent);
     let mut last_offsets = BTreeMap::new();
     for item in &batch.items {
-        last_offsets.insert(item.partition, item.offset);
+        last_offsets.insert((item.topic.clone(), item.partition), item.offset);
     }
     Ok(PendingAck { deliveries, last_offsets, inputs: batch.items.len() })
 }
@@ -628,7 +748,6 @@ struct Acknowledged {
 async fn ack_loop(
     consumer: Arc<StreamConsumer<StageContext>>,
     mut acks: mpsc::Receiver<PendingAck>,
-    topic: Arc<str>,
     to: Acknowledged,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
@@ -644,7 +763,7 @@ async fn ack_loop(
             shutdown.cancel();
             return Err(KafkaRuntimeError::Delivery { topic: topic.to_string(), source });
         }
-        for (partition, offset) in pending.last_offsets {
+        for ((topic, partition), offset) in pending.last_offsets {
             // Stores `offset + 1`, the next offset to read.
             match consumer.store_offset(&topic, partition, offset) {
                 Ok(()) => progress.lock().unwrap_or_else(PoisonError::into_inner).progressed(

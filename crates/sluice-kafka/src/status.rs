@@ -22,6 +22,9 @@ pub struct StageStatus {
     stalled: Mutex<Vec<Stalled>>,
     /// The latency controller's state, while it is on.
     controller: Mutex<Option<ControllerState>>,
+    /// With lanes: whether the bulk partitions are paused now, and how often they were.
+    bulk_paused: AtomicBool,
+    bulk_pauses: AtomicU64,
 }
 
 impl StageStatus {
@@ -58,6 +61,23 @@ impl StageStatus {
 
     pub(crate) fn set_controller(&self, state: Option<ControllerState>) {
         *self.controller.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    /// Whether the bulk partitions are paused now (their queue is full).
+    pub fn bulk_paused(&self) -> bool {
+        self.bulk_paused.load(Ordering::Acquire)
+    }
+
+    /// How many times the bulk partitions were paused.
+    pub fn bulk_pauses(&self) -> u64 {
+        self.bulk_pauses.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_bulk_paused(&self, paused: bool) {
+        if paused {
+            self.bulk_pauses.fetch_add(1, Ordering::AcqRel);
+        }
+        self.bulk_paused.store(paused, Ordering::Release);
     }
 
     /// Ready to serve: warmed up and a member of its consumer group. A member

@@ -12,10 +12,11 @@ use sluice_messages::dead_letter::Reason;
 use sluice_messages::trace::TraceParent;
 use tracing::{debug, info, warn};
 
-use crate::BatchPolicy;
 use crate::lag::PartitionLag;
+use crate::lanes::Lane;
 use crate::latency::{Change, ControllerState};
 use crate::progress::Reading;
+use crate::{BatchPolicy, StageStatus};
 
 /// `traces` is this hop's trace context per input: the first few trace ids go
 /// in the debug line, to find a batch's events in a tracing system.
@@ -38,6 +39,29 @@ pub(crate) fn batch_processed(
         trace_ids = %FirstTraceIds(traces),
         "batch processed"
     );
+}
+
+/// A batch of `lane` that the process loop starts on, `age` after its
+/// oldest input arrived.
+pub(crate) fn lane_batch(stage: &'static str, lane: Lane, size: usize, age: Duration) {
+    let lane = lane.as_str();
+    counter!("sluice_lane_events_total", "stage" => stage, "lane" => lane).increment(size as u64);
+    histogram!("sluice_lane_wait_seconds", "stage" => stage, "lane" => lane).record(age.as_secs_f64());
+}
+
+/// The bulk queue is full: the bulk partitions are paused.
+pub(crate) fn bulk_paused(stage: &'static str, status: &StageStatus) {
+    status.set_bulk_paused(true);
+    counter!("sluice_lane_bulk_pauses_total", "stage" => stage).increment(1);
+    gauge!("sluice_lane_bulk_paused", "stage" => stage).set(1.0);
+    debug!(stage, "bulk queue full: bulk partitions paused");
+}
+
+/// The bulk queue is half free again: the bulk partitions are resumed.
+pub(crate) fn bulk_resumed(stage: &'static str, status: &StageStatus) {
+    status.set_bulk_paused(false);
+    gauge!("sluice_lane_bulk_paused", "stage" => stage).set(0.0);
+    debug!(stage, "bulk partitions resumed");
 }
 
 /// At most [`FirstTraceIds::SHOWN`] trace ids and how many more: a log line
