@@ -378,3 +378,83 @@ async fn a_broker_outage_mid_stream_is_ridden_out_and_loses_nothing() {
         )
         .expect("stderr");
 }
+
+/// Lanes on, four stages in one process against tansu: live events, events
+/// with `"priority": "bulk"`, events published with `sluice produce --bulk`
+/// and a backfill. Each is answered once and correctly, and bulk work travels
+/// in the bulk twins of the inter-stage topics while live work does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
+async fn with_lanes_bulk_work_travels_in_the_bulk_topics_and_every_event_is_answered() {
+    let p = TestPipeline::start("lanes", 2, "[lanes]\nenabled = true\n", Processes::OneProcess);
+    let universe = SyntheticConfig::default().universe;
+    let live = generate("live", 300, 0, universe);
+    let marked: Vec<GeneratedEvent> = generate("bulk", 200, 0, universe)
+        .into_iter()
+        .map(|mut e| {
+            let mut json: serde_json::Value = serde_json::from_slice(&e.json).expect("JSON");
+            json["priority"] = "bulk".into();
+            e.json = serde_json::to_vec(&json).expect("JSON");
+            e
+        })
+        .collect();
+    let twin = generate("twin", 100, 0, universe);
+    let backfill =
+        br#"{"kind":"stock","event_id":"bf-1","symbol":"S0001","as_of":"2024-06-28","from":"2024-03-01","stride":2}"#;
+    let steps = match sluice_messages::events::RequestEvent::from_json(backfill).expect("a valid backfill") {
+        sluice_messages::events::RequestEvent::Stock(request) => request.steps().len(),
+        other => panic!("{other:?}"),
+    };
+    let mut expected = reference_predictions(&live, "1");
+    expected.extend(reference_predictions(&marked, "1"));
+    expected.extend(reference_predictions(&twin, "1"));
+
+    let reader = p.reader(&["predictions", "dead-letters"]);
+    let between = p.reader(&["fetched", "fetched.bulk", "inferred", "inferred.bulk"]);
+    p.produce("live", live.iter().map(|e| &e.json).chain(marked.iter().map(|e| &e.json)));
+    p.produce("backfill", [backfill.to_vec()]);
+    let dir = p.dir.join("twin");
+    std::fs::create_dir_all(&dir).expect("events dir");
+    let file = write_events(&dir, twin.iter().map(|e| &e.json));
+    let published = p.sluice(&["produce", "--bulk", "--file", file.to_str().expect("utf-8")]);
+    assert!(published.contains(&format!("published 100 events to {}", p.topic("requests.bulk"))), "{published}");
+
+    let want = expected.len() + steps;
+    let mut seen = Seen::default();
+    read_until(&reader, &p.topic("predictions"), &mut seen, Duration::from_secs(300), Duration::from_secs(3), |s| {
+        s.prediction_count() >= want
+    })
+    .await;
+    let logs = p.logs(40);
+    assert!(seen.dead.is_empty(), "unexpected dead letters: {:?}\n{logs}", seen.dead.values().next());
+    for (id, (r, c)) in &expected {
+        let records = seen.predictions.get(id).unwrap_or_else(|| panic!("no prediction for {id}\n{logs}"));
+        assert_eq!(records.len(), 1, "{id} has {} predictions", records.len());
+        let worst = (records[0].predicted_return - r).abs().max((records[0].confidence - c).abs());
+        assert!(worst <= TOLERANCE, "{id} differs from the reference by {worst}");
+    }
+    let backfilled = seen.predictions.keys().filter(|id| id.starts_with("bf-1:")).count();
+    assert_eq!(backfilled, steps, "every step of the backfill answered");
+    assert_eq!(seen.prediction_count(), want, "nothing else");
+
+    // Which lane each event travelled in, from the envelopes between the stages.
+    let mut lanes: HashMap<String, HashSet<String>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lanes.values().map(HashSet::len).sum::<usize>() < 2 * (expected.len() + 1) && Instant::now() < deadline {
+        let Some(record) = between.next(Duration::from_millis(200)).await else { continue };
+        let record = record.expect("read");
+        let (header, _) = sluice_messages::codec::decode(&record.payload).expect("an envelope").into_parts();
+        let topic = record.topic.strip_prefix(&format!("{}.", p.prefix)).expect("prefixed").to_string();
+        // A backfill's steps travel as one series under the backfill's own id.
+        let id = header.event_id.split(':').next().expect("an id").to_string();
+        lanes.entry(topic).or_default().insert(id);
+    }
+    for topic in ["fetched", "inferred"] {
+        let live_ids = &lanes[topic];
+        let bulk_ids = &lanes[&format!("{topic}.bulk")];
+        assert_eq!(live_ids.len(), live.len(), "{topic}: the live events");
+        assert!(live_ids.iter().all(|id| id.starts_with("live-")), "{topic}: live only");
+        assert_eq!(bulk_ids.len(), marked.len() + twin.len() + 1, "{topic}.bulk: the bulk events and the backfill");
+        assert!(bulk_ids.iter().all(|id| !id.starts_with("live-")), "{topic}.bulk: bulk only");
+    }
+}

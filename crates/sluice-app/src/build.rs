@@ -46,6 +46,8 @@ pub struct Built {
     pub policy: watch::Receiver<BatchPolicy>,
     /// A model stage's live latency target (ms; 0: off).
     pub latency_target: Option<watch::Receiver<u64>>,
+    /// A model stage's live `bulk_share`; the others keep `lanes.bulk_share`.
+    pub bulk_share: Option<watch::Receiver<u64>>,
     run: Run,
 }
 
@@ -60,7 +62,7 @@ impl Built {
         let run: Run = Box::new(move |kafka, options, status, shutdown| {
             Box::pin(async move { run_stage(&kafka, options, stage, status, shutdown).await })
         });
-        Self { policy, latency_target: None, run }
+        Self { policy, latency_target: None, bulk_share: None, run }
     }
 
     /// A model stage: its policy follows the live settings, and so does its
@@ -69,6 +71,7 @@ impl Built {
         let policy = |s: &Settings| BatchPolicy { max_batch_size: s.max_batch_size, max_wait_ms: s.max_wait_ms };
         Self {
             latency_target: Some(follow(settings.clone(), |s| s.latency_target_ms)),
+            bulk_share: Some(follow(settings.clone(), |s| s.bulk_share)),
             ..Self::new(stage, follow(settings.clone(), policy))
         }
     }
@@ -116,8 +119,12 @@ impl FetcherConfig {
             // One pool per stage process; the first connection is made lazily.
             SourceKind::Postgres => Box::new(PgHistory::new(cx.config.postgres.pool()?)),
         };
-        let stage =
-            Fetcher::new(source, shape, &cx.config.topics.fetched).with_max_request_bytes(self.max_request_bytes);
+        let fetched = &cx.config.topics.fetched;
+        let mut stage = Fetcher::new(source, shape, fetched).with_max_request_bytes(self.max_request_bytes);
+        let lanes = &cx.config.lanes;
+        if lanes.enabled {
+            stage = stage.with_bulk_output(&format!("{fetched}{}", lanes.bulk_suffix));
+        }
         Ok(Built::new(stage, self.batch.fixed()))
     }
 }

@@ -36,6 +36,21 @@ pub struct SluiceConfig {
     pub control: ControlConfig,
     pub cache: CacheConfig,
     pub observe: ObserveConfig,
+    pub lanes: LanesConfig,
+}
+
+/// Live before bulk: bulk work travels in twin topics and each stage serves
+/// live first (docs/tuning.md, "Lanes").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanesConfig {
+    /// Off: one lane, and `priority` in requests is accepted and ignored.
+    pub enabled: bool,
+    /// A topic's bulk twin is named `{topic}{bulk_suffix}`.
+    pub bulk_suffix: String,
+    /// While both lanes wait, one batch in this many is bulk; the model
+    /// stages follow the live setting `bulk_share`.
+    pub bulk_share: u64,
 }
 
 /// Where live overrides and the shared cache tier are kept.
@@ -94,6 +109,12 @@ impl TopicsConfig {
                 replication: self.replication,
             })
             .collect()
+    }
+
+    /// The topics that carry work between Sluice's own stages: with lanes,
+    /// each has a bulk twin (`predictions` and `dead_letters` have none).
+    pub fn laned(&self) -> [&String; 5] {
+        [&self.requests, &self.fetched, &self.normalized, &self.tokenized, &self.inferred]
     }
 
     /// Every topic name with its key under `[topics]`.
@@ -363,6 +384,25 @@ impl SluiceConfig {
                 return Err(invalid(&format!("topics.{key}"), format!("{name:?} is also topics.{other}")));
             }
         }
+        if self.lanes.enabled {
+            let suffix = &self.lanes.bulk_suffix;
+            if suffix.is_empty() || !suffix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(invalid(
+                    "lanes.bulk_suffix",
+                    format!("{suffix:?} cannot end a topic name (1 or more of A-Z a-z 0-9 . _ -)"),
+                ));
+            }
+            for laned in t.laned() {
+                let twin = format!("{laned}{suffix}");
+                if let Some((key, _)) = names.iter().find(|(_, n)| **n == twin) {
+                    return Err(invalid(
+                        "lanes.bulk_suffix",
+                        format!("the bulk twin of {laned:?} would be topics.{key}"),
+                    ));
+                }
+            }
+        }
+        check("lanes.bulk_share", "bulk_share", self.lanes.bulk_share)?;
         if t.partitions < 1 {
             return Err(invalid("topics.partitions", "must be at least 1"));
         }
@@ -448,6 +488,17 @@ impl SluiceConfig {
         serde_json::to_value(self).unwrap_or_default()
     }
 
+    /// Every topic `sluice topics create` makes: with lanes, the bulk twins too.
+    pub fn topic_specs(&self) -> Vec<TopicSpec> {
+        let mut specs = self.topics.specs();
+        if self.lanes.enabled {
+            let twins = self.topics.laned().map(|name| format!("{name}{}", self.lanes.bulk_suffix));
+            let (partitions, replication) = (self.topics.partitions, self.topics.replication);
+            specs.extend(twins.into_iter().map(|name| TopicSpec { name, partitions, replication }));
+        }
+        specs
+    }
+
     /// The settings overrides can change, as configured (before any override).
     pub fn base_settings(&self) -> Settings {
         Settings {
@@ -461,6 +512,7 @@ impl SluiceConfig {
             intra_op_threads: self.inferrer.model.threads(),
             max_age_ms: self.inferrer.max_age_ms,
             latency_target_ms: self.inferrer.latency_target_ms,
+            bulk_share: self.lanes.bulk_share,
         }
     }
 

@@ -44,7 +44,7 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
     let kafka = cluster.kafka_config(&config.kafka);
     // One partition per stage is plenty in one process and keeps startup fast.
     config.topics.partitions = config.topics.partitions.min(2);
-    cluster.create_topics(&config.topics.specs())?;
+    cluster.create_topics(&config.topic_specs())?;
     let config = Arc::new(config);
 
     let shutdown = CancellationToken::new();

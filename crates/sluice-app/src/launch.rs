@@ -12,7 +12,7 @@ use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
 use sluice_control::store::OverrideStore;
 use sluice_control::store::Scope;
-use sluice_kafka::{KafkaConfig, RunOptions, StageStatus};
+use sluice_kafka::{KafkaConfig, Lanes, RunOptions, StageStatus};
 use sluice_model::{ModelKind, ModelMetadata};
 use sluice_stages::{InferrerStats, WriterStats};
 use tokio::sync::watch;
@@ -265,6 +265,11 @@ async fn run(
         throughput_window: Duration::from_millis(config.runtime.throughput_window_ms),
         stall_after: Duration::from_millis(config.runtime.stall_after_ms),
         latency_target: built.latency_target.clone(),
+        lanes: config.lanes.enabled.then(|| Lanes {
+            suffix: config.lanes.bulk_suffix.clone(),
+            twinned: config.topics.laned().map(String::clone).to_vec(),
+            bulk_share: built.bulk_share.clone().unwrap_or_else(|| watch::channel(config.lanes.bulk_share).1),
+        }),
     };
     built.run(kafka.clone(), options, status, shutdown).await?;
     Ok(())

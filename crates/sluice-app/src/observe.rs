@@ -113,6 +113,8 @@ fn stage_states(health: &Health) -> serde_json::Value {
                     "acknowledged": s.acknowledged.load(std::sync::atomic::Ordering::Relaxed),
                     "stalled_partitions": s.stalled(),
                     "batch_controller": s.controller(),
+                    "bulk_paused": s.bulk_paused(),
+                    "bulk_pauses": s.bulk_pauses(),
                 }),
             )
         })

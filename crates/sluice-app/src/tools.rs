@@ -12,7 +12,7 @@ use crate::produce;
 
 /// `sluice topics create`: every configured topic (existing ones are left alone).
 pub async fn topics_create(config: &SluiceConfig) -> anyhow::Result<()> {
-    let created = create_topics(&config.kafka, &config.topics.specs()).await?;
+    let created = create_topics(&config.kafka, &config.topic_specs()).await?;
     tracing::info!(?created, brokers = config.kafka.brokers, "topics ready");
     Ok(())
 }
@@ -27,9 +27,19 @@ pub enum Events<'a> {
     Synthetic { count: usize, invalid_every: usize, prefix: &'a str },
 }
 
-/// `sluice produce`: publishes to the requests topic; prints how many were delivered.
-pub async fn produce(config: &SluiceConfig, events: Events<'_>) -> anyhow::Result<()> {
-    let topic = &config.topics.requests;
+/// `sluice produce`: publishes to the requests topic (`bulk`: its bulk twin,
+/// which needs lanes on); prints how many were delivered.
+pub async fn produce(config: &SluiceConfig, events: Events<'_>, bulk: bool) -> anyhow::Result<()> {
+    if bulk && !config.lanes.enabled {
+        anyhow::bail!("--bulk needs lanes: set `lanes.enabled = true` (SLUICE_LANES__ENABLED=true)");
+    }
+    let twin;
+    let topic = if bulk {
+        twin = format!("{}{}", config.topics.requests, config.lanes.bulk_suffix);
+        &twin
+    } else {
+        &config.topics.requests
+    };
     let delivered = match events {
         Events::File(path) => produce::publish_file(&config.kafka, topic, path).await?,
         Events::Synthetic { count, invalid_every, prefix } => {

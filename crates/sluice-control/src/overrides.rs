@@ -230,6 +230,8 @@ settings! {
     max_age_ms: u64 = Bounds::Count { min: 0, max: 604_800_000 }, Models;
     /// A p99 target from an event's arrival at the model stage to its answer (ms; 0: off): the stage then moves its batch size and wait within max_batch_size and max_wait_ms to hold it.
     latency_target_ms: u64 = Bounds::Count { min: 0, max: 60_000 }, Models;
+    /// With lanes on, while both lanes wait, the model stage takes one bulk batch in this many.
+    bulk_share: u64 = Bounds::Count { min: 2, max: 1_000 }, Models;
 }
 
 /// The setting named `name`.
@@ -439,6 +441,7 @@ mod tests {
             intra_op_threads: 1,
             max_age_ms: 0,
             latency_target_ms: 0,
+            bulk_share: 8,
         };
         let effective = base.with(&global.then(&model));
         assert_eq!((effective.max_batch_size, effective.max_wait_ms, effective.cache_ttl_s), (128, 5, 3600));
@@ -448,8 +451,9 @@ mod tests {
 
     #[test]
     fn every_field_is_declared_once_with_its_bounds() {
-        assert_eq!(names().collect::<Vec<_>>().len(), 10);
+        assert_eq!(names().collect::<Vec<_>>().len(), 11);
         assert_eq!(field("max_batch_size").map(|f| f.bounds), Some(Bounds::Count { min: 1, max: 65_536 }));
+        assert_eq!(field("bulk_share").map(|f| f.bounds), Some(Bounds::Count { min: 2, max: 1000 }));
         assert!(FIELDS.iter().all(|f| !f.doc.is_empty()), "each has its documentation");
         assert_eq!(Bounds::Count { min: 1, max: 4 }.check_count(5), Err("5 is outside 1..=4".into()));
     }

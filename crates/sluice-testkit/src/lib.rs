@@ -504,6 +504,7 @@ pub fn settings() -> sluice_control::Settings {
         intra_op_threads: 1,
         max_age_ms: 0,
         latency_target_ms: 0,
+        bulk_share: 8,
     }
 }
 

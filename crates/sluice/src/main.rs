@@ -69,6 +69,10 @@ enum Command {
         /// With --synthetic: event ids are `{prefix}-{n}`.
         #[arg(long, default_value = "evt")]
         prefix: String,
+        /// Publish to the bulk twin of the requests topic: bulk work, served
+        /// after live work (needs `lanes.enabled`).
+        #[arg(long)]
+        bulk: bool,
     },
     /// Live overrides in Redis (batch size, deadline, min confidence, model version, cache, threads).
     Overrides {
@@ -258,6 +262,25 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// Live latency while a bulk backlog drains, with lanes and without,
+    /// against the same live stream alone (four stages, tansu broker).
+    Traffic {
+        /// Stock requests in the bulk backlog.
+        #[arg(long, default_value_t = 20_000)]
+        bulk: usize,
+        /// Live requests per run, published one by one at --live-rate.
+        #[arg(long, default_value_t = 400)]
+        live: usize,
+        #[arg(long, default_value_t = 40)]
+        live_rate: u32,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// The stages' `lanes.bulk_share` (one batch in N is bulk while both wait).
+        #[arg(long, default_value_t = 8)]
+        bulk_share: u64,
+        #[arg(long, default_value = "docs/benchmarks/traffic.md")]
+        out: PathBuf,
+    },
     /// What producer compression saves on the windows between the stages and
     /// what it costs, by codec, on noise and on random-walk history: the
     /// broker alone, then the four-stage pipeline.
@@ -333,13 +356,13 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Run { stage } => run_stages(&[stage], config).await,
         Command::Pipeline => run_stages(&StageKind::ALL, config).await,
         Command::Topics { action: TopicsAction::Create } => tools::topics_create(&config).await,
-        Command::Produce { file, synthetic, invalid_every, prefix } => {
+        Command::Produce { file, synthetic, invalid_every, prefix, bulk } => {
             let events = match (&file, synthetic) {
                 (Some(path), _) => Events::File(path),
                 (None, Some(count)) => Events::Synthetic { count, invalid_every, prefix: &prefix },
                 (None, None) => anyhow::bail!("give --file FILE or --synthetic N"),
             };
-            tools::produce(&config, events).await
+            tools::produce(&config, events, bulk).await
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
@@ -382,6 +405,10 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchWhat::Compression { windows, events, repeats, out } } => {
             bench::compression::compression(config, bench::compression::Options { windows, events, repeats, out }).await
+        }
+        Command::Bench { what: BenchWhat::Traffic { bulk, live, live_rate, repeats, bulk_share, out } } => {
+            let options = bench::traffic::Options { bulk, live_rate, live, repeats, bulk_share, out };
+            bench::traffic::traffic(config, options).await
         }
         Command::Bench { what: BenchWhat::Recovery { kills, out } } => {
             bench::recovery::recovery(config, kills, &out).await
