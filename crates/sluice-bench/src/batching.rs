@@ -104,10 +104,10 @@ pub(crate) struct Point {
 const PHASES: [&str; 5] = ["decode", "cache", "assemble", "model", "answer"];
 
 #[derive(Debug, Clone, Copy, Serialize)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    p999: f64,
+pub(crate) struct Percentiles {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,7 +266,7 @@ fn spread(point: &Point) -> (f64, f64) {
     point.runs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)))
 }
 
-fn percentiles(mut values: Vec<f64>) -> Percentiles {
+pub(crate) fn percentiles(mut values: Vec<f64>) -> Percentiles {
     values.sort_by(f64::total_cmp);
     let at = |q: f64| values.get(((values.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
     Percentiles { p50: at(0.5), p99: at(0.99), p999: at(0.999) }
@@ -410,7 +410,7 @@ async fn inferrer_in_memory(
 /// Settings every broker run shares: the stock model only (the one in
 /// `config`), no cache (every event is computed), each run on its own broker
 /// and topics.
-fn stage_env(config: &SluiceConfig, inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, String)> {
+pub(crate) fn stage_env(config: &SluiceConfig, inferrer_batch: usize, inferrer_wait_ms: u64) -> Vec<(String, String)> {
     [
         ("SLUICE_INFERRER__MODEL__DIR", config.inferrer.model.dir.display().to_string()),
         ("SLUICE_INFERRER__SERVE", "[\"stock\"]".to_string()),

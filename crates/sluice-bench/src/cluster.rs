@@ -47,7 +47,7 @@ impl LocalCluster {
         let brokers = broker.addr.clone();
         config.kafka.brokers = brokers.clone();
         config.topics = config.topics.prefixed(run);
-        create_topics(&config.kafka, &config.topics.specs()).await?;
+        create_topics(&config.kafka, &config.topic_specs()).await?;
         let logs = sluice_testkit::temp_dir(&format!("bench-{run}"));
         Ok(Self { broker, stages: Vec::new(), ports: Vec::new(), brokers, run: run.to_string(), logs })
     }
@@ -125,6 +125,7 @@ impl LocalCluster {
             .env("SLUICE_KAFKA__BROKERS", &self.brokers)
             .env("SLUICE_KAFKA__GROUP_PREFIX", &self.run)
             .env("SLUICE_OBSERVE__LISTEN", format!("127.0.0.1:{port}"))
+            .env("SLUICE_LANES__ENABLED", config.lanes.enabled.to_string())
             .env("RUST_LOG", "warn")
             // An error's message, not a backtrace, ends the log of a stage that exits.
             .env("RUST_BACKTRACE", "0")

@@ -12,6 +12,7 @@
 //! - [`backlog`]: a backlog drained with bounded memory.
 //! - [`recovery`]: answers again after the inferrer is killed.
 //! - [`compression`]: producer compression by codec, on realistic history.
+//! - [`traffic`]: live latency while a bulk backlog drains, with and without lanes.
 //! - [`cluster`]: a local deployment (tansu and stage processes) they share.
 
 pub mod backlog;
@@ -24,6 +25,7 @@ pub mod decode;
 pub mod postgres;
 pub mod query;
 pub mod recovery;
+pub mod traffic;
 
 use std::path::Path;
 use std::time::Instant;

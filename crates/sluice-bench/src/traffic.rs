@@ -1,0 +1,251 @@
+//! `sluice bench traffic`: live latency while a bulk backlog drains, with
+//! lanes and without. The four stages run as processes on tansu. In each run
+//! a backlog of `bulk` stock requests is published first (to the bulk twin of
+//! the requests topic with lanes, to the requests topic without), then a live
+//! stream of requests at `live_rate` per second for as long as the backlog
+//! lasts, published one by one. Measured per run: the live events' end-to-end
+//! latency (request to written prediction), and the bulk backlog's throughput
+//! while the live stream ran. The reference is the same live stream with no
+//! backlog at all.
+//!
+//! Not measured here yet: the load ramp for the latency controller, which
+//! issue 17 also asks of this benchmark.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use sluice_app::config::SluiceConfig;
+use sluice_app::launch::StageKind;
+use sluice_kafka::client::{Publisher, TopicReader};
+use sluice_messages::prediction::PredictionRecord;
+use sluice_stages::generate::{GeneratedEvent, generate};
+
+use crate::batching::{Percentiles, machine, percentiles, stage_env};
+use crate::cluster::LocalCluster;
+use crate::write_section;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Stock requests in the bulk backlog.
+    pub bulk: usize,
+    /// Live requests per second, published one by one.
+    pub live_rate: u32,
+    /// Live requests per run (the reference run's too).
+    pub live: usize,
+    /// Runs per scenario; the median run (by live p99) is reported.
+    pub repeats: usize,
+    /// The model stages' `bulk_share`.
+    pub bulk_share: u64,
+    pub out: PathBuf,
+}
+
+/// One run of one scenario.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    live_ms: Percentiles,
+    /// Bulk predictions written per second while the live stream ran.
+    bulk_per_s_during_live: f64,
+    /// Of the predictions written while the live stream ran, the bulk ones' share.
+    bulk_fraction_during_live: f64,
+    /// From the first bulk publish to the last bulk prediction written.
+    bulk_drain_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Scenario {
+    name: &'static str,
+    lanes: bool,
+    bulk: usize,
+    /// The median run, by live p99.
+    median: Run,
+    /// Every run's live p99 (ms), for the spread.
+    live_p99_runs_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    measured_on: String,
+    machine: String,
+    options: String,
+    scenarios: Vec<Scenario>,
+    /// Live p99 with lanes during the bulk drain over live p99 with no bulk.
+    lanes_p99_ratio: f64,
+    /// The same without lanes.
+    no_lanes_p99_ratio: f64,
+}
+
+pub async fn traffic(config: SluiceConfig, options: Options) -> anyhow::Result<()> {
+    anyhow::ensure!(options.live > 0 && options.live_rate > 0, "--live and --live-rate must be at least 1");
+    let repeats = options.repeats.max(1);
+    let mut scenarios = Vec::new();
+    for (name, lanes, bulk) in [
+        ("live only", true, 0),
+        ("bulk backlog, no lanes", false, options.bulk),
+        ("bulk backlog, lanes", true, options.bulk),
+    ] {
+        let mut runs = Vec::new();
+        for repeat in 0..repeats {
+            let run = scenario(&config, &options, lanes, bulk, repeat).await?;
+            tracing::info!(name, repeat, p50 = run.live_ms.p50, p99 = run.live_ms.p99, "traffic run");
+            runs.push(run);
+        }
+        let live_p99_runs_ms: Vec<f64> = runs.iter().map(|r| r.live_ms.p99).collect();
+        runs.sort_by(|a, b| a.live_ms.p99.total_cmp(&b.live_ms.p99));
+        let median = runs.swap_remove(runs.len() / 2);
+        scenarios.push(Scenario { name, lanes, bulk, median, live_p99_runs_ms });
+    }
+    let p99 = |i: usize| scenarios[i].median.live_ms.p99.max(1.0);
+    let report = Report {
+        measured_on: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine: format!("{}, CPU only", machine()),
+        options: format!(
+            "--bulk {} --live {} --live-rate {} --repeats {repeats} --bulk-share {}",
+            options.bulk, options.live, options.live_rate, options.bulk_share
+        ),
+        lanes_p99_ratio: p99(2) / p99(0),
+        no_lanes_p99_ratio: p99(1) / p99(0),
+        scenarios,
+    };
+    let json_path = options.out.with_extension("json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
+    let section = markdown(&report, &options);
+    write_section(&options.out, "traffic", &section)?;
+    writeln!(std::io::stdout(), "{section}")?;
+    Ok(())
+}
+
+/// One run: a fresh broker and stages, the backlog, then the live stream.
+async fn scenario(
+    config: &SluiceConfig,
+    options: &Options,
+    lanes: bool,
+    bulk: usize,
+    repeat: usize,
+) -> anyhow::Result<Run> {
+    let mut config = config.clone();
+    config.lanes.enabled = lanes;
+    let run = format!("traffic{}{}{bulk}r{repeat}", std::process::id(), if lanes { "l" } else { "n" });
+    let mut cluster = LocalCluster::broker(&mut config, &run).await?;
+    let mut env = stage_env(&config, 64, 5);
+    env.push(("SLUICE_LANES__BULK_SHARE".into(), options.bulk_share.to_string()));
+    cluster.start_stages(&config, &StageKind::ALL, &env).await?;
+    let universe = config.fetcher.synthetic.universe;
+    let warm = generate(&format!("{run}-warm"), 1, 0, universe);
+    let live_events = generate(&format!("{run}-live"), options.live, 0, universe);
+    let bulk_events = generate(&format!("{run}-bulk"), bulk, 0, universe);
+    let reader = TopicReader::new(&config.kafka, &format!("{run}-observer"), &[&config.topics.predictions])?;
+    let mut publisher = Publisher::new(&config.kafka, "bench-traffic")?;
+    // One event all the way through first: the producer's id, group joins.
+    send(&mut publisher, &config.topics.requests, &warm[0]).await?;
+    publisher.settle().await?;
+    loop {
+        let record =
+            reader.next(Duration::from_secs(60)).await.ok_or_else(|| anyhow::anyhow!("no warm-up output"))??;
+        if serde_json::from_slice::<PredictionRecord>(&record.payload)?.event_id == warm[0].event_id {
+            break;
+        }
+    }
+
+    let bulk_topic = if lanes {
+        format!("{}{}", config.topics.requests, config.lanes.bulk_suffix)
+    } else {
+        config.topics.requests.clone()
+    };
+    let bulk_started = sluice_messages::now_ms();
+    for event in &bulk_events {
+        send(&mut publisher, &bulk_topic, event).await?;
+    }
+    publisher.settle().await?;
+
+    let interval = Duration::from_secs_f64(1.0 / f64::from(options.live_rate));
+    let started = tokio::time::Instant::now();
+    let live_started = sluice_messages::now_ms();
+    for (i, event) in live_events.iter().enumerate() {
+        tokio::time::sleep_until(started + interval * i as u32).await;
+        send(&mut publisher, &config.topics.requests, event).await?;
+        publisher.settle().await?;
+    }
+    let live_ended = sluice_messages::now_ms();
+
+    let is_live = |id: &str| id.starts_with(&format!("{run}-live-"));
+    let (mut live, mut written) = (Vec::new(), Vec::new());
+    while written.len() < live_events.len() + bulk_events.len() {
+        let record = reader.next(Duration::from_secs(120)).await.ok_or_else(|| {
+            anyhow::anyhow!("outputs stopped at {} of {}", written.len(), live_events.len() + bulk_events.len())
+        })??;
+        let p: PredictionRecord = serde_json::from_slice(&record.payload)?;
+        if is_live(&p.event_id) {
+            live.push((p.written_at_ms - p.requested_at_ms) as f64);
+        }
+        written.push((is_live(&p.event_id), p.written_at_ms));
+        cluster.check_running("the traffic run")?;
+    }
+    let during: Vec<bool> = written
+        .iter()
+        .filter(|(_, at)| (live_started..=live_ended).contains(at))
+        .map(|(is_live, _)| *is_live)
+        .collect();
+    let bulk_during = during.iter().filter(|l| !**l).count();
+    let last_bulk = written.iter().filter(|(l, _)| !l).map(|(_, at)| *at).max().unwrap_or(bulk_started);
+    Ok(Run {
+        live_ms: percentiles(live),
+        bulk_per_s_during_live: bulk_during as f64 / ((live_ended - live_started) as f64 / 1000.0).max(1e-3),
+        bulk_fraction_during_live: bulk_during as f64 / during.len().max(1) as f64,
+        bulk_drain_s: (last_bulk - bulk_started) as f64 / 1000.0,
+    })
+}
+
+async fn send(publisher: &mut Publisher, topic: &str, event: &GeneratedEvent) -> anyhow::Result<()> {
+    publisher.send(topic, Some(event.event_id.as_bytes()), &event.json).await?;
+    Ok(())
+}
+
+fn markdown(report: &Report, options: &Options) -> String {
+    let mut table = String::from(
+        "| scenario | live p50 (ms) | live p99 (ms) | p99 of each run (ms) | bulk written/s while live ran | bulk share of answers while live ran | bulk drain (s) |\n\
+         |---|---:|---:|---|---:|---:|---:|\n",
+    );
+    for s in &report.scenarios {
+        let runs: Vec<String> = s.live_p99_runs_ms.iter().map(|v| format!("{v:.0}")).collect();
+        let m = &s.median;
+        let bulk = |text: String| if s.bulk == 0 { "–".to_string() } else { text };
+        table.push_str(&format!(
+            "| {} | {:.0} | **{:.0}** | {} | {} | {} | {} |\n",
+            s.name,
+            m.live_ms.p50,
+            m.live_ms.p99,
+            runs.join(", "),
+            bulk(format!("{:.0}", m.bulk_per_s_during_live)),
+            bulk(format!("{:.0}%", 100.0 * m.bulk_fraction_during_live)),
+            bulk(format!("{:.1}", m.bulk_drain_s)),
+        ));
+    }
+    format!(
+        "## Live latency during a bulk drain, with and without lanes\n\n\
+         Command: `cargo run --release --bin sluice -- bench traffic {opts}` (measured on {when}:\n\
+         {machine}; tansu broker and the four stages as separate processes; the stock LSTM, inferrer\n\
+         batch 64, `max_wait_ms` 5). Each run starts a fresh broker and stages, publishes a backlog\n\
+         of {bulk} stock requests (to `requests.bulk` with lanes, to `requests` without), then {live}\n\
+         live requests at {rate}/s, one by one; latency is from each request's Kafka timestamp to\n\
+         its written prediction. The median run of {repeats} (by live p99) is shown; JSON beside this file.\n\n\
+         {table}\n\
+         Live p99 during the drain over live p99 with no backlog: **{lanes:.2}×** with lanes,\n\
+         {none:.1}× without (the target is at most 1.5× with lanes). Without lanes, live requests queue\n\
+         behind the backlog at every stage; with lanes each stage serves them first and bulk keeps\n\
+         one batch in {share} while both wait. What remains with lanes: a live event that arrives\n\
+         while a bulk batch is being computed waits for it (a model call is not interrupted), at each\n\
+         of the four stages, and all processes share two cores with the broker.\n",
+        opts = report.options,
+        when = report.measured_on,
+        machine = report.machine,
+        bulk = options.bulk,
+        live = options.live,
+        rate = options.live_rate,
+        repeats = options.repeats.max(1),
+        lanes = report.lanes_p99_ratio,
+        none = report.no_lanes_p99_ratio,
+        share = options.bulk_share,
+    )
+}
