@@ -269,9 +269,9 @@ enum BenchWhat {
         #[arg(long, default_value_t = 20_000)]
         bulk: usize,
         /// Live requests per run, published one by one at --live-rate.
-        #[arg(long, default_value_t = 400)]
+        #[arg(long, default_value_t = 300)]
         live: usize,
-        #[arg(long, default_value_t = 40)]
+        #[arg(long, default_value_t = 10)]
         live_rate: u32,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
