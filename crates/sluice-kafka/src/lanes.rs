@@ -19,9 +19,10 @@ use std::sync::Arc;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use sluice_core::Incoming;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::batcher::Batch;
+use crate::runtime::{ByteBudget, Held};
 
 /// Which lane an input travels in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,10 +60,15 @@ pub struct Lanes {
     pub bulk_share: watch::Receiver<u64>,
 }
 
+/// The bulk twin of `topic`: `{topic}{suffix}`.
+pub fn twin(topic: &str, suffix: &str) -> String {
+    format!("{topic}{suffix}")
+}
+
 impl Lanes {
     /// The bulk twin of `topic`.
     pub fn twin(&self, topic: &str) -> String {
-        format!("{topic}{}", self.suffix)
+        twin(topic, &self.suffix)
     }
 
     /// Each twinned topic with its twin, for routing.
@@ -181,12 +187,11 @@ impl<T> Queue<T> {
 /// The consume loop's side of the bulk lane: queues a bulk message if there
 /// is room (in the queue and in the lane's byte budget), and otherwise keeps
 /// it and pauses the bulk partitions until the queue is half free.
-pub(crate) struct BulkIntake<H> {
+pub(crate) struct BulkIntake {
     pub(crate) topic: Arc<str>,
-    items: mpsc::Sender<(Incoming, H)>,
+    items: mpsc::Sender<Held>,
     capacity: usize,
-    budget: Arc<Semaphore>,
-    max_bytes: u32,
+    budget: ByteBudget,
     /// Consumed while the queue was full, in order; queued before anything newer.
     parked: VecDeque<Incoming>,
     paused: bool,
@@ -215,22 +220,10 @@ pub(crate) enum BulkEvent {
     Closed,
 }
 
-impl BulkIntake<OwnedSemaphorePermit> {
-    pub(crate) fn new(
-        topic: Arc<str>,
-        items: mpsc::Sender<(Incoming, OwnedSemaphorePermit)>,
-        max_bytes: usize,
-    ) -> Self {
-        let max_bytes = u32::try_from(max_bytes.max(1)).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
-        Self {
-            topic,
-            capacity: items.max_capacity(),
-            items,
-            budget: Arc::new(Semaphore::new(max_bytes as usize)),
-            max_bytes,
-            parked: VecDeque::new(),
-            paused: false,
-        }
+impl BulkIntake {
+    /// `budget`: the lane's own, so that bulk records never hold what live ones need.
+    pub(crate) fn new(topic: Arc<str>, items: mpsc::Sender<Held>, budget: ByteBudget) -> Self {
+        Self { topic, capacity: items.max_capacity(), items, budget, parked: VecDeque::new(), paused: false }
     }
 
     pub(crate) fn paused(&self) -> bool {
@@ -283,13 +276,12 @@ impl BulkIntake<OwnedSemaphorePermit> {
             Err(mpsc::error::TrySendError::Full(())) => return TryQueue::Full(incoming),
             Err(mpsc::error::TrySendError::Closed(())) => return TryQueue::Closed,
         };
-        let bytes = u32::try_from(incoming.payload.len()).unwrap_or(u32::MAX).clamp(1, self.max_bytes);
-        match self.budget.clone().try_acquire_many_owned(bytes) {
-            Ok(held) => {
+        match self.budget.try_hold(incoming.payload.len()) {
+            Some(held) => {
                 slot.send((incoming, held));
                 TryQueue::Queued
             }
-            Err(_) => TryQueue::Full(incoming),
+            None => TryQueue::Full(incoming),
         }
     }
 

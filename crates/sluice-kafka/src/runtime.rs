@@ -135,7 +135,7 @@ pub async fn run_stage<S: Stage>(
         (Some(lanes), Some(topic)) => {
             let (bulk_tx, bulk_rx) = mpsc::channel(options.queue_capacity.max(1));
             let (bulk_batch_tx, bulk_batch_rx) = mpsc::channel(2);
-            let intake = BulkIntake::new(topic.as_str().into(), bulk_tx, options.queue_max_bytes);
+            let intake = BulkIntake::new(topic.as_str().into(), bulk_tx, ByteBudget::new(options.queue_max_bytes));
             (Some(intake), Some((bulk_rx, bulk_batch_tx)), Some((bulk_batch_rx, lanes.bulk_share.clone())))
         }
         _ => (None, None, None),
@@ -321,26 +321,36 @@ fn describe(tpl: &TopicPartitionList) -> String {
 /// consumed message holds permits for its size until its batch's outputs are
 /// handed to the producer (whose own queue is bounded in bytes too).
 #[derive(Debug, Clone)]
-struct ByteBudget {
+pub(crate) struct ByteBudget {
     permits: Arc<tokio::sync::Semaphore>,
     max: u32,
 }
 
 impl ByteBudget {
-    fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         let max = u32::try_from(max_bytes.max(1)).unwrap_or(u32::MAX).min(tokio::sync::Semaphore::MAX_PERMITS as u32);
         Self { permits: Arc::new(tokio::sync::Semaphore::new(max as usize)), max }
     }
 
-    /// Waits until `bytes` fit (a message over the whole budget waits for all of it).
+    /// The permits `bytes` take: a message over the whole budget takes all of it.
+    fn permits_for(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max)
+    }
+
+    /// Waits until `bytes` fit.
     async fn hold(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.max);
+        let n = self.permits_for(bytes);
         self.permits.clone().acquire_many_owned(n).await.expect("the budget's semaphore is never closed")
+    }
+
+    /// `bytes`' permits if they fit now.
+    pub(crate) fn try_hold(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_many_owned(self.permits_for(bytes)).ok()
     }
 }
 
 /// A consumed message and the bytes it holds of the [`ByteBudget`].
-type Held = (Incoming, tokio::sync::OwnedSemaphorePermit);
+pub(crate) type Held = (Incoming, tokio::sync::OwnedSemaphorePermit);
 
 /// Where the consume loop puts what it reads: the live queue (waiting for
 /// room: backpressure) and, with lanes, the bulk lane's intake (never
@@ -349,7 +359,7 @@ struct Intake {
     live_topic: Arc<str>,
     live: mpsc::Sender<Held>,
     budget: ByteBudget,
-    bulk: Option<BulkIntake<tokio::sync::OwnedSemaphorePermit>>,
+    bulk: Option<BulkIntake>,
 }
 
 /// How often paused bulk partitions look for room in their queue.
@@ -448,7 +458,7 @@ async fn consume_loop(
 /// Queues what the paused bulk lane kept, resuming it once there is room;
 /// `true` when the bulk batcher is gone (shutdown).
 fn release(
-    bulk: &mut Option<BulkIntake<tokio::sync::OwnedSemaphorePermit>>,
+    bulk: &mut Option<BulkIntake>,
     consumer: &StreamConsumer<StageContext>,
     stage: &'static str,
     status: &StageStatus,
