@@ -121,9 +121,8 @@ impl FetcherConfig {
         };
         let fetched = &cx.config.topics.fetched;
         let mut stage = Fetcher::new(source, shape, fetched).with_max_request_bytes(self.max_request_bytes);
-        let lanes = &cx.config.lanes;
-        if lanes.enabled {
-            stage = stage.with_bulk_output(&format!("{fetched}{}", lanes.bulk_suffix));
+        if cx.config.lanes.enabled {
+            stage = stage.with_bulk_output(&cx.config.lanes.twin(fetched));
         }
         Ok(Built::new(stage, self.batch.fixed()))
     }

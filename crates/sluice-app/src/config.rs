@@ -53,6 +53,13 @@ pub struct LanesConfig {
     pub bulk_share: u64,
 }
 
+impl LanesConfig {
+    /// The bulk twin of `topic`.
+    pub fn twin(&self, topic: &str) -> String {
+        sluice_kafka::lanes::twin(topic, &self.bulk_suffix)
+    }
+}
+
 /// Where live overrides and the shared cache tier are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -393,7 +400,7 @@ impl SluiceConfig {
                 ));
             }
             for laned in t.laned() {
-                let twin = format!("{laned}{suffix}");
+                let twin = self.lanes.twin(laned);
                 if let Some((key, _)) = names.iter().find(|(_, n)| **n == twin) {
                     return Err(invalid(
                         "lanes.bulk_suffix",
@@ -492,7 +499,7 @@ impl SluiceConfig {
     pub fn topic_specs(&self) -> Vec<TopicSpec> {
         let mut specs = self.topics.specs();
         if self.lanes.enabled {
-            let twins = self.topics.laned().map(|name| format!("{name}{}", self.lanes.bulk_suffix));
+            let twins = self.topics.laned().map(|name| self.lanes.twin(name));
             let (partitions, replication) = (self.topics.partitions, self.topics.replication);
             specs.extend(twins.into_iter().map(|name| TopicSpec { name, partitions, replication }));
         }

@@ -90,8 +90,7 @@ pub async fn replay(config: &SluiceConfig, selection: &Selection) -> anyhow::Res
             .payload()
             .with_context(|| format!("dead letter at {}:{}: payload_base64", record.partition, record.offset))?;
         let requests = &config.topics.requests;
-        let bulk_requests = format!("{requests}{}", config.lanes.bulk_suffix);
-        let from_requests = letter.source.topic == *requests || letter.source.topic == bulk_requests;
+        let from_requests = letter.source.topic == *requests || letter.source.topic == config.lanes.twin(requests);
         let payload = for_replay(payload, from_requests);
         if let Some(publisher) = &mut publisher {
             publisher.send(&letter.source.topic, letter.key.as_deref().map(str::as_bytes), &payload).await?;

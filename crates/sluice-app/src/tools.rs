@@ -33,13 +33,8 @@ pub async fn produce(config: &SluiceConfig, events: Events<'_>, bulk: bool) -> a
     if bulk && !config.lanes.enabled {
         anyhow::bail!("--bulk needs lanes: set `lanes.enabled = true` (SLUICE_LANES__ENABLED=true)");
     }
-    let twin;
-    let topic = if bulk {
-        twin = format!("{}{}", config.topics.requests, config.lanes.bulk_suffix);
-        &twin
-    } else {
-        &config.topics.requests
-    };
+    let requests = &config.topics.requests;
+    let topic = &if bulk { config.lanes.twin(requests) } else { requests.clone() };
     let delivered = match events {
         Events::File(path) => produce::publish_file(&config.kafka, topic, path).await?,
         Events::Synthetic { count, invalid_every, prefix } => {

@@ -163,11 +163,7 @@ async fn scenario(
         }
     }
 
-    let bulk_topic = if lanes {
-        format!("{}{}", config.topics.requests, config.lanes.bulk_suffix)
-    } else {
-        config.topics.requests.clone()
-    };
+    let bulk_topic = if lanes { config.lanes.twin(&config.topics.requests) } else { config.topics.requests.clone() };
     let bulk_started = sluice_messages::now_ms();
     for event in &bulk_events {
         send(&mut publisher, &bulk_topic, event).await?;
