@@ -217,14 +217,14 @@ impl Stage for Slow {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_latency_target_the_batch_size_comes_down_to_meet_it_and_back_when_it_is_off() {
+async fn with_a_latency_target_the_wait_comes_down_the_batch_size_holds_under_a_backlog_and_off_is_off() {
     let cluster = EmbeddedCluster::start().expect("mock cluster");
     let topic = unique("slow.in");
     cluster.create_topics(&[TopicSpec { name: topic.clone(), partitions: 1, replication: 1 }]).expect("topic");
     let kafka = cluster.kafka_config(&KafkaConfig::default());
     let producer: FutureProducer = kafka.producer_config("slow-test").create().expect("producer");
-    let bounds = BatchPolicy { max_batch_size: 512, max_wait_ms: 20 };
-    let (target, target_rx) = watch::channel(40u64);
+    let bounds = BatchPolicy { max_batch_size: 512, max_wait_ms: 50 };
+    let (target, target_rx) = watch::channel(30u64);
     let shutdown = CancellationToken::new();
     let options = RunOptions {
         input_topic: topic.clone(),
@@ -241,35 +241,54 @@ async fn with_a_latency_target_the_batch_size_comes_down_to_meet_it_and_back_whe
         latency_target: Some(target_rx),
         lanes: None,
     };
-    // A backlog first, so that batches come out full: one of 512 takes over
-    // 100 ms, far over the 40 ms target.
-    let deliveries: Vec<_> = (0..40_000)
-        .map(|i| {
-            let payload = format!("message {i}");
-            let record: FutureRecord<'_, [u8], str> = FutureRecord::to(&topic).partition(0).payload(&payload);
-            producer.send_result(record).map_err(|(e, _)| e).expect("queued")
-        })
-        .collect();
-    for delivery in deliveries {
-        delivery.await.expect("not cancelled").map_err(|(e, _)| e).expect("delivered");
-    }
     let status = Arc::new(StageStatus::default());
     let running = tokio::spawn({
         let (kafka, shutdown, status) = (kafka.clone(), shutdown.clone(), status.clone());
         async move { run_stage(&kafka, options, Slow, status, shutdown).await }
     });
+    let send = |i: usize| {
+        let payload = format!("message {i}");
+        let record: FutureRecord<'_, [u8], str> = FutureRecord::to(&topic).partition(0).payload(&payload);
+        producer.send_result(record).map_err(|(e, _)| e).expect("queued")
+    };
+
+    // A light stream (200 a second): batches are cut by the 50 ms wait, so
+    // every event waits about that long, over the 30 ms target. The wait
+    // comes down; the batch size, which cut none of them, stays.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
     let lowered = loop {
         let state = status.controller();
-        if let Some(state) = state.as_ref().filter(|s| s.max_batch_size <= 128) {
+        if let Some(state) = state.as_ref().filter(|s| s.max_wait_ms < bounds.max_wait_ms) {
             break state.clone();
         }
-        assert!(Instant::now() < deadline, "the batch size did not come down: {state:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(Instant::now() < deadline, "the wait did not come down: {state:?}");
+        // Not awaited: the stream goes on at its pace; the backlog below is.
+        drop(send(i));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    assert_eq!(lowered.target_ms, 40);
-    assert!(lowered.max_wait_ms < bounds.max_wait_ms, "{lowered:?}");
-    assert!(lowered.last_change.as_deref().is_some_and(|r| r.contains("over the target 40 ms")), "{lowered:?}");
+    assert_eq!(lowered.target_ms, 30);
+    assert_eq!(lowered.max_batch_size, bounds.max_batch_size, "{lowered:?}");
+    assert!(lowered.last_change.as_deref().is_some_and(|r| r.contains("the wait shrinks")), "{lowered:?}");
+
+    // A backlog: 40,000 at once, whose records wait seconds in the topic
+    // while full batches take about 100 ms. Smaller batches would serve
+    // fewer a second and lengthen the wait: the batch size holds.
+    let deliveries: Vec<_> = (0..40_000).map(|n| send(i + n)).collect();
+    for delivery in deliveries {
+        delivery.await.expect("not cancelled").map_err(|(e, _)| e).expect("delivered");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let backlogged = loop {
+        let state = status.controller().expect("the controller is on");
+        if state.p99_ms.is_some_and(|p| p > 1000.0) {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "no decision on the backlog: {state:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(backlogged.max_batch_size, bounds.max_batch_size, "{backlogged:?}");
 
     // Off, live: the controller stops and the configured policy applies again.
     target.send_replace(0);

@@ -78,7 +78,7 @@ pub(crate) struct Point {
     batch_size: usize,
     pub(crate) events_per_s: f64,
     /// Every run's events/s, in the order measured (the median's spread).
-    runs: Vec<f64>,
+    pub(crate) runs: Vec<f64>,
     /// Through the broker: the inferrer's model thread's CPU time over the
     /// drain's wall time (1.0: the model never waited for the inferrer).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1103,7 +1103,7 @@ fn floor_markdown(report: &Report, best: &Point, raw_eps: f64) -> String {
 
 /// One plotted line: its name, its colour and its (x, y, lowest, highest)
 /// points; the spread is drawn as a bar where lowest < highest.
-type Line<'a> = (&'a str, &'a str, Vec<(f64, f64, f64, f64)>);
+pub(crate) type Line<'a> = (&'a str, &'a str, Vec<(f64, f64, f64, f64)>);
 
 /// A line plot: events/s against batch size (log2 axis), one line per scenario.
 fn throughput_svg(report: &Report) -> String {
@@ -1140,7 +1140,13 @@ fn latency_svg(report: &Report) -> String {
     plot("End-to-end latency at low load", "inferrer max_wait (ms)", "ms", &lines, |x| format!("{x:.0}"))
 }
 
-fn plot(title: &str, x_label: &str, y_label: &str, lines: &[Line], x_tick: impl Fn(f64) -> String) -> String {
+pub(crate) fn plot(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    lines: &[Line],
+    x_tick: impl Fn(f64) -> String,
+) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 200.0, 40.0, 50.0);
     let points = lines.iter().flat_map(|(_, _, p)| p.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);

@@ -13,6 +13,7 @@
 //! - [`recovery`]: answers again after the inferrer is killed.
 //! - [`compression`]: producer compression by codec, on realistic history.
 //! - [`traffic`]: live latency while a bulk backlog drains, with and without lanes.
+//! - [`ramp`]: the latency controller against fixed batch sizes on a load ramp.
 //! - [`cluster`]: a local deployment (tansu and stage processes) they share.
 
 pub mod backlog;
@@ -24,6 +25,7 @@ pub mod compression;
 pub mod decode;
 pub mod postgres;
 pub mod query;
+pub mod ramp;
 pub mod recovery;
 pub mod traffic;
 

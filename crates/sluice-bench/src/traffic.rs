@@ -8,8 +8,7 @@
 //! while the live stream ran. The reference is the same live stream with no
 //! backlog at all.
 //!
-//! Not measured here yet: the load ramp for the latency controller, which
-//! issue 17 also asks of this benchmark.
+//! The other half, the latency controller on a load ramp, is [`crate::ramp`].
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +38,9 @@ pub struct Options {
     /// The model stages' `bulk_share`.
     pub bulk_share: u64,
     pub out: PathBuf,
+    /// Which halves run: the lanes (live during a bulk drain), the ramp.
+    pub lanes: bool,
+    pub ramp: Option<crate::ramp::Options>,
 }
 
 /// One run of one scenario.
@@ -83,6 +85,17 @@ struct Report {
 }
 
 pub async fn traffic(config: SluiceConfig, options: Options) -> anyhow::Result<()> {
+    if options.lanes {
+        lanes(&config, &options).await?;
+    }
+    if let Some(ramp) = &options.ramp {
+        crate::ramp::ramp(&config, ramp).await?;
+    }
+    Ok(())
+}
+
+/// The lanes half: the four scenarios, each `repeats` times.
+async fn lanes(config: &SluiceConfig, options: &Options) -> anyhow::Result<()> {
     anyhow::ensure!(options.live > 0 && options.live_rate > 0, "--live and --live-rate must be at least 1");
     let repeats = options.repeats.max(1);
     let mut scenarios = Vec::new();
@@ -94,7 +107,7 @@ pub async fn traffic(config: SluiceConfig, options: Options) -> anyhow::Result<(
     ] {
         let mut runs = Vec::new();
         for repeat in 0..repeats {
-            let run = scenario(&config, &options, lanes, bulk, repeat).await?;
+            let run = scenario(config, options, lanes, bulk, repeat).await?;
             tracing::info!(
                 name,
                 repeat,
@@ -125,7 +138,7 @@ pub async fn traffic(config: SluiceConfig, options: Options) -> anyhow::Result<(
     };
     let json_path = options.out.with_extension("json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
-    let section = markdown(&report, &options);
+    let section = markdown(&report, options);
     write_section(&options.out, "traffic", &section)?;
     writeln!(std::io::stdout(), "{section}")?;
     Ok(())

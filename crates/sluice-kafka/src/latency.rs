@@ -4,17 +4,32 @@
 //! policy the batcher cuts by is no longer the configured one but one that
 //! [`LatencyController`] moves within it: the configured `max_batch_size` and
 //! `max_wait_ms` become its upper bounds. After each batch it is told how long
-//! the batch's oldest event took from arrival (when the runtime consumed it)
-//! to its answer (the stage returned); that is the longest time of any event
-//! of the batch, so the p99 of those times bounds the events' p99 from above.
+//! the batch's oldest event took from arrival (its record's Kafka timestamp:
+//! the hop into the stage and any wait in the topic count) to its answer (the
+//! stage returned), and how long the stage's call took. The oldest event's
+//! time is the longest of the batch, so the p99 of those times bounds the
+//! events' p99 from above.
 //!
 //! Every [`DECIDE_EVERY`] batches it looks at the p99 of the last
 //! [`WINDOW`] batches since its last change (so that each decision judges the
 //! policy in force) and moves additively up and multiplicatively down, as
-//! TCP does with its window: over the target, the cap and the wait shrink by
-//! a quarter at once; well under it while batches come out full (a backlog:
-//! larger batches would raise throughput), the cap grows by an eighth, and
-//! the wait grows back towards its bound. Each change says why.
+//! TCP does with its window. Over the target, it looks at where the time
+//! went:
+//! - most batches waiting for the stage (a backlog: each was already cut when
+//!   the stage was free for it) and a p99 in the stage (from the batcher) of
+//!   over [`QUEUED_CALLS`] calls: the time went to queueing. More arrives
+//!   than the policy serves, and a smaller batch would serve less and
+//!   lengthen the queue (a collapse, seen in `sluice bench traffic`): the cap
+//!   grows by an eighth and the wait back towards their bounds instead, for
+//!   throughput;
+//! - otherwise, calls that take half the target or more: the calls take the
+//!   time, and the cap and the wait shrink by a quarter;
+//! - otherwise (short calls, no queue): what the policy adds is the wait,
+//!   which shrinks by a quarter; the cap stays for the next burst.
+//!
+//! Well under the target with a backlog (larger batches would raise
+//! throughput), the cap grows by an eighth, and the wait grows back towards
+//! its bound. Each change says why.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -29,6 +44,13 @@ pub const WINDOW: usize = 100;
 pub const DECIDE_EVERY: usize = 16;
 /// Under this share of the target, with full batches, the cap grows.
 const HEADROOM: f64 = 0.8;
+/// With a backlog, an oldest event waits for about the call before its own
+/// and its own (two or three calls): a p99 over this many calls is queueing,
+/// which a smaller batch would lengthen.
+const QUEUED_CALLS: u32 = 4;
+/// Without a backlog, calls of at least this share of the target are too
+/// slow by themselves.
+const SLOW_CALL: f64 = 0.5;
 
 /// What the controller did last, for `/status`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,6 +65,20 @@ pub struct ControllerState {
     pub last_change: Option<String>,
 }
 
+/// What the controller is told of each batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observed {
+    /// The oldest event's time from arrival (its record's Kafka timestamp) to its answer.
+    pub took: Duration,
+    /// The same from its arrival at the batcher: the part spent in the stage.
+    pub in_stage: Duration,
+    /// The stage's call on the batch.
+    pub call: Duration,
+    /// The batch was already cut and waiting when the stage was free for it:
+    /// events wait for the stage, not for the batch to fill (a backlog).
+    pub waiting: bool,
+}
+
 /// A change of the policy, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -55,8 +91,7 @@ pub struct LatencyController {
     target: Duration,
     bounds: BatchPolicy,
     policy: BatchPolicy,
-    /// (oldest event's time to answer, whether the batch was full).
-    recent: VecDeque<(Duration, bool)>,
+    recent: VecDeque<Observed>,
     since_decision: usize,
     p99: Option<Duration>,
     last_change: Option<String>,
@@ -108,49 +143,79 @@ impl LatencyController {
         }
     }
 
-    /// One batch of `size` events, whose oldest took `took` from arrival to
-    /// its answer. Returns the new policy when it decided to change it.
-    pub fn observe(&mut self, size: usize, took: Duration) -> Option<Change> {
+    /// One batch. Returns the new policy when it decided to change it.
+    pub fn observe(&mut self, batch: Observed) -> Option<Change> {
         if self.recent.len() == WINDOW {
             self.recent.pop_front();
         }
-        self.recent.push_back((took, size >= self.policy.max_batch_size));
+        self.recent.push_back(batch);
         self.since_decision += 1;
         if self.since_decision < DECIDE_EVERY {
             return None;
         }
         self.since_decision = 0;
-        let mut times: Vec<Duration> = self.recent.iter().map(|(t, _)| *t).collect();
-        times.sort_unstable();
-        let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
+        let p99_of = |of: fn(&Observed) -> Duration| {
+            let mut times: Vec<Duration> = self.recent.iter().map(of).collect();
+            times.sort_unstable();
+            times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)]
+        };
+        let (p99, in_stage) = (p99_of(|o| o.took), p99_of(|o| o.in_stage));
         self.p99 = Some(p99);
-        let full = self.recent.iter().rev().take(DECIDE_EVERY).filter(|(_, full)| *full).count();
+        let last = || self.recent.iter().rev().take(DECIDE_EVERY);
+        let waiting = last().filter(|o| o.waiting).count();
+        // Most of the last batches waited for the stage: events wait for the model.
+        let backlog = waiting * 2 > DECIDE_EVERY.min(self.recent.len());
+        let mut calls: Vec<Duration> = last().map(|o| o.call).collect();
+        calls.sort_unstable();
+        let call = calls[calls.len() / 2];
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let (target, now) = (self.target, self.policy);
-        if p99 > target {
+        let over = format!("p99 {:.1} ms is over the target {:.0} ms", ms(p99), ms(target));
+        if p99 > target && backlog && in_stage > call * QUEUED_CALLS {
+            let reason = format!(
+                "{over} while batches wait for calls of {:.1} ms: the time goes to queueing, more arrives \
+                 than the policy serves, and larger batches serve more",
+                ms(call)
+            );
+            return self.change(self.grown(), reason);
+        }
+        if p99 > target && call.as_secs_f64() >= SLOW_CALL * target.as_secs_f64() {
+            // The calls are what takes the time: smaller batches.
             let next = BatchPolicy {
                 max_batch_size: (now.max_batch_size * 3 / 4).max(1),
                 max_wait_ms: now.max_wait_ms * 3 / 4,
             };
-            let reason = format!("p99 {:.1} ms is over the target {:.0} ms", ms(p99), ms(target));
-            return self.change(next, reason);
+            return self.change(next, format!("{over} and calls take {:.1} ms", ms(call)));
+        }
+        if p99 > target {
+            // What the policy adds is the wait (the hop before the stage is
+            // not its doing); the cap is kept for bursts.
+            let next = BatchPolicy { max_wait_ms: now.max_wait_ms * 3 / 4, ..now };
+            return self.change(next, format!("{over} with calls of {:.1} ms: the wait shrinks", ms(call)));
         }
         let roomy = p99.as_secs_f64() < HEADROOM * target.as_secs_f64();
-        // Most of the last batches full: events wait for the model, and a
-        // larger batch would serve them faster.
-        if roomy && full * 2 > DECIDE_EVERY.min(self.recent.len()) {
-            let grown = (now.max_batch_size + now.max_batch_size.div_ceil(8)).min(self.bounds.max_batch_size.max(1));
-            let wait = (now.max_wait_ms + now.max_wait_ms.div_ceil(8).max(1)).min(self.bounds.max_wait_ms);
-            let next = BatchPolicy { max_batch_size: grown, max_wait_ms: wait };
+        // With a backlog, a larger batch would serve it faster.
+        if roomy && backlog {
             let reason = format!(
-                "p99 {:.1} ms is under {:.0}% of the target {:.0} ms and batches are full",
+                "p99 {:.1} ms is under {:.0}% of the target {:.0} ms and batches wait for the stage",
                 ms(p99),
                 HEADROOM * 100.0,
                 ms(target)
             );
-            return self.change(next, reason);
+            return self.change(self.grown(), reason);
         }
         None
+    }
+
+    /// The cap an eighth larger and the wait back towards its bound (a
+    /// backlog fills a batch within the wait, and a larger one serves more).
+    fn grown(&self) -> BatchPolicy {
+        let now = self.policy;
+        BatchPolicy {
+            max_batch_size: (now.max_batch_size + now.max_batch_size.div_ceil(8))
+                .min(self.bounds.max_batch_size.max(1)),
+            max_wait_ms: (now.max_wait_ms + now.max_wait_ms.div_ceil(8).max(1)).min(self.bounds.max_wait_ms),
+        }
     }
 
     fn change(&mut self, next: BatchPolicy, reason: String) -> Option<Change> {
@@ -170,10 +235,21 @@ impl LatencyController {
 mod tests {
     use super::*;
 
-    /// A model whose batch takes 1 ms plus 0.1 ms per event; the oldest event
-    /// of a full batch waited about as long as the batch before it took.
+    /// A model whose batch takes 1 ms plus 0.1 ms per event.
+    fn call(size: usize) -> Duration {
+        Duration::from_micros(1_000 + 100 * size as u64)
+    }
+
+    /// A batch of `size`: one that fills the cap models a backlog (it was
+    /// waiting for the stage); a smaller one was cut by the wait.
+    fn full(size: usize, c: &LatencyController, took: Duration, call: Duration) -> Observed {
+        Observed { took, in_stage: took, call, waiting: size >= c.policy().max_batch_size }
+    }
+
+    /// The oldest event of a full batch waited about as long as the batch
+    /// before it took.
     fn took(size: usize) -> Duration {
-        Duration::from_micros(1_000 + 100 * size as u64) * 2
+        call(size) * 2
     }
 
     fn bounds() -> BatchPolicy {
@@ -187,7 +263,7 @@ mod tests {
         let mut changes = Vec::new();
         for _ in 0..2000 {
             let size = c.policy().max_batch_size;
-            if let Some(change) = c.observe(size, took(size)) {
+            if let Some(change) = c.observe(full(size, &c, took(size), call(size))) {
                 changes.push(change);
             }
         }
@@ -206,9 +282,25 @@ mod tests {
         c.set_bounds(bounds());
         for _ in 0..2000 {
             let size = c.policy().max_batch_size;
-            c.observe(size, took(size));
+            c.observe(full(size, &c, took(size), call(size)));
         }
         assert_eq!(c.policy(), bounds(), "back at the configured bounds");
+    }
+
+    #[test]
+    fn over_the_target_with_batches_cut_by_the_wait_only_the_wait_shrinks() {
+        let mut c = LatencyController::new(Duration::from_millis(30), bounds());
+        let mut changes = Vec::new();
+        // Light load: batches of 3 cut by the wait, whose whole length the
+        // oldest event waited, and the broker's hop of 15 ms before it.
+        for _ in 0..500 {
+            let p = c.policy();
+            let took = Duration::from_millis(15 + p.max_wait_ms) + call(3);
+            changes.extend(c.observe(full(3, &c, took, call(3))));
+        }
+        assert_eq!(c.policy().max_batch_size, 512, "the cap cut no batch: kept for bursts ({changes:?})");
+        assert!(c.policy().max_wait_ms <= 14, "{:?}", c.policy());
+        assert!(changes.iter().all(|c| c.reason.contains("the wait shrinks")), "{changes:?}");
     }
 
     #[test]
@@ -218,8 +310,30 @@ mod tests {
         c.set_bounds(bounds());
         let before = c.policy();
         for _ in 0..500 {
-            assert_eq!(c.observe(3, took(3)), None, "low load: nothing to gain from larger batches");
+            assert_eq!(c.observe(full(3, &c, took(3), call(3))), None, "low load: nothing to gain from larger batches");
         }
         assert_eq!(c.policy(), before);
+    }
+
+    /// More arrives than any batch size serves: every event also queues for
+    /// the batches ahead of it (a second's worth), whatever the size.
+    #[test]
+    fn overloaded_with_short_calls_the_cap_grows_instead_of_shrinking() {
+        let mut c = LatencyController::new(Duration::from_millis(200), bounds());
+        c.set_bounds(BatchPolicy { max_batch_size: 64, max_wait_ms: 20 });
+        c.set_bounds(bounds());
+        let mut changes = Vec::new();
+        for _ in 0..2000 {
+            let size = c.policy().max_batch_size;
+            changes.extend(c.observe(full(size, &c, Duration::from_secs(1) + call(size), call(size))));
+        }
+        assert_eq!(c.policy(), bounds(), "throughput first: {changes:?}");
+        assert!(changes[0].reason.contains("more arrives than the policy serves"), "{:?}", changes[0]);
+        // Without the queue, calls that take the time still shrink the cap.
+        let mut c = LatencyController::new(Duration::from_millis(50), bounds());
+        for _ in 0..DECIDE_EVERY {
+            c.observe(full(512, &c, Duration::from_millis(100), Duration::from_millis(40)));
+        }
+        assert_eq!(c.policy().max_batch_size, 384);
     }
 }

@@ -45,7 +45,7 @@ use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 
 use crate::lanes::{BulkEvent, BulkIntake, Lane, Lanes, Queue};
-use crate::latency::{Change, LatencyController};
+use crate::latency::{Change, LatencyController, Observed};
 use crate::progress::Progress;
 use crate::{KafkaConfig, KafkaRuntimeError, StageStatus, lag, telemetry};
 
@@ -489,13 +489,24 @@ struct PendingAck {
     inputs: usize,
 }
 
+/// How long the batch's oldest event has been in the stage: from its record's
+/// Kafka timestamp (when the previous stage or the producer sent it: the hop
+/// and any wait in the topic count, as they do for whoever waits on the
+/// answer), or from its arrival at the batcher (`at_batcher`) where that is
+/// longer or there is no timestamp.
+fn oldest_in_input(items: &[Incoming], at_batcher: Duration) -> Duration {
+    let now = sluice_messages::now_ms();
+    let in_topic = items.iter().filter_map(|i| i.timestamp_ms).map(|t| now.saturating_sub(t)).max().unwrap_or(0);
+    at_batcher.max(Duration::from_millis(in_topic.max(0) as u64))
+}
+
 async fn process_loop<S: Stage>(
     stage: &mut S,
     mut batches: Queue<Held>,
     producer: &FutureProducer,
     acks: mpsc::Sender<PendingAck>,
     options: &RunOptions,
-    observed: Option<mpsc::Sender<(usize, Duration)>>,
+    observed: Option<mpsc::Sender<Observed>>,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaRuntimeError> {
     let name = stage.name();
@@ -518,8 +529,12 @@ async fn process_loop<S: Stage>(
             let Batch { items, waited, cut_at } = batch;
             batches.give_back(lane, Batch { items: items.into_iter().zip(held).collect(), waited, cut_at });
         }
-        let (lane, batch, held) = match batches.try_next() {
-            Some(taken) => unzip(taken),
+        // Taken at once: it was cut and waiting while the last one ran.
+        let (lane, batch, held, waiting) = match batches.try_next() {
+            Some(taken) => {
+                let (lane, batch, held) = unzip(taken);
+                (lane, batch, held, true)
+            }
             None => {
                 // Nothing more is cut: the last outputs go out before waiting.
                 if let Some(sent) = sending.take()
@@ -529,7 +544,10 @@ async fn process_loop<S: Stage>(
                     return Ok(());
                 }
                 match batches.next().await {
-                    Some(taken) => unzip(taken),
+                    Some(taken) => {
+                        let (lane, batch, held) = unzip(taken);
+                        (lane, batch, held, false)
+                    }
                     None => break,
                 }
             }
@@ -566,7 +584,9 @@ async fn process_loop<S: Stage>(
         // arrival to answer (never waited for: a full channel drops one).
         // Live batches only: a bulk batch's wait is the lanes' doing.
         if let Some(observed) = observed.as_ref().filter(|_| lane == Lane::Live) {
-            let _ = observed.try_send((batch.items.len(), batch.oldest_age()));
+            let in_stage = batch.oldest_age();
+            let took = oldest_in_input(&batch.items, in_stage);
+            let _ = observed.try_send(Observed { took, in_stage, call: started.elapsed(), waiting });
         }
         // This hop's trace context for each input: every output of input `i`
         // (dead letters included) carries `hops[i]`.
@@ -799,7 +819,7 @@ async fn control_batches(
     (mut bounds, mut target, mut observed): (
         watch::Receiver<BatchPolicy>,
         watch::Receiver<u64>,
-        mpsc::Receiver<(usize, Duration)>,
+        mpsc::Receiver<Observed>,
     ),
     policy: watch::Sender<BatchPolicy>,
     status: Arc<StageStatus>,
@@ -838,7 +858,7 @@ async fn control_batches(
             }
             measure = observed.recv() => match (measure, &mut controller) {
                 (None, _) => return,
-                (Some((size, took)), Some(c)) => c.observe(size, took),
+                (Some(batch), Some(c)) => c.observe(batch),
                 (Some(_), None) => None,
             },
         };

@@ -150,6 +150,13 @@ enum DlqAction {
     },
 }
 
+/// A half of `sluice bench traffic`.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum TrafficHalf {
+    Lanes,
+    Ramp,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchWhat {
     /// Per-event cost of a cache hit against a model run, in process.
@@ -263,8 +270,13 @@ enum BenchWhat {
         out: PathBuf,
     },
     /// Live latency while a bulk backlog drains, with lanes and without,
-    /// against the same live stream alone (four stages, tansu broker).
+    /// against the same live stream alone (four stages, tansu broker); then
+    /// the latency controller against fixed batch sizes on a load ramp (the
+    /// inferrer alone, tansu broker).
     Traffic {
+        /// One half only: `lanes` or `ramp` (both by default).
+        #[arg(long)]
+        only: Option<TrafficHalf>,
         /// Stock requests in the bulk backlog.
         #[arg(long, default_value_t = 20_000)]
         bulk: usize,
@@ -280,6 +292,21 @@ enum BenchWhat {
         bulk_share: u64,
         #[arg(long, default_value = "docs/benchmarks/traffic.md")]
         out: PathBuf,
+        /// Seconds per load level of the ramp.
+        #[arg(long, default_value_t = 4.0)]
+        ramp_level_s: f64,
+        /// The controller's `latency_target_ms` in the ramp: one run per target.
+        #[arg(long, value_delimiter = ',', default_value = "50,250")]
+        ramp_target_ms: Vec<u64>,
+        /// The bounds in the ramp: `max_batch_size` (also the capacity's batch size).
+        #[arg(long, default_value_t = 256)]
+        ramp_max_batch: usize,
+        /// The bounds in the ramp: `max_wait_ms` (every fixed setting's too).
+        #[arg(long, default_value_t = 20)]
+        ramp_max_wait_ms: u64,
+        /// Fixed batch sizes the ramp compares the controller with.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        ramp_fixed: Vec<usize>,
     },
     /// What producer compression saves on the windows between the stages and
     /// what it costs, by codec, on noise and on random-walk history: the
@@ -406,8 +433,34 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         Command::Bench { what: BenchWhat::Compression { windows, events, repeats, out } } => {
             bench::compression::compression(config, bench::compression::Options { windows, events, repeats, out }).await
         }
-        Command::Bench { what: BenchWhat::Traffic { bulk, live, live_rate, repeats, bulk_share, out } } => {
-            let options = bench::traffic::Options { bulk, live_rate, live, repeats, bulk_share, out };
+        Command::Bench {
+            what:
+                BenchWhat::Traffic {
+                    only,
+                    bulk,
+                    live,
+                    live_rate,
+                    repeats,
+                    bulk_share,
+                    out,
+                    ramp_level_s,
+                    ramp_target_ms,
+                    ramp_max_batch,
+                    ramp_max_wait_ms,
+                    ramp_fixed,
+                },
+        } => {
+            let ramp = (only != Some(TrafficHalf::Lanes)).then(|| bench::ramp::Options {
+                level_s: ramp_level_s,
+                targets_ms: ramp_target_ms,
+                max_batch: ramp_max_batch,
+                max_wait_ms: ramp_max_wait_ms,
+                fixed: ramp_fixed,
+                repeats,
+                out: out.clone(),
+            });
+            let lanes = only != Some(TrafficHalf::Ramp);
+            let options = bench::traffic::Options { bulk, live_rate, live, repeats, bulk_share, out, lanes, ramp };
             bench::traffic::traffic(config, options).await
         }
         Command::Bench { what: BenchWhat::Recovery { kills, out } } => {
