@@ -9,6 +9,8 @@
 //!   reconcile) and publishes the effective settings on a `watch` channel.
 //! - [`cache`]: the two-tier prediction cache (bounded LRU in front of Redis).
 //! - [`link`]: a Redis connection that survives outages and reports them once.
+//! - [`rollout`]: a candidate model version's gates and the decision its
+//!   figures take (the rest of safe rollout builds on it).
 
 pub mod admin;
 pub mod cache;
@@ -17,6 +19,7 @@ mod error;
 pub mod keys;
 pub mod link;
 pub mod overrides;
+pub mod rollout;
 pub mod store;
 mod telemetry;
 
