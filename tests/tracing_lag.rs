@@ -438,14 +438,26 @@ async fn with_lanes_live_goes_first_bulk_keeps_its_share_and_a_full_bulk_queue_p
     // bulk records fetched after the resume then queue behind every live
     // record already prefetched (one consumer queue for both topics; see
     // docs/tuning.md, "Lanes"), and there is no bulk batch to take meanwhile.
+    // The same wait comes back whenever the bulk lane runs dry later on (a
+    // bulk batch cut short, here with max_wait 0: the lane held fewer than 8
+    // records): its next records were fetched behind live ones, and there is
+    // again no bulk batch to take until they come. So the share is checked
+    // while bulk had work in the stage, from that first bulk batch to the
+    // first bulk batch cut short (or the last live batch).
     let last = seen.iter().rposition(|(bulk, _)| !bulk).expect("live batches");
     let first_live = seen.iter().position(|(bulk, _)| !bulk).expect("live batches");
     let first = first_live + seen[first_live..].iter().position(|(bulk, _)| *bulk).expect("bulk batches");
     assert!(first < last, "bulk came only after all live work: no share while live waited");
-    let span = &seen[first..=last];
-    let bulk = span.iter().filter(|(bulk, _)| *bulk).count();
-    let live = span.len() - bulk;
+    let short = seen[first..=last].iter().position(|(bulk, b)| *bulk && b.len() < 8).map_or(last + 1, |i| first + i);
+    let count = |span: &[(bool, Vec<(String, i64)>)]| {
+        let bulk = span.iter().filter(|(bulk, _)| *bulk).count();
+        (span.len() - bulk, bulk)
+    };
+    let (live, bulk) = count(&seen[first..=last]);
     assert!(bulk * 2 <= live + 2, "live first: {live} live and {bulk} bulk batches while live waited");
+    let span = &seen[first..short];
+    assert!(span.len() >= 8, "bulk ran dry at once: too short a stretch to judge its share: {:?}", span.len());
+    let (live, bulk) = count(span);
     let order: String = seen.iter().map(|(bulk, b)| format!("{}{} ", if *bulk { 'B' } else { 'L' }, b.len())).collect();
     assert!(
         bulk * 6 >= live,
