@@ -21,7 +21,7 @@ use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_messages::prediction::PredictionRecord;
 use sluice_stages::generate::{GeneratedEvent, generate};
 
-use crate::batching::{Percentiles, machine, percentiles, stage_env};
+use crate::batching::{Line, Percentiles, machine, percentiles, plot, stage_env};
 use crate::cluster::LocalCluster;
 use crate::write_section;
 
@@ -137,6 +137,7 @@ async fn lanes(config: &SluiceConfig, options: &Options) -> anyhow::Result<()> {
         scenarios,
     };
     let json_path = options.out.with_extension("json");
+    std::fs::write(options.out.with_extension("svg"), svg(&report))?;
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
     let section = markdown(&report, options);
     write_section(&options.out, "traffic", &section)?;
@@ -255,7 +256,8 @@ fn markdown(report: &Report, options: &Options) -> String {
          batch 64, `max_wait_ms` 5). Each run starts a fresh broker and stages, publishes a backlog\n\
          of {bulk} stock requests (to `requests.bulk` with lanes, to `requests` without), then {live}\n\
          live requests at {rate}/s, one by one; latency is from each request's Kafka timestamp to\n\
-         its written prediction. The median run of {repeats} (by live p99) is shown; JSON beside this file.\n\n\
+         its written prediction. The median run of {repeats} (by live p99) is shown; JSON beside this file;\n\
+         plot of each scenario's live p50, p99 and p99.9: [traffic.svg](traffic.svg).\n\n\
          {table}\n\
          Live p99 during the drain over live p99 with no backlog, each against the live-only run of\n\
          its own setting: **{lanes:.2}×** with lanes, {none:.1}× without (the target is at most 1.5×\n\
@@ -277,4 +279,30 @@ fn markdown(report: &Report, options: &Options) -> String {
         idle = report.lanes_idle_cost,
         share = options.bulk_share,
     )
+}
+
+/// Each scenario's live latency profile (p50, p99, p99.9 of the median run;
+/// log10 of ms, since the scenarios span two decades).
+fn svg(report: &Report) -> String {
+    const COLOURS: [&str; 4] = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd"];
+    let lines: Vec<Line> = report
+        .scenarios
+        .iter()
+        .zip(COLOURS)
+        .map(|(s, colour)| {
+            let l = &s.median.live_ms;
+            let points = [l.p50, l.p99, l.p999]
+                .iter()
+                .enumerate()
+                .map(|(x, ms)| {
+                    let y = ms.max(1.0).log10();
+                    (x as f64, y, y, y)
+                })
+                .collect();
+            (s.name, colour, points)
+        })
+        .collect();
+    plot("Live latency, with and without lanes", "percentile", "live latency (log10 ms: 3 is 1 s)", &lines, |x| {
+        ["p50", "p99", "p99.9"].get(x as usize).map_or_else(String::new, |p| (*p).to_string())
+    })
 }
