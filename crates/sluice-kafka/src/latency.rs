@@ -20,8 +20,8 @@
 //!   over [`QUEUED_CALLS`] calls: the time went to queueing. More arrives
 //!   than the policy serves, and a smaller batch would serve less and
 //!   lengthen the queue (a collapse, seen in `sluice bench traffic`): the cap
-//!   grows by an eighth and the wait back towards their bounds instead, for
-//!   throughput;
+//!   grows by an eighth towards its bound and the wait goes straight back to
+//!   its bound instead, for throughput;
 //! - otherwise, calls that take half the target or more: the calls take the
 //!   time, and the cap and the wait shrink by a quarter;
 //! - otherwise (short calls, no queue): what the policy adds is the wait,
@@ -177,7 +177,11 @@ impl LatencyController {
                  than the policy serves, and larger batches serve more",
                 ms(call)
             );
-            return self.change(self.grown(), reason);
+            // The wait straight back to its bound: under a queue it costs
+            // nothing (batches fill at once) and lets them fill past the
+            // consumer's fetches.
+            let next = BatchPolicy { max_wait_ms: self.bounds.max_wait_ms, ..self.grown() };
+            return self.change(next, reason);
         }
         if p99 > target && call.as_secs_f64() >= SLOW_CALL * target.as_secs_f64() {
             // The calls are what takes the time: smaller batches.
