@@ -42,7 +42,7 @@ use crate::BatchPolicy;
 pub const WINDOW: usize = 100;
 /// Batches between two decisions.
 pub const DECIDE_EVERY: usize = 16;
-/// Under this share of the target, with full batches, the cap grows.
+/// Under this share of the target, with a backlog, the cap grows.
 const HEADROOM: f64 = 0.8;
 /// With a backlog, an oldest event waits for about the call before its own
 /// and its own (two or three calls): a p99 over this many calls is queueing,

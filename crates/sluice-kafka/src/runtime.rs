@@ -530,11 +530,8 @@ async fn process_loop<S: Stage>(
             batches.give_back(lane, Batch { items: items.into_iter().zip(held).collect(), waited, cut_at });
         }
         // Taken at once: it was cut and waiting while the last one ran.
-        let (lane, batch, held, waiting) = match batches.try_next() {
-            Some(taken) => {
-                let (lane, batch, held) = unzip(taken);
-                (lane, batch, held, true)
-            }
+        let (taken, waiting) = match batches.try_next() {
+            Some(taken) => (taken, true),
             None => {
                 // Nothing more is cut: the last outputs go out before waiting.
                 if let Some(sent) = sending.take()
@@ -544,14 +541,12 @@ async fn process_loop<S: Stage>(
                     return Ok(());
                 }
                 match batches.next().await {
-                    Some(taken) => {
-                        let (lane, batch, held) = unzip(taken);
-                        (lane, batch, held, false)
-                    }
+                    Some(taken) => (taken, false),
                     None => break,
                 }
             }
         };
+        let (lane, batch, held) = unzip(taken);
         batches.took(lane);
         telemetry::lane_batch(name, lane, batch.items.len(), batch.oldest_age());
         let started = Instant::now();
