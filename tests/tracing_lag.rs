@@ -674,6 +674,11 @@ fn a_replica_never_assigned_exports_the_alerted_series_at_zero() {
         ("sluice_overrides_refused_total", vec![("field", "max_batch_size")]),
         ("sluice_overrides_refused_total", vec![("field", "unknown")]),
     ];
+    for model in ["stock-lstm", "query-intent"] {
+        for decision in ["promoted", "rolled_back"] {
+            expected.push(("sluice_rollout_decisions_total", vec![("model", model), ("decision", decision)]));
+        }
+    }
     for (stage, reasons) in
         [("inferrer", StockTask::DEAD_LETTER_REASONS), ("query-inferrer", QueryTask::DEAD_LETTER_REASONS)]
     {

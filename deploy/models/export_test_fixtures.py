@@ -12,7 +12,11 @@ writes
   refuse or watch: 1 (the fixture's version 1), overconfident (confidence 1.5 on
   every answer: refused at warm-up), sometimes (confidence 1.5 only on samples
   starting with the sentinel 777.0: those answers are dead letters) and renamed
-  (version 1 whose metadata names another model: not a version of this one).
+  (version 1 whose metadata names another model: not a version of this one);
+  and the rollout candidates (tests/rollout.rs): same (version 1 again),
+  shifted (predicted return + 0.02: disagrees), poisoned (raises on samples
+  starting with the sentinel 12345.0, as stock-poison) and slow (version 1's
+  answer, computed three times over).
 - OUT/stock-light/1/: a near-free model with the stock fixture's input and
   outputs ([B, 30, 105] -> [B, 2]: the last day's mean through tanh and a
   sigmoid, a few element-wise operations). The batching benchmark runs it beside
@@ -58,6 +62,31 @@ class Overconfident(nn.Module):
         return torch.stack([y[:, 0], confidence], dim=1)
 
 
+class Shifted(nn.Module):
+    """The inner model with its predicted return moved by 0.02 (kept within its declared range)."""
+
+    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return torch.stack([torch.clamp(y[:, 0] + 0.02, -0.05, 0.05), y[:, 1]], dim=1)
+
+
+class Slow(nn.Module):
+    """The inner model's answer, computed three times: the same outputs, three times the model time."""
+
+    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        y = (y + self.inner(x + 0.0)) * 0.5
+        return (y + self.inner(x * 1.0)) * 0.5
+
+
 def export_variants(stock: str, out: str) -> None:
     inner = torch.jit.load(os.path.join(stock, "1", "model.pt"))
     with open(os.path.join(stock, "1", "metadata.json")) as f:
@@ -68,6 +97,10 @@ def export_variants(stock: str, out: str) -> None:
         "overconfident": (torch.jit.script(Overconfident(inner, True).eval()), metadata["name"]),
         "sometimes": (torch.jit.script(Overconfident(inner, False).eval()), metadata["name"]),
         "renamed": (inner, "another-model"),
+        "same": (inner, metadata["name"]),
+        "shifted": (torch.jit.script(Shifted(inner).eval()), metadata["name"]),
+        "poisoned": (torch.jit.script(Poisoned(inner).eval()), metadata["name"]),
+        "slow": (torch.jit.script(Slow(inner).eval()), metadata["name"]),
     }
     for version, (module, name) in variants.items():
         directory = os.path.join(out, "stock-variants", version)
@@ -79,6 +112,10 @@ def export_variants(stock: str, out: str) -> None:
     x[1, 0, 0] = 777.0
     y = variants["sometimes"][0](x)
     assert y[0, 1] < 1.0 and y[1, 1] == 1.5, y
+    x = torch.randn(3, 30, 105)
+    base = inner(x)
+    assert torch.allclose(variants["slow"][0](x), base, atol=1e-6)
+    assert torch.allclose(variants["shifted"][0](x)[:, 0], torch.clamp(base[:, 0] + 0.02, -0.05, 0.05), atol=1e-6)
     print(f"exported stock-variants to {out}")
 
 

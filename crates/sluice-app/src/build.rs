@@ -164,7 +164,8 @@ impl InferrerConfig {
             &cx.config.topics.inferred,
             cx.stats.inferrer.clone(),
         )?
-        .with_decode_threads(self.decode_threads);
+        .with_decode_threads(self.decode_threads)
+        .with_rollout(cx.control.rollout.clone(), &cx.config.topics.inferred_shadow);
         Ok(Built::model(stage, &settings))
     }
 
@@ -181,7 +182,8 @@ impl InferrerConfig {
             &cx.config.topics.inferred,
             cx.stats.query_inferrer.clone(),
         )?
-        .with_decode_threads(self.decode_threads);
+        .with_decode_threads(self.decode_threads)
+        .with_rollout(cx.control.query_rollout.clone(), &cx.config.topics.inferred_shadow);
         Ok(Built::model(stage, &settings))
     }
 }

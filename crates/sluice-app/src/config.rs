@@ -95,6 +95,9 @@ pub struct TopicsConfig {
     pub tokenized: String,
     /// Envelopes from the inferrer (predictions not yet written).
     pub inferred: String,
+    /// Envelopes of a rollout's candidate's shadow answers (docs/operations.md,
+    /// "Model rollout"), never read by the writer.
+    pub inferred_shadow: String,
     /// The JSON output topic.
     pub predictions: String,
     /// Dead letters from every stage.
@@ -125,13 +128,14 @@ impl TopicsConfig {
     }
 
     /// Every topic name with its key under `[topics]`.
-    pub fn names(&self) -> [(&'static str, &String); 7] {
+    pub fn names(&self) -> [(&'static str, &String); 8] {
         [
             ("requests", &self.requests),
             ("fetched", &self.fetched),
             ("normalized", &self.normalized),
             ("tokenized", &self.tokenized),
             ("inferred", &self.inferred),
+            ("inferred_shadow", &self.inferred_shadow),
             ("predictions", &self.predictions),
             ("dead_letters", &self.dead_letters),
         ]
@@ -146,6 +150,7 @@ impl TopicsConfig {
             normalized: name("normalized"),
             tokenized: name("tokenized"),
             inferred: name("inferred"),
+            inferred_shadow: name("inferred_shadow"),
             predictions: name("predictions"),
             dead_letters: name("dead_letters"),
             ..self.clone()

@@ -1,6 +1,9 @@
-//! `sluice overrides get|set|unset|watch` and `sluice cache stats|clear`.
+//! `sluice overrides get|set|unset|watch`, `sluice cache stats|clear` and
+//! `sluice rollout start|step|status|promote|abort`.
 
 use std::io::Write;
+
+use anyhow::Context as _;
 use std::sync::Arc;
 
 use clap::Subcommand;
@@ -8,6 +11,8 @@ use serde_json::json;
 use sluice_control::admin;
 use sluice_control::link::RedisLink;
 use sluice_control::overrides::{self, Follower};
+use sluice_control::rollout::store::{Stored, now_ms, parse_share};
+use sluice_control::rollout::{Gates, Phase, Rollout, RolloutStore, Tally, judge};
 use sluice_control::store::{OverrideStore, RawHash, Scope, ScopedOverrides};
 use sluice_control::{Overrides, Settings};
 use sluice_model::{ModelConfig, ModelKind};
@@ -225,6 +230,200 @@ pub async fn cache(config: SluiceConfig, action: CacheAction) -> anyhow::Result<
         CacheAction::Clear => {
             let deleted = admin::clear_cache(&link, store.keys()).await?;
             out(&format!("deleted {deleted} cache entries; running inferrers empty their in-process tier"))
+        }
+    }
+}
+
+/// The gates a rollout is judged by (defaults: [`Gates::default`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GateArgs {
+    /// Compared events before a promotion can be decided.
+    #[arg(long)]
+    pub min_compared: Option<u64>,
+    /// Stock: the p99 of |candidate - serving| predicted return, at most.
+    #[arg(long)]
+    pub max_return_diff_p99: Option<f64>,
+    /// Queries: the share of events both label alike, at least (0..1).
+    #[arg(long)]
+    pub min_label_agreement: Option<f64>,
+    /// The candidate's errors (failed calls, non-finite or out-of-range answers) per compared event, at most.
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    /// The candidate's model time over the serving version's on the same batches, at most.
+    #[arg(long)]
+    pub max_time_ratio: Option<f64>,
+}
+
+impl GateArgs {
+    fn gates(&self) -> Gates {
+        let d = Gates::default();
+        Gates {
+            min_compared: self.min_compared.unwrap_or(d.min_compared),
+            max_return_diff_p99: self.max_return_diff_p99.unwrap_or(d.max_return_diff_p99),
+            min_label_agreement: self.min_label_agreement.unwrap_or(d.min_label_agreement),
+            max_error_rate: self.max_error_rate.unwrap_or(d.max_error_rate),
+            max_time_ratio: self.max_time_ratio.unwrap_or(d.max_time_ratio),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Start a rollout: every inferrer replica loads the candidate beside the
+    /// serving version, runs it on --shadow of the batches and answers
+    /// --canary of the keys with it, and promotes or rolls it back by itself.
+    Start {
+        /// The model (its metadata's name; the stock model by default).
+        #[arg(long)]
+        model: Option<String>,
+        /// The version to roll out (installed under the model's directory).
+        #[arg(long)]
+        candidate: String,
+        /// The share of batches the candidate also runs on, its answers to the shadow topic (20% or 0.2).
+        #[arg(long, default_value = "20%")]
+        shadow: String,
+        /// The share of keys (stock symbols, query event ids) the candidate answers.
+        #[arg(long, default_value = "0%")]
+        canary: String,
+        /// Canary shares `sluice rollout step` moves through, rising (5%,25%,100%).
+        #[arg(long, value_delimiter = ',')]
+        schedule: Vec<String>,
+        /// Take the schedule's next step by itself this often (seconds; 0: only by hand).
+        #[arg(long, default_value_t = 0)]
+        step_every_s: u64,
+        #[command(flatten)]
+        gates: GateArgs,
+    },
+    /// Raise the canary share: to --to, or to the schedule's next step.
+    Step {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// The rollout, its tally summed over every replica, and what the gates say of it now.
+    Status {
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Promote the candidate now, whatever the gates say.
+    Promote {
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Stop the rollout: the serving version stays, the candidate is unloaded.
+    Abort {
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+/// The tally's figures a person reads.
+fn figures(tally: &Tally) -> serde_json::Value {
+    let ratio = (tally.serving_seconds > 0.0).then(|| tally.candidate_seconds / tally.serving_seconds);
+    json!({
+        "compared": tally.compared,
+        "errors": tally.errors,
+        "return_diff_p50": tally.return_diff_quantile(0.5),
+        "return_diff_p99": tally.return_diff_quantile(0.99),
+        "queries": tally.queries,
+        "label_agreement": (tally.queries > 0).then(|| tally.agreed as f64 / tally.queries as f64),
+        "model_time_ratio": ratio,
+    })
+}
+
+pub async fn rollout(config: SluiceConfig, action: RolloutAction) -> anyhow::Result<()> {
+    let (overrides, _) = redis_store(&config)?;
+    let store = RolloutStore::beside(&overrides);
+    let stock = model_name(&config.inferrer.model);
+    let model = |m: &Option<String>| m.clone().unwrap_or_else(|| stock.clone());
+    // A change a person asks of the running rollout, compared-and-set.
+    let running = async |name: &str| -> anyhow::Result<Stored> {
+        match store.get(name).await? {
+            Some(stored) if stored.rollout.is_running() => Ok(stored),
+            Some(stored) => anyhow::bail!(
+                "the rollout {} of {name} is {} already; start a new one with `sluice rollout start`",
+                stored.rollout.id,
+                stored.rollout.phase.name()
+            ),
+            None => anyhow::bail!("{name} has no rollout; start one with `sluice rollout start`"),
+        }
+    };
+    let replaced = |done: bool, next: &Rollout| -> anyhow::Result<()> {
+        anyhow::ensure!(done, "the rollout changed meanwhile (a replica decided it?): see `sluice rollout status`");
+        out(&serde_json::to_string_pretty(next)?)
+    };
+    match action {
+        RolloutAction::Start { model: m, candidate, shadow, canary, schedule, step_every_s, gates } => {
+            let name = model(&m);
+            let (served, base) = model_of(&config, &name);
+            anyhow::ensure!(
+                served.has_version(&candidate),
+                "candidate: version {candidate} of {name} is not installed under {}",
+                served.dir.display()
+            );
+            let raw = overrides.read(Scope::Model(name.clone())).await?;
+            let versions = |v: &str| served.has_version(v);
+            let (parsed, _) = overrides.parse(Scope::Model(name.clone()), &raw, &ScopedOverrides::default(), &versions);
+            let serving = parsed.effective(&base).model_version;
+            let share = |key: &str, text: &str| parse_share(key, text).map_err(anyhow::Error::msg);
+            let schedule = schedule.iter().map(|s| share("schedule", s)).collect::<anyhow::Result<Vec<_>>>()?;
+            let rollout = Rollout::new(
+                &name,
+                &serving,
+                &candidate,
+                share("shadow", &shadow)?,
+                share("canary", &canary)?,
+                gates.gates(),
+                schedule,
+                step_every_s,
+            )
+            .map_err(|e| anyhow::anyhow!("rollout refused: {e}"))?;
+            let current = store.get(&name).await?;
+            if let Some(c) = current.as_ref().filter(|c| c.rollout.is_running()) {
+                anyhow::bail!("the rollout {} of {name} is running: `sluice rollout abort` it first", c.rollout.id);
+            }
+            replaced(store.replace(current.as_ref(), &rollout).await?, &rollout)
+        }
+        RolloutAction::Step { model: m, to } => {
+            let stored = running(&model(&m)).await?;
+            let share = match to {
+                Some(to) => parse_share("to", &to).map_err(anyhow::Error::msg)?,
+                None => stored.rollout.next_step().context("no step left in the schedule: give --to")?,
+            };
+            anyhow::ensure!(
+                share >= stored.rollout.canary,
+                "to: the canary share only rises (now {})",
+                stored.rollout.canary
+            );
+            let next = stored.rollout.stepped(share);
+            replaced(store.replace(Some(&stored), &next).await?, &next)
+        }
+        RolloutAction::Status { model: m } => {
+            let name = model(&m);
+            let Some(stored) = store.get(&name).await? else {
+                return out(&serde_json::to_string_pretty(&json!({ "model": name, "rollout": null }))?);
+            };
+            let tally = store.tally(&name, &stored.rollout.id).await?;
+            out(&serde_json::to_string_pretty(&json!({
+                "model": name,
+                "rollout": stored.rollout,
+                "tally": figures(&tally),
+                "gates_say": judge(&stored.rollout.gates, &tally),
+            }))?)
+        }
+        RolloutAction::Promote { model: m } => {
+            let name = model(&m);
+            let stored = running(&name).await?;
+            let tally = store.tally(&name, &stored.rollout.id).await?;
+            let figures = format!("by a person, at {}", figures(&tally));
+            let next = stored.rollout.decided(Phase::Promoted { figures, at_ms: now_ms() });
+            replaced(store.replace(Some(&stored), &next).await?, &next)
+        }
+        RolloutAction::Abort { model: m } => {
+            let stored = running(&model(&m)).await?;
+            let next = stored.rollout.decided(Phase::Aborted { by: "a person".into(), at_ms: now_ms() });
+            replaced(store.replace(Some(&stored), &next).await?, &next)
         }
     }
 }

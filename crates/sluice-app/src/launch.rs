@@ -10,6 +10,7 @@ use sluice_control::cache::PredictionCache;
 use sluice_control::controller::{Controller, VersionCheck};
 use sluice_control::keys::KeyLayout;
 use sluice_control::link::RedisLink;
+use sluice_control::rollout::{RolloutLink, RolloutStore, follow};
 use sluice_control::store::OverrideStore;
 use sluice_control::store::Scope;
 use sluice_kafka::{KafkaConfig, Lanes, RunOptions, StageStatus};
@@ -100,6 +101,10 @@ pub struct Control {
     /// The query model's, in a process that serves queries.
     pub query_settings: Option<watch::Receiver<Settings>>,
     pub cache: Arc<PredictionCache>,
+    /// The stock model's rollout and the query model's, followed in a
+    /// process that runs the models.
+    pub rollout: RolloutLink,
+    pub query_rollout: RolloutLink,
 }
 
 /// The override store the configuration names (Redis, or in process).
@@ -192,11 +197,21 @@ pub async fn start_control(
             starting_batch_size(model, config.inferrer.query.batch.max_batch_size, ModelKind::Query, tune).await?;
         let base = Settings { max_batch_size, ..config.query_base_settings() };
         // The stock model's controller reports refusals in the shared hash.
-        Some(follow(model, base).leave_all_scope_reports().start(shutdown).await)
+        Some(follow(model, base).leave_all_scope_reports().start(shutdown.clone()).await)
     } else {
         None
     };
-    Ok(Control { settings, writer_settings, query_settings, cache })
+    let rollouts = RolloutStore::beside(&store);
+    let rollout_of = async |model: &sluice_model::ModelConfig, runs: bool| {
+        if runs {
+            follow::follow(rollouts.clone(), &model_name(model), shutdown.clone()).await
+        } else {
+            RolloutLink::none()
+        }
+    };
+    let rollout = rollout_of(stock, tune).await;
+    let query_rollout = rollout_of(&config.inferrer.query.model, tune && query).await;
+    Ok(Control { settings, writer_settings, query_settings, cache, rollout, query_rollout })
 }
 
 /// Counters the demo and the status page report.
@@ -336,13 +351,15 @@ pub async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Re
         (model_name(&config.inferrer.model), control.settings.clone()),
         ("writer".to_string(), control.writer_settings.clone()),
     ];
-    let mut models = Vec::new();
+    let (mut models, mut rollouts) = (Vec::new(), Vec::new());
     if kinds.contains(&StageKind::Inferrer) {
         models.push((model_name(&config.inferrer.model), stats.inferrer.clone()));
+        rollouts.push((model_name(&config.inferrer.model), control.rollout.clone()));
     }
     if let Some(query) = &control.query_settings {
         settings.push((model_name(&config.inferrer.query.model), query.clone()));
         models.push((model_name(&config.inferrer.query.model), stats.query_inferrer.clone()));
+        rollouts.push((model_name(&config.inferrer.query.model), control.query_rollout.clone()));
     }
     let health = observe::Health {
         metrics,
@@ -351,6 +368,7 @@ pub async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Re
         settings,
         cache: (!models.is_empty()).then(|| control.cache.clone()),
         models,
+        rollouts,
         gpu: runs_models.then(|| gpu::GpuMonitor::start(Duration::from_secs(5), shutdown.clone())).flatten(),
         postgres: needs_postgres.then(|| config.postgres.pool()).transpose()?,
     };

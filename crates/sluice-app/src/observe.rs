@@ -55,6 +55,8 @@ pub struct Health {
     pub cache: Option<Arc<sluice_control::cache::PredictionCache>>,
     /// Each served model's counters (serving version), by model name.
     pub models: Vec<(String, Arc<sluice_stages::InferrerStats>)>,
+    /// Each served model's rollout (running or decided), by model name.
+    pub rollouts: Vec<(String, sluice_control::rollout::RolloutLink)>,
     /// GPU readings, in a process that runs models where NVML loads.
     pub gpu: Option<Arc<crate::gpu::GpuMonitor>>,
     /// PostgreSQL, in a process whose stages cannot work without it (a
@@ -158,6 +160,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
                 "model_rows": s.model_rows.load(std::sync::atomic::Ordering::Relaxed),
                 "cache_hits": s.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
                 "switches": s.switches.load(std::sync::atomic::Ordering::Relaxed),
+                "rollout": health.rollouts.iter().find(|(n, _)| n == name).and_then(|(_, r)| r.current()).map(|r| json!(*r)),
             });
             (name.clone(), stats)
         })

@@ -27,6 +27,7 @@ pub mod postgres;
 pub mod query;
 pub mod ramp;
 pub mod recovery;
+pub mod rollout;
 pub mod traffic;
 
 use std::path::Path;

@@ -8,6 +8,10 @@ pub enum ControlError {
     /// their last good settings and treat the cache as missing.
     #[error("redis: {0}")]
     Redis(String),
+    /// A rollout that cannot be read or written as asked (what it holds is
+    /// not a rollout, or a person's request does not fit its state).
+    #[error("rollout: {0}")]
+    Rollout(String),
     /// A bad `control.*` setting.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -8,6 +8,8 @@
 //! {prefix}:{pipeline}:cache:{model}:{version}:{hash}   string: a cached prediction (with a TTL)
 //! {prefix}:{pipeline}:cache-stats               hash: cache counters summed over all replicas
 //! {prefix}:{pipeline}:cache-epoch               integer: how many times the cache was cleared
+//! {prefix}:{pipeline}:rollout:{model}           string: the model's rollout (JSON), running or decided
+//! {prefix}:{pipeline}:rollout:{model}:tally:{id}  hash: that rollout's tally, summed over all replicas
 //! ```
 
 /// Builds every key from a prefix and a pipeline name.
@@ -50,6 +52,14 @@ impl KeyLayout {
     /// notification still sees the clear at its next reconcile.
     pub fn cache_epoch(&self) -> String {
         format!("{}:cache-epoch", self.base)
+    }
+
+    pub fn rollout(&self, model: &str) -> String {
+        format!("{}:rollout:{model}", self.base)
+    }
+
+    pub fn rollout_tally(&self, model: &str, id: &str) -> String {
+        format!("{}:rollout:{model}:tally:{id}", self.base)
     }
 
     pub fn cache_stats(&self) -> String {

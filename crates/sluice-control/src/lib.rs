@@ -9,8 +9,8 @@
 //!   reconcile) and publishes the effective settings on a `watch` channel.
 //! - [`cache`]: the two-tier prediction cache (bounded LRU in front of Redis).
 //! - [`link`]: a Redis connection that survives outages and reports them once.
-//! - [`rollout`]: a candidate model version's gates and the decision its
-//!   figures take (the rest of safe rollout builds on it).
+//! - [`rollout`]: safe model rollout: a candidate version beside the serving
+//!   one (shadow, canary), its gates, and the decision, taken once for all replicas.
 
 pub mod admin;
 pub mod cache;

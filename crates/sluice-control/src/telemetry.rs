@@ -87,3 +87,63 @@ pub(crate) fn cache_size(entries: usize, bytes: usize) {
     gauge!("sluice_cache_entries").set(entries as f64);
     gauge!("sluice_cache_bytes").set(bytes as f64);
 }
+
+/// Creates a model's decision counters at 0, so that an alert on
+/// `increase()` sees its first rollback.
+pub(crate) fn rollout_decisions_at_zero(model: &str) {
+    for decision in ["promoted", "rolled_back"] {
+        counter!("sluice_rollout_decisions_total", "model" => model.to_string(), "decision" => decision).increment(0);
+    }
+}
+
+/// A replica sees a rollout start, or be decided (by another replica or a person).
+pub(crate) fn rollout_seen(r: &crate::rollout::Rollout) {
+    tracing::info!(
+        model = r.model,
+        rollout = r.id,
+        candidate = r.candidate,
+        phase = r.phase.name(),
+        shadow = r.shadow,
+        canary = r.canary,
+        "following the model's rollout"
+    );
+}
+
+/// The shares in force (0 with no rollout running).
+pub(crate) fn rollout_shares(model: &str, running: Option<&crate::rollout::Rollout>) {
+    let (canary, shadow) = running.map_or((0.0, 0.0), |r| (r.canary, r.shadow));
+    gauge!("sluice_rollout_canary_share", "model" => model.to_string()).set(canary);
+    gauge!("sluice_rollout_shadow_share", "model" => model.to_string()).set(shadow);
+}
+
+/// The running rollout's tally, summed over every replica.
+pub(crate) fn rollout_tally(model: &str, sum: &crate::rollout::Tally) {
+    gauge!("sluice_rollout_compared", "model" => model.to_string()).set(sum.compared as f64);
+    gauge!("sluice_rollout_candidate_errors", "model" => model.to_string()).set(sum.errors as f64);
+}
+
+/// The canary share stepped by the schedule.
+pub(crate) fn rollout_stepped(r: &crate::rollout::Rollout) {
+    tracing::info!(model = r.model, rollout = r.id, canary = r.canary, "rollout stepped: the canary share is raised");
+}
+
+/// This replica took the rollout's decision (logged and counted once, by the replica that took it).
+pub(crate) fn rollout_decided(r: &crate::rollout::Rollout) {
+    use crate::rollout::Phase;
+    let decision = r.phase.name();
+    counter!("sluice_rollout_decisions_total", "model" => r.model.clone(), "decision" => decision).increment(1);
+    match &r.phase {
+        Phase::Promoted { figures, .. } => {
+            tracing::info!(model = r.model, rollout = r.id, candidate = r.candidate, figures, "rollout promoted");
+        }
+        Phase::RolledBack { gate, figures, .. } => tracing::warn!(
+            model = r.model,
+            rollout = r.id,
+            candidate = r.candidate,
+            gate,
+            figures,
+            "rollout rolled back: the serving version stays"
+        ),
+        Phase::Running | Phase::Aborted { .. } => {}
+    }
+}

@@ -69,6 +69,16 @@ pub(crate) fn version_loading(version: &str, serving: &str) {
     tracing::info!(version, serving, "loading a model version; the serving one answers meanwhile");
 }
 
+/// A rollout's candidate is loaded, warm and admitted: it runs beside the serving version.
+pub(crate) fn candidate_ready(model: &str, version: &str) {
+    tracing::info!(model, version, "the rollout's candidate is ready beside the serving version");
+}
+
+/// A rollout's candidate cannot run here (the rollout rolls back).
+pub(crate) fn candidate_failed(model: &str, version: &str, reason: &str) {
+    tracing::error!(model, version, reason, "the rollout's candidate failed; the rollout rolls back");
+}
+
 pub(crate) fn version_switched(model: &str, from: &str, to: &str) {
     counter!("sluice_model_switches_total", "model" => model.to_string()).increment(1);
     tracing::info!(model, from, to, "model version switched");

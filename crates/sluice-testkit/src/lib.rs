@@ -213,6 +213,7 @@ fetched = "{prefix}.fetched"
 normalized = "{prefix}.normalized"
 tokenized = "{prefix}.tokenized"
 inferred = "{prefix}.inferred"
+inferred_shadow = "{prefix}.inferred.shadow"
 predictions = "{prefix}.predictions"
 dead_letters = "{prefix}.dead-letters"
 partitions = {partitions}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use figment::Figment;
 use sluice_app::config::SluiceConfig;
-use sluice_app::control_cli::{self, CacheAction, OverridesAction};
+use sluice_app::control_cli::{self, CacheAction, OverridesAction, RolloutAction};
 use sluice_app::launch::{StageKind, run_stages};
 use sluice_app::tools::{self, Events};
 use sluice_app::{demo, dlq, observe};
@@ -83,6 +83,12 @@ enum Command {
     Cache {
         #[command(subcommand)]
         action: CacheAction,
+    },
+    /// Safe model rollout: a candidate version in shadow and canary beside
+    /// the serving one, promoted or rolled back by its gates (needs Redis).
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
     },
     /// Dead letters: republish selected ones to the topic they came from.
     Dlq {
@@ -257,6 +263,23 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// What a model rollout costs the inferrer: in memory, no rollout against
+    /// a candidate in 20% shadow, and with a 5% canary as well.
+    Rollout {
+        /// Events per measured run.
+        #[arg(long, default_value_t = 8192)]
+        events: usize,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// The candidate version, installed beside the serving one.
+        #[arg(long, default_value = "2")]
+        candidate: String,
+        /// Rounds: the median run is reported, with the spread.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// A backlog published before any stage runs, then drained by the four
     /// stages (separate processes, tansu broker), with every process's
     /// resident memory sampled.
@@ -393,6 +416,7 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
         }
         Command::Overrides { action } => control_cli::overrides(config, action).await,
         Command::Cache { action } => control_cli::cache(config, action).await,
+        Command::Rollout { action } => control_cli::rollout(config, action).await,
         Command::Dlq { action: DlqAction::Replay { reasons, stage, since, until, limit, dry_run, idle_ms } } => {
             let idle = Duration::from_millis(idle_ms);
             let selection = dlq::Selection { reasons, stage, since, until, limit, dry_run, idle };
@@ -426,6 +450,10 @@ async fn run(command: Command, config: SluiceConfig) -> anyhow::Result<()> {
             let light_model = light_model.or_else(bench::batching::light_fixture);
             let options = bench::decode::Options { events, sizes, threads, repeats, light_model, out };
             bench::decode::decode(config, options).await
+        }
+        Command::Bench { what: BenchWhat::Rollout { events, batch, candidate, repeats, out } } => {
+            let options = bench::rollout::Options { events, batch, candidate, repeats, out };
+            bench::rollout::rollout(config, options).await
         }
         Command::Bench { what: BenchWhat::Backlog { events, stock_every, out } } => {
             bench::backlog::backlog(config, events, stock_every, &out).await

@@ -30,12 +30,19 @@ pub(crate) struct Calls {
     budget_bytes: u64,
     /// Rows per call at most, once a call ran out of memory.
     row_cap: Option<usize>,
+    /// The model's own time in calls since [`Calls::take_model_time`].
+    model_time: std::time::Duration,
 }
 
 impl Calls {
     pub(crate) fn new(model: &str, budget_bytes: u64) -> Self {
         telemetry::model_failures_at_zero(model);
-        Self { model: model.to_string(), budget_bytes, row_cap: None }
+        Self { model: model.to_string(), budget_bytes, row_cap: None, model_time: std::time::Duration::ZERO }
+    }
+
+    /// The model's own time in the calls made since the last time this was asked.
+    pub(crate) fn take_model_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.model_time)
     }
 
     /// Rows per call at most, once lowered.
@@ -96,6 +103,7 @@ impl Calls {
             };
             match result {
                 Ok(inference) => {
+                    self.model_time += inference.elapsed;
                     telemetry::model_call(&self.model, n, padded_length as usize, inference.elapsed);
                     for (row, values) in range.zip(inference.outputs.chunks_exact(width)) {
                         let answer =

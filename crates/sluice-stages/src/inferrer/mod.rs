@@ -8,6 +8,12 @@
 //! With a backlog, the next batch is prepared (decoded, looked up, its first
 //! call laid out) while the model runs the current one ([`Prepared`]).
 //!
+//! While the model's rollout runs, its candidate version ([`served`]) also
+//! runs on a share of batches (shadow: its answers go to the shadow topic)
+//! and on the rows whose key is in the canary share (it answers those, each
+//! answer naming the candidate's version), and every answer both gave is
+//! compared ([`Task::compare`]) into the rollout's tally ([`trial`]).
+//!
 //! What differs between kinds is a [`Task`]: how a payload becomes a row, its
 //! cache key and length, how rows are laid out as one call's input, and what
 //! the answer is. [`stock::StockTask`] serves normalised windows (one call per
@@ -19,6 +25,7 @@
 //! - [`calls`]: running a call, split in halves where it fails, with the row cap.
 //! - [`served`]: the serving version, and switching to another.
 //! - [`answers`]: the cache's part, the same for every kind.
+//! - [`trial`]: a rollout's candidate on a batch, and the comparison.
 
 mod answers;
 mod calls;
@@ -26,6 +33,7 @@ mod plan;
 pub mod query;
 mod served;
 pub mod stock;
+mod trial;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -36,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use sluice_control::Settings;
 use sluice_control::cache::{CacheKey, PredictionCache};
+use sluice_control::rollout::{RolloutLink, Tally};
 use sluice_core::{BatchFailure, Incoming, Output, Stage};
 use sluice_messages::dead_letter::Reason;
 use sluice_messages::envelope::{Header, Payload};
@@ -135,8 +144,21 @@ pub trait Task: Send + Sync + 'static {
     fn assemble(rows: &[&Self::Row], metadata: &ModelMetadata, recycled: Option<Batch>) -> Batch;
 
     /// What is sent on for a row and its answer (finite and within range).
-    fn answer(row: Self::Row, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64)
-    -> Payload;
+    fn answer(
+        row: &Self::Row,
+        answer: &Answer,
+        metadata: &ModelMetadata,
+        version: &str,
+        inferred_at_ms: i64,
+    ) -> Payload;
+
+    /// What decides whether a row is in a rollout's canary share: a stable
+    /// key of what is asked (a stock's symbol, a query's event id).
+    fn canary_key<'a>(header: &'a Header, row: &'a Self::Row) -> &'a [u8];
+
+    /// Counts one row both versions answered (each answer valid for its own
+    /// model's metadata) into a rollout's tally.
+    fn compare(tally: &mut Tally, serving: (&ModelMetadata, &[f32]), candidate: (&ModelMetadata, &[f32]));
 }
 
 /// The stock model's stage (`inferrer`).
@@ -155,6 +177,9 @@ pub struct ModelStage<T: Task, L: ModelLoader> {
     /// The next batch, prepared while the model ran the last one.
     ahead: Option<Prepared<T>>,
     decode_threads: usize,
+    /// A rollout's candidate: its calls, its spare buffers, and where its
+    /// answers go.
+    trial: trial::TrialCalls,
     task: PhantomData<T>,
 }
 
@@ -194,6 +219,7 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
         }
         T::check(metadata, &model.version_dir(runner.version()))?;
         let calls = Calls::new(&metadata.name, model.memory_budget_bytes);
+        let trial = trial::TrialCalls::new(&metadata.name, model.memory_budget_bytes);
         Ok(Self {
             served: ServedModel::new(loader, runner, model, settings, checked::<T>, stats),
             calls,
@@ -202,8 +228,18 @@ impl<T: Task, L: ModelLoader> ModelStage<T, L> {
             spare: None,
             ahead: None,
             decode_threads: 1,
+            trial,
             task: PhantomData,
         })
+    }
+
+    /// Follows the model's rollout (`sluice rollout`): the candidate's
+    /// shadow answers go to `shadow_topic`.
+    #[must_use]
+    pub fn with_rollout(mut self, link: RolloutLink, shadow_topic: &str) -> Self {
+        self.served.follow_rollout_of(link);
+        self.trial.shadow_topic = shadow_topic.into();
+        self
     }
 
     /// Decodes a batch of at least twice [`DECODED_APART`] inputs in up to
@@ -249,7 +285,7 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
         next: Option<&[Incoming]>,
     ) -> Result<Vec<Output>, BatchFailure> {
         let settings = self.served.follow_settings().await;
-        let Self { served, calls, cache, output, spare, ahead, decode_threads, .. } = self;
+        let Self { served, calls, cache, output, spare, ahead, decode_threads, trial, .. } = self;
         let runner = served.runner();
         let metadata = runner.metadata();
         let at = Serving {
@@ -321,11 +357,44 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
 
         let mut lap = stopwatch();
         let (version, ttl) = (at.version, Duration::from_secs(settings.cache_ttl_s));
+        let serving_time = calls.take_model_time();
         answers.fill(at.cache, &metadata.name, version, computed, valid, ttl, at.stats).await;
         let filling = lap();
 
+        // The rollout's candidate, on what it runs on in this batch.
+        let candidate = match served.trial() {
+            Some((rollout, candidate)) => {
+                let all_computed = answers.to_compute.len() == rows.len();
+                let (link, served_rows) = (served.rollout(), &answers.rows);
+                trial
+                    .run::<T, _>(
+                        &rollout,
+                        candidate,
+                        link,
+                        &rows,
+                        served_rows,
+                        metadata,
+                        &settings,
+                        all_computed,
+                        serving_time,
+                    )
+                    .await
+            }
+            None => None,
+        };
+        let trying = lap();
+
         let inferred_at_ms = sluice_messages::now_ms();
-        for ((i, header, row), answer) in rows.into_iter().zip(answers.rows) {
+        for (r, ((i, header, row), answer)) in rows.into_iter().zip(answers.rows).enumerate() {
+            if let Some(candidate) = &candidate {
+                if let Some(shadow) = candidate.shadow(r, &row, inferred_at_ms) {
+                    outputs.push(forward(i, &batch[i], &trial.shadow_topic, &header, shadow));
+                }
+                if let Some(canary) = candidate.canary(r, &row, inferred_at_ms) {
+                    outputs.push(forward(i, &batch[i], output, &header, canary));
+                    continue;
+                }
+            }
             let answer = match answer.expect("every row is answered or failed") {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -342,10 +411,16 @@ impl<T: Task, L: ModelLoader> Stage for ModelStage<T, L> {
                 outputs.push(dead_letter_of(i, &e, &header, T::original(&row)));
                 continue;
             }
-            let payload = T::answer(row, &answer, metadata, version, inferred_at_ms);
+            let payload = T::answer(&row, &answer, metadata, version, inferred_at_ms);
             outputs.push(forward(i, &batch[i], output, &header, payload));
         }
-        let phases = [("assemble", assembling), ("model", modelling), ("cache", filling), ("answer", lap())];
+        let phases = [
+            ("assemble", assembling),
+            ("model", modelling),
+            ("cache", filling),
+            ("candidate", trying),
+            ("answer", lap()),
+        ];
         telemetry::model_stage_phases(&metadata.name, &phases);
         Ok(outputs)
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use sluice_control::Settings;
 use sluice_control::cache::CacheKey;
+use sluice_control::rollout::Tally;
 use sluice_messages::dead_letter::Reason;
 use sluice_messages::envelope::{Header, LabelScore, Payload, QueryIntent, QueryTokens};
 use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata};
@@ -104,7 +105,7 @@ impl Task for QueryTask {
     }
 
     fn answer(
-        row: QueryTokens,
+        row: &QueryTokens,
         answer: &Answer,
         metadata: &ModelMetadata,
         version: &str,
@@ -113,7 +114,7 @@ impl Task for QueryTask {
         let ranked = ranked(&answer.values);
         let label = |index: usize| metadata.labels.get(index).cloned().unwrap_or_default();
         Payload::Intent(QueryIntent {
-            text: row.text,
+            text: row.text.clone(),
             label: label(ranked[0].0),
             confidence: ranked[0].1,
             top: ranked
@@ -128,6 +129,19 @@ impl Task for QueryTask {
             cached: answer.cached,
             inferred_at_ms,
         })
+    }
+
+    /// The event id: a query's text may repeat, its event does not.
+    fn canary_key<'a>(header: &'a Header, _: &'a QueryTokens) -> &'a [u8] {
+        header.event_id.as_bytes()
+    }
+
+    /// Whether both gave the same label (by name: a version may order its labels otherwise).
+    fn compare(tally: &mut Tally, serving: (&ModelMetadata, &[f32]), candidate: (&ModelMetadata, &[f32])) {
+        let label = |(metadata, logits): (&ModelMetadata, &[f32])| {
+            metadata.labels.get(ranked(logits)[0].0).cloned().unwrap_or_default()
+        };
+        tally.query(label(serving) == label(candidate));
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use sluice_control::Settings;
 use sluice_control::cache::CacheKey;
+use sluice_control::rollout::Tally;
 use sluice_messages::dead_letter::Reason;
 use sluice_messages::envelope::{Header, Payload, StockPrediction, StockSeries, StockWindow, WindowPrecision};
 use sluice_model::{Batch, ModelConfig, ModelError, ModelKind, ModelMetadata, Precision};
@@ -54,10 +55,17 @@ impl StockRow {
         }
     }
 
-    fn symbol_and_date(self) -> (String, NaiveDate) {
+    fn symbol(&self) -> &str {
         match self {
-            Self::Window(w) => (w.symbol, w.as_of),
-            Self::Step { series, step } => (series.history.symbol.clone(), series.steps[step].as_of),
+            Self::Window(w) => &w.symbol,
+            Self::Step { series, .. } => &series.history.symbol,
+        }
+    }
+
+    fn date(&self) -> NaiveDate {
+        match self {
+            Self::Window(w) => w.as_of,
+            Self::Step { series, step } => series.steps[*step].as_of,
         }
     }
 }
@@ -179,12 +187,17 @@ impl Task for StockTask {
         Batch::Windows(buffer)
     }
 
-    fn answer(row: StockRow, answer: &Answer, metadata: &ModelMetadata, version: &str, inferred_at_ms: i64) -> Payload {
+    fn answer(
+        row: &StockRow,
+        answer: &Answer,
+        metadata: &ModelMetadata,
+        version: &str,
+        inferred_at_ms: i64,
+    ) -> Payload {
         let value = |name: &str| metadata.output_index(name).map_or(f32::NAN, |i| answer.values[i]);
-        let (symbol, as_of) = row.symbol_and_date();
         Payload::Prediction(StockPrediction {
-            symbol,
-            as_of,
+            symbol: row.symbol().to_string(),
+            as_of: row.date(),
             predicted_return: value("predicted_return"),
             confidence: value("confidence"),
             model_name: metadata.name.clone(),
@@ -193,5 +206,18 @@ impl Task for StockTask {
             cached: answer.cached,
             inferred_at_ms,
         })
+    }
+
+    /// The symbol: a canary follows a stock, every window of it.
+    fn canary_key<'a>(_: &'a Header, row: &'a StockRow) -> &'a [u8] {
+        row.symbol().as_bytes()
+    }
+
+    /// The absolute difference of the predicted return.
+    fn compare(tally: &mut Tally, serving: (&ModelMetadata, &[f32]), candidate: (&ModelMetadata, &[f32])) {
+        let value = |(metadata, values): (&ModelMetadata, &[f32])| {
+            metadata.output_index("predicted_return").map_or(f32::NAN, |i| values[i])
+        };
+        tally.stock(value(serving), value(candidate));
     }
 }

@@ -1,8 +1,6 @@
-//! Safe model rollout, its first part: what a candidate version is judged on
-//! and the decision the figures take (issue 18). Pure and mergeable, so that
-//! every replica's tally of one rollout adds up in Redis and one decision is
-//! taken from the sum. The store, the inferrer's shadow and canary runs, and
-//! `sluice rollout` build on it; none of them exists yet.
+//! What a candidate version is judged on, and the decision its figures take:
+//! pure and mergeable, so that every replica's tally of one rollout adds up
+//! in Redis and one decision is taken from the sum.
 //!
 //! A [`Tally`] counts what the candidate did beside the serving version on the
 //! same inputs: events compared, the candidate's errors (a failed call, a
