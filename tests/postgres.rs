@@ -33,7 +33,7 @@ impl Schema {
             PostgresConfig { dsn: LOCAL_POSTGRES.into(), schema: unique_schema(name), ..PostgresConfig::default() };
         let pool = config.pool().expect("pool");
         let applied = migrate(&pool, &config.schema).await.expect("migrate");
-        assert_eq!(applied, vec!["0001_initial", "0002_packed_features"]);
+        assert_eq!(applied, vec!["0001_initial", "0002_packed_features", "0003_shadow"]);
         assert!(migrate(&pool, &config.schema).await.expect("again").is_empty(), "migrations apply once");
         Self { config, pool }
     }
@@ -186,7 +186,7 @@ async fn the_pipeline_predicts_from_postgres_history() {
         "[fetcher]\nsource = \"postgres\"\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\n\n[writer]\nbatch = {{ max_batch_size = 256, max_wait_ms = 5 }}\nmin_confidence = 0.0\npostgres = true\n\n[postgres]\ndsn = \"{LOCAL_POSTGRES}\"\nschema = \"{schema}\"\n"
     );
     let mut p = TestPipeline::start("pg-e2e", 2, &extra, Processes::None);
-    assert!(p.sluice(&["db", "migrate"]).contains("applied 2 migration"));
+    assert!(p.sluice(&["db", "migrate"]).contains("applied 3 migration"));
     // Enough trading days before every generated as_of (March to mid-September 2024).
     assert!(
         p.sluice(&["db", "seed", "--symbols", "50", "--days", "260", "--end", "2024-12-31"])

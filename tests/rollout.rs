@@ -284,7 +284,7 @@ async fn a_candidate_that_disagrees_fails_or_is_slow_is_rolled_back_having_answe
 /// shadow and canary, and is promoted by its gates: every event has exactly
 /// one row at the sink, answered by the serving version or, inside the
 /// canary and after the promotion, by the candidate; the candidate's shadow
-/// answers are on the shadow topic only.
+/// answers are on the shadow topic and in the sink's shadow table only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::await_holding_lock, reason = "the pipeline holds the heavy-test lock; nothing else takes it")]
 async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgres_sink() {
@@ -359,16 +359,29 @@ async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgr
 
     // The candidate's shadow answers went to the shadow topic, not to the users.
     let shadow = p.reader(&["inferred.shadow"]);
-    let mut shadowed = 0;
+    let mut shadowed = std::collections::HashSet::new();
     // The first read waits for the reader to join its group.
-    while let Some(record) = shadow.next(Duration::from_secs(if shadowed == 0 { 30 } else { 3 })).await {
+    while let Some(record) = shadow.next(Duration::from_secs(if shadowed.is_empty() { 30 } else { 3 })).await {
         let envelope = codec::decode(&record.expect("read").payload).expect("envelope");
         let Payload::Prediction(answer) = envelope.payload else { panic!("not a prediction") };
         assert_eq!(answer.model_version, "same");
-        shadowed += 1;
+        shadowed.insert(envelope.event_id);
     }
-    assert!(shadowed > 0, "no shadow answers");
-    eprintln!("{} rows, {shadowed} shadow answers, rollout {}", events.len(), rollout.id);
+    assert!(!shadowed.is_empty(), "no shadow answers");
+    // ... and, the writer saving to PostgreSQL, to the shadow tables: each once.
+    let shadow_rows = async || -> (i64, i64, i64) {
+        let sql = "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE model_version <> 'same') \
+                   FROM stock_predictions_shadow";
+        let row = sink.client.query_one(sql, &[]).await.expect("shadow rows");
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let begun = Instant::now();
+    while shadow_rows().await.0 < shadowed.len() as i64 && begun.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n = shadowed.len() as i64;
+    assert_eq!(shadow_rows().await, (n, n, 0), "one shadow row per shadow answer\n{}", p.logs(30));
+    eprintln!("{} rows, {n} shadow answers and rows, rollout {}", events.len(), rollout.id);
     p.stages.clear();
     sink.drop_schema().await;
 }

@@ -97,6 +97,7 @@ impl SluiceConfig {
             StageKind::Inferrer => self.inferrer.build_stock(cx).await,
             StageKind::QueryInferrer => self.inferrer.build_query(cx).await,
             StageKind::Writer => self.writer.build(cx),
+            StageKind::ShadowWriter => self.writer.build_shadow(cx),
         }
     }
 
@@ -201,6 +202,15 @@ impl WriterConfig {
             stage = stage.with_sink(Box::new(PgPredictions::new(config.postgres.pool()?)));
         }
         Ok(Built::new(stage, self.batch.fixed()))
+    }
+
+    /// A rollout's shadow answers, to PostgreSQL's shadow tables.
+    fn build_shadow(&self, cx: &Context<'_>) -> anyhow::Result<Built> {
+        let sink = Box::new(PgPredictions::shadow(cx.config.postgres.pool()?));
+        Ok(Built::new(
+            Writer::shadow(cx.control.writer_settings.clone(), sink, cx.stats.shadow_writer.clone()),
+            self.batch.fixed(),
+        ))
     }
 }
 

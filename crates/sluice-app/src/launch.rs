@@ -40,6 +40,10 @@ pub enum StageKind {
     /// Started by `inferrer` when it serves queries; not a command-line name.
     #[value(skip)]
     QueryInferrer,
+    /// Started by `writer` when it saves to PostgreSQL: a rollout's shadow
+    /// answers to the shadow tables; not a command-line name.
+    #[value(skip)]
+    ShadowWriter,
 }
 
 impl StageKind {
@@ -52,6 +56,7 @@ impl StageKind {
             Self::Inferrer => "inferrer",
             Self::Writer => "writer",
             Self::QueryInferrer => "query-inferrer",
+            Self::ShadowWriter => "shadow-writer",
         }
     }
 
@@ -70,10 +75,12 @@ impl StageKind {
             Self::Inferrer => &topics.normalized,
             Self::QueryInferrer => &topics.tokenized,
             Self::Writer => &topics.inferred,
+            Self::ShadowWriter => &topics.inferred_shadow,
         }
     }
 
-    /// The stage runtimes `kinds` stand for: `inferrer` becomes one per served kind.
+    /// The stage runtimes `kinds` stand for: `inferrer` becomes one per
+    /// served kind, and `writer` saving to PostgreSQL also saves shadow answers.
     pub fn expand(kinds: &[Self], config: &SluiceConfig) -> Vec<Self> {
         let serves = |kind| config.inferrer.serve.contains(&kind);
         kinds
@@ -83,6 +90,7 @@ impl StageKind {
                     serves(ModelKind::Stock).then_some(Self::Inferrer),
                     serves(ModelKind::Query).then_some(Self::QueryInferrer),
                 ],
+                Self::Writer => [Some(Self::Writer), config.writer.postgres.then_some(Self::ShadowWriter)],
                 other => [Some(*other), None],
             })
             .flatten()
@@ -218,6 +226,7 @@ pub async fn start_control(
 #[derive(Debug, Default)]
 pub struct Stats {
     pub writer: Arc<WriterStats>,
+    pub shadow_writer: Arc<WriterStats>,
     pub inferrer: Arc<InferrerStats>,
     pub query_inferrer: Arc<InferrerStats>,
 }
@@ -338,7 +347,7 @@ pub async fn run_stages(kinds: &[StageKind], config: SluiceConfig) -> anyhow::Re
     let runs_models = kinds.iter().any(|k| matches!(k, StageKind::Inferrer | StageKind::QueryInferrer));
     let needs_postgres = kinds.iter().any(|k| match k {
         StageKind::Fetcher => config.fetcher.source == crate::config::SourceKind::Postgres,
-        StageKind::Writer => config.writer.postgres,
+        StageKind::Writer | StageKind::ShadowWriter => config.writer.postgres,
         _ => false,
     });
     let control =

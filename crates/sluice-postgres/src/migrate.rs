@@ -9,6 +9,7 @@ use crate::PostgresError;
 pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_initial", include_str!("../../../schemas/sql/0001_initial.sql")),
     ("0002_packed_features", include_str!("../../../schemas/sql/0002_packed_features.sql")),
+    ("0003_shadow", include_str!("../../../schemas/sql/0003_shadow.sql")),
 ];
 
 /// An arbitrary key for `pg_advisory_xact_lock`, Sluice's own ("SLUICE").

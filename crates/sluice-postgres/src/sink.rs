@@ -30,15 +30,38 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::text[], $6::text
     AS r(id, query_text, label, confidence, top, name, version, cached)
 ON CONFLICT (event_id) DO NOTHING";
 
-/// Saves predictions to `stock_predictions` and intents to `query_intents`.
+/// The shadow tables' statements: the same rows, one per event and version.
+const INSERT_SHADOW: &str = "\
+INSERT INTO stock_predictions_shadow
+    (event_id, symbol, as_of, predicted_return, confidence, model_name, model_version, cached)
+SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::real[], $5::real[], $6::text[], $7::text[], $8::bool[])
+ON CONFLICT (event_id, model_version) DO NOTHING";
+
+const INSERT_INTENTS_SHADOW: &str = "\
+INSERT INTO query_intents_shadow
+    (event_id, query_text, label, confidence, top_labels, model_name, model_version, cached)
+SELECT id, query_text, label, confidence, top::jsonb, name, version, cached
+FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::text[], $6::text[], $7::text[], $8::bool[])
+    AS r(id, query_text, label, confidence, top, name, version, cached)
+ON CONFLICT (event_id, model_version) DO NOTHING";
+
+/// Saves predictions to `stock_predictions` and intents to `query_intents`
+/// (or, for a rollout's shadow answers, to their `_shadow` tables).
 #[derive(Debug, Clone)]
 pub struct PgPredictions {
     pool: Pool,
+    /// The statements for stock predictions and for query intents.
+    statements: (&'static str, &'static str),
 }
 
 impl PgPredictions {
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self { pool, statements: (INSERT, INSERT_INTENTS) }
+    }
+
+    /// Saves to `stock_predictions_shadow` and `query_intents_shadow`.
+    pub fn shadow(pool: Pool) -> Self {
+        Self { pool, statements: (INSERT_SHADOW, INSERT_INTENTS_SHADOW) }
     }
 
     /// Inserts the rows in one transaction; returns how many were new.
@@ -56,7 +79,7 @@ impl PgPredictions {
             let returns: Vec<f32> = stocks.iter().map(|r| r.predicted_return).collect();
             let confidences: Vec<f32> = stocks.iter().map(|r| r.confidence).collect();
             let cached: Vec<bool> = stocks.iter().map(|r| r.cached).collect();
-            let statement = tx.prepare_cached(INSERT).await?;
+            let statement = tx.prepare_cached(self.statements.0).await?;
             new += tx
                 .execute(&statement, &[&ids, &symbols, &dates, &returns, &confidences, &names, &versions, &cached])
                 .await?;
@@ -71,7 +94,7 @@ impl PgPredictions {
             let versions = column(|r| r.model.version.clone());
             let confidences: Vec<f32> = intents.iter().map(|r| r.confidence).collect();
             let cached: Vec<bool> = intents.iter().map(|r| r.cached).collect();
-            let statement = tx.prepare_cached(INSERT_INTENTS).await?;
+            let statement = tx.prepare_cached(self.statements.1).await?;
             new += tx
                 .execute(&statement, &[&ids, &texts, &labels, &confidences, &tops, &names, &versions, &cached])
                 .await?;

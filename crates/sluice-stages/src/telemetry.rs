@@ -107,3 +107,8 @@ pub(crate) fn written(saved: u64, below_min_confidence: u64) {
     counter!("sluice_writer_predictions_written_total").increment(saved);
     counter!("sluice_writer_below_min_confidence_total").increment(below_min_confidence);
 }
+
+/// A rollout's shadow answers saved (never counted as the users' predictions).
+pub(crate) fn shadow_written(saved: u64) {
+    counter!("sluice_writer_shadow_written_total").increment(saved);
+}

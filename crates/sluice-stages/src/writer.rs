@@ -62,8 +62,10 @@ pub struct Writer {
     settings: watch::Receiver<Settings>,
     file: Option<(PathBuf, BufWriter<File>)>,
     sink: Option<Box<dyn PredictionSink>>,
-    output: Arc<str>,
+    /// Where saved answers are published (none for shadow answers).
+    output: Option<Arc<str>>,
     stats: Arc<WriterStats>,
+    name: &'static str,
 }
 
 impl std::fmt::Debug for Writer {
@@ -98,7 +100,14 @@ impl Writer {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
         };
-        Ok(Self { settings, file, sink: None, output: output_topic.into(), stats })
+        Ok(Self { settings, file, sink: None, output: Some(output_topic.into()), stats, name: "writer" })
+    }
+
+    /// The writer of a rollout's shadow answers (`shadow-writer`): every one
+    /// saved to `sink` (the shadow tables), none filtered by confidence, none
+    /// published.
+    pub fn shadow(settings: watch::Receiver<Settings>, sink: Box<dyn PredictionSink>, stats: Arc<WriterStats>) -> Self {
+        Self { settings, file: None, sink: Some(sink), output: None, stats, name: "shadow-writer" }
     }
 
     /// Also writes every saved prediction to `sink`, in one transaction per batch.
@@ -258,7 +267,7 @@ async fn save_isolating(
 
 impl Stage for Writer {
     fn name(&self) -> &'static str {
-        "writer"
+        self.name
     }
 
     fn dead_letter_reasons(&self) -> &'static [Reason] {
@@ -270,7 +279,8 @@ impl Stage for Writer {
         let mut below = 0;
         let mut answers = Answers::default();
         let written_at_ms = sluice_messages::now_ms();
-        let min_confidence = self.settings.borrow().min_confidence;
+        // Shadow answers are all kept: they are compared, not served.
+        let min_confidence = if self.output.is_some() { self.settings.borrow().min_confidence } else { 0.0 };
         for (i, input) in batch.iter().enumerate() {
             let envelope = match decode(i, input) {
                 Ok(envelope) => envelope,
@@ -366,12 +376,14 @@ impl Stage for Writer {
             match refused {
                 None => {
                     written += 1;
-                    outputs.push(Output::Send {
-                        source: saved.source,
-                        topic: self.output.clone(),
-                        key: Some(saved.key),
-                        payload: saved.json,
-                    });
+                    if let Some(topic) = &self.output {
+                        outputs.push(Output::Send {
+                            source: saved.source,
+                            topic: topic.clone(),
+                            key: Some(saved.key),
+                            payload: saved.json,
+                        });
+                    }
                 }
                 Some(message) => {
                     let e = StageError::SinkRefused { sink: sink_name, message };
@@ -381,7 +393,11 @@ impl Stage for Writer {
         }
         self.stats.written.fetch_add(written, Ordering::Relaxed);
         self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
-        telemetry::written(written, below);
+        if self.output.is_some() {
+            telemetry::written(written, below);
+        } else {
+            telemetry::shadow_written(written);
+        }
         Ok(outputs)
     }
 }
