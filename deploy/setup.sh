@@ -88,15 +88,16 @@ if [ ! -f "$CACHE/models/query-intent/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/
     echo "$want" > "$STAMP"
 fi
 
-# 5. Test-only fixture models (a stock model that fails on a sentinel sample),
-#    re-exported whenever their script or the stock fixture changes.
+# 5. Test-only fixture models (a stock model that fails on a sentinel sample,
+#    versions for switches and rollouts), re-exported whenever their script or
+#    the stock or query fixture changes.
 EXPORT="$ROOT/deploy/models/export_test_fixtures.py"
 STAMP="$CACHE/models/fixtures.stamp"
-want="$( { cat "$EXPORT"; cat "$CACHE/models/stock-lstm.stamp"; } | sha256sum | cut -d' ' -f1)"
+want="$( { cat "$EXPORT"; cat "$CACHE/models/stock-lstm.stamp"; cat "$CACHE/models/query-intent.stamp"; } | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$CACHE/models/fixtures/stock-poison/1/model.pt" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     log "exporting the test fixtures to $CACHE/models/fixtures"
     rm -rf "$CACHE/models/fixtures"
-    "$PY" "$EXPORT" --stock "$CACHE/models/stock-lstm" --out "$CACHE/models/fixtures"
+    "$PY" "$EXPORT" --stock "$CACHE/models/stock-lstm" --query "$CACHE/models/query-intent" --out "$CACHE/models/fixtures"
     echo "$want" > "$STAMP"
 fi
 

@@ -20,7 +20,7 @@ use sluice_core::{Incoming, Output, Stage};
 use sluice_messages::codec;
 use sluice_messages::envelope::{Envelope, Payload, StockPrediction, StockWindow};
 use sluice_model::ModelConfig;
-use sluice_stages::{Inferrer, InferrerStats};
+use sluice_stages::{Inferrer, InferrerStats, QueryInferrer};
 use sluice_testkit::{LOCAL_REDIS, model_config, settings, unique};
 use sluice_torch::{ModelWorker, TorchLoader};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +56,11 @@ impl Control {
     }
 
     async fn phase(&self) -> Phase {
-        self.rollouts.get(MODEL).await.expect("redis").expect("a rollout").rollout.phase
+        self.phase_of(MODEL).await
+    }
+
+    async fn phase_of(&self, model: &str) -> Phase {
+        self.rollouts.get(model).await.expect("redis").expect("a rollout").rollout.phase
     }
 }
 
@@ -384,4 +388,107 @@ async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgr
     eprintln!("{} rows, {n} shadow answers and rows, rollout {}", events.len(), rollout.id);
     p.stages.clear();
     sink.drop_schema().await;
+}
+
+/// A version of the query model: 1 serves; relabelled and confused are candidates.
+fn query_variant(version: &str) -> ModelConfig {
+    ModelConfig {
+        dir: sluice_testkit::cache_dir().join("models/fixtures/query-variants"),
+        ..sluice_testkit::query_model_config(version)
+    }
+}
+
+/// The query model's rollouts: a candidate that lists its labels in another
+/// order but gives the same answers (compared by label name) is promoted; one
+/// that gives other labels is rolled back on label agreement, having answered
+/// only the event ids in its canary share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_candidates_are_judged_by_label_agreement() {
+    use sluice_messages::envelope::{QueryIntent, QueryTokens};
+    use sluice_model::{ModelMetadata, QueryTokenizer};
+
+    const QUERY: &str = "query-intent";
+    let dir = query_variant("1").version_dir("1");
+    let metadata = ModelMetadata::load(&dir).expect("metadata");
+    let tokenizer = QueryTokenizer::load(&dir, &metadata).expect("tokenizer");
+    let events = sluice_stages::generate::generate_queries("rq", 20_000);
+    let tokens: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let sluice_stages::generate::Expected::Intent { text } = &e.expected else { unreachable!() };
+            let ids = tokenizer.encode(text).expect("tokens");
+            let envelope = Envelope::new(&e.event_id, Payload::Tokens(QueryTokens { text: text.clone(), ids }));
+            (e.event_id.clone(), codec::encode(&envelope))
+        })
+        .collect();
+
+    for (candidate, promoted) in [("relabelled", true), ("confused", false)] {
+        let control = Control::new();
+        let base = Settings { cache_enabled: false, max_batch_size: 32, ..settings() };
+        let versions = Arc::new(|v: &str| query_variant(v).has_version(v));
+        let settings = Controller::new(control.overrides.clone(), QUERY, base, versions, Duration::from_millis(200))
+            .start(control.shutdown.clone())
+            .await;
+        let link = follow(control.rollouts.clone(), QUERY, control.shutdown.clone()).await;
+        let worker = ModelWorker::start(query_variant("1")).await.expect("version 1 loads");
+        let stats = Arc::new(InferrerStats::default());
+        let mut stage = QueryInferrer::new(TorchLoader, worker, query_variant("1"), settings, None, "out", stats)
+            .expect("query inferrer")
+            .with_rollout(link.clone(), "shadow");
+        let gates = Gates { min_compared: 600, max_time_ratio: 3.0, ..Gates::default() };
+        let rollout = Rollout::new(QUERY, "1", candidate, 0.5, 0.2, gates, vec![], 0).expect("valid");
+        assert!(control.rollouts.replace(None, &rollout).await.expect("redis"));
+
+        let mut answers: Vec<(String, String, QueryIntent)> = Vec::new();
+        let started = Instant::now();
+        for (n, chunk) in tokens.chunks(32).enumerate() {
+            if link.current().is_some_and(|r| !r.is_running()) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{candidate}: no decision");
+            let batch: Vec<Incoming> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (_, payload))| Incoming::new("in", 0, (n * 32 + i) as i64, payload.clone()))
+                .collect();
+            for output in stage.process(&batch).await.expect("process") {
+                let Output::Send { topic, payload, .. } = output else { panic!("{candidate}: a dead letter") };
+                let envelope = codec::decode(&payload).expect("envelope");
+                let Payload::Intent(intent) = envelope.payload else { panic!("not an intent") };
+                answers.push((topic.to_string(), envelope.event_id, intent));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let phase = control.phase_of(QUERY).await;
+        if promoted {
+            assert!(
+                matches!(&phase, Phase::Promoted { figures, .. } if figures.contains("labels agreed on 100.0%")),
+                "{phase:?}"
+            );
+        } else {
+            assert!(matches!(&phase, Phase::RolledBack { gate, .. } if gate == "min_label_agreement"), "{phase:?}");
+        }
+        let at_ms = match &phase {
+            Phase::Promoted { at_ms, .. } | Phase::RolledBack { at_ms, .. } => *at_ms,
+            other => panic!("{other:?}"),
+        };
+        let mut canary = 0;
+        for (topic, event_id, intent) in answers.iter().filter(|(_, _, i)| i.inferred_at_ms < at_ms) {
+            if topic == "out" && intent.model_version == candidate {
+                assert!(in_canary(&rollout.id, event_id.as_bytes(), 0.2), "{event_id} outside the canary");
+                canary += 1;
+            }
+        }
+        assert!(canary > 0, "{candidate} answered its canary");
+        // A relabelled candidate's answers carry the same labels as the serving version's.
+        let serving: std::collections::HashMap<&str, &str> = answers
+            .iter()
+            .filter(|(t, _, i)| t == "out" && i.model_version == "1")
+            .map(|(_, _, i)| (i.text.as_str(), i.label.as_str()))
+            .collect();
+        for (_, _, i) in answers.iter().filter(|(t, _, _)| t == "shadow") {
+            assert_eq!(serving.get(i.text.as_str()).is_some_and(|l| *l == i.label), promoted, "{candidate}: {i:?}");
+        }
+        eprintln!("{candidate}: {phase:?}, {canary} canary answers");
+    }
 }

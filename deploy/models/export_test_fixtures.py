@@ -17,6 +17,10 @@ writes
   shifted (predicted return + 0.02: disagrees), poisoned (raises on samples
   starting with the sentinel 12345.0, as stock-poison) and slow (version 1's
   answer, computed three times over).
+- OUT/query-variants/ (with --query DIR): versions of the query model for
+  rollouts (tests/rollout.rs): 1 (the model), relabelled (its labels listed in
+  reverse order and its logits permuted to match: the same answers by name)
+  and confused (every answer moved to the next label: disagrees everywhere).
 - OUT/stock-light/1/: a near-free model with the stock fixture's input and
   outputs ([B, 30, 105] -> [B, 2]: the last day's mean through tanh and a
   sigmoid, a few element-wise operations). The batching benchmark runs it beside
@@ -87,6 +91,52 @@ class Slow(nn.Module):
         return (y + self.inner(x * 1.0)) * 0.5
 
 
+class Permuted(nn.Module):
+    """The query model's logits in another order: logits[:, j] = inner's logits[:, perm[j]]."""
+
+    def __init__(self, inner: torch.jit.ScriptModule, perm: list) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("perm", torch.tensor(perm, dtype=torch.long))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids, attention_mask).index_select(1, self.perm)
+
+
+def export_query_variants(query: str, out: str) -> None:
+    source = os.path.join(query, "1")
+    inner = torch.jit.load(os.path.join(source, "model.pt"))
+    with open(os.path.join(source, "metadata.json")) as f:
+        metadata = json.load(f)
+    # Reference answers are the serving version's: a variant is checked by the rollout, not by them.
+    metadata.pop("reference", None)
+    metadata.pop("reference_phrases", None)
+    labels = metadata["labels"]
+    n = len(labels)
+    reversed_order = list(range(n - 1, -1, -1))
+    variants = {
+        "1": (inner, labels),
+        "relabelled": (torch.jit.script(Permuted(inner, reversed_order).eval()), [labels[i] for i in reversed_order]),
+        "confused": (torch.jit.script(Permuted(inner, [(j + 1) % n for j in range(n)]).eval()), labels),
+    }
+    tokenizer = metadata["tokenizer"]["file"]
+    for version, (module, names) in variants.items():
+        directory = os.path.join(out, "query-variants", version)
+        os.makedirs(directory, exist_ok=True)
+        module.save(os.path.join(directory, "model.pt"))
+        with open(os.path.join(source, tokenizer), "rb") as f, open(os.path.join(directory, tokenizer), "wb") as g:
+            g.write(f.read())
+        with open(os.path.join(directory, "metadata.json"), "w") as f:
+            json.dump({**metadata, "labels": names, "version": version}, f, indent=2)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    base = inner(ids, mask)
+    relabelled = variants["relabelled"][0](ids, mask)
+    assert variants["relabelled"][1][int(relabelled[0].argmax())] == labels[int(base[0].argmax())]
+    assert int(variants["confused"][0](ids, mask)[0].argmax()) != int(base[0].argmax())
+    print(f"exported query-variants to {out}")
+
+
 def export_variants(stock: str, out: str) -> None:
     inner = torch.jit.load(os.path.join(stock, "1", "model.pt"))
     with open(os.path.join(stock, "1", "metadata.json")) as f:
@@ -146,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stock", required=True, help="the stock fixture's directory (with 1/)")
     parser.add_argument("--out", required=True, help="where the fixtures go")
+    parser.add_argument("--query", help="the query model's directory (with 1/): its variants too")
     args = parser.parse_args()
     inner = torch.jit.load(os.path.join(args.stock, "1", "model.pt"))
     with open(os.path.join(args.stock, "1", "metadata.json")) as f:
@@ -173,6 +224,8 @@ def main() -> None:
     print(f"exported stock-poison to {out}")
     export_variants(args.stock, args.out)
     export_light(args.stock, args.out)
+    if args.query:
+        export_query_variants(args.query, args.out)
 
 
 if __name__ == "__main__":
