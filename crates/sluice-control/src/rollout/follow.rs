@@ -230,6 +230,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_schedule_steps_the_canary_share_by_itself_once_per_period() {
+        let store = RolloutStore::beside(&OverrideStore::memory(KeyLayout::new("sluice", "test")));
+        let r = Rollout::new("m", "1", "2", 0.2, 0.0, Gates::default(), vec![0.25, 0.5], 1).expect("valid");
+        assert!(store.replace(None, &r).await.expect("start"));
+        let shutdown = CancellationToken::new();
+        let link = follow(store.clone(), "m", shutdown.clone()).await;
+        assert_eq!(link.running().map(|r| r.canary), Some(0.0));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(link.running().map(|r| r.canary), Some(0.25), "one step after a second");
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert_eq!(link.running().map(|r| r.canary), Some(0.5), "the next a second later");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(link.running().map(|r| r.canary), Some(0.5), "no step left");
+        assert_eq!(link.decisions_taken(), 0, "a step is not a decision");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn a_candidate_that_cannot_run_is_rolled_back() {
         let store = RolloutStore::beside(&OverrideStore::memory(KeyLayout::new("sluice", "test")));
         let r = Rollout::new("m", "1", "2", 0.5, 0.0, Gates::default(), vec![], 0).expect("valid");
