@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_control::cache::LruConfig;
+use sluice_control::rollout::Rollout;
 use sluice_control::{Settings, overrides};
 use sluice_core::{ConfigError, Secret};
 use sluice_kafka::admin::TopicSpec;
@@ -240,8 +241,61 @@ pub struct InferrerConfig {
     pub latency_target_ms: u64,
     /// The stock model.
     pub model: ModelConfig,
+    /// A rollout of the stock model this process starts by itself, where
+    /// there is no Redis (with Redis: `sluice rollout start`).
+    pub rollout: RolloutConfig,
     /// The query model, its batches and its token budget.
     pub query: QueryInferrerConfig,
+}
+
+/// A rollout started by the configuration, in a process without Redis: the
+/// process's alone (docs/operations.md, "Model rollout"). The flags of
+/// `sluice rollout start`, as keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// The candidate version (empty: no rollout); a number is taken as its digits.
+    #[serde(deserialize_with = "sluice_model::version_name")]
+    pub candidate: String,
+    pub shadow: f64,
+    pub canary: f64,
+    pub schedule: Vec<f64>,
+    pub step_every_s: u64,
+    pub gates: sluice_control::rollout::Gates,
+}
+
+impl RolloutConfig {
+    /// The rollout it starts beside `model`'s configured version, if any,
+    /// checked (refused with the key at fault under `key`).
+    pub fn rollout(&self, key: &str, name: &str, model: &ModelConfig) -> Result<Option<Rollout>, ConfigError> {
+        if self.candidate.is_empty() {
+            return Ok(None);
+        }
+        if !model.has_version(&self.candidate) {
+            let message = format!("version {} is not installed under {}", self.candidate, model.dir.display());
+            return Err(invalid(&format!("{key}.candidate"), message));
+        }
+        Rollout::new(
+            name,
+            &model.version,
+            &self.candidate,
+            self.shadow,
+            self.canary,
+            self.gates.clone(),
+            self.schedule.clone(),
+            self.step_every_s,
+        )
+        .map(Some)
+        .map_err(|message| {
+            let (field, why) = message.split_once(": ").unwrap_or(("candidate", message.as_str()));
+            let field = if sluice_control::rollout::Gates::FIELDS.contains(&field) {
+                format!("gates.{field}")
+            } else {
+                field.to_string()
+            };
+            invalid(&format!("{key}.{field}"), why.to_string())
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +310,8 @@ pub struct QueryInferrerConfig {
     /// As `inferrer.latency_target_ms`, for the query model stage.
     pub latency_target_ms: u64,
     pub model: ModelConfig,
+    /// As `inferrer.rollout`, for the query model.
+    pub rollout: RolloutConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -366,6 +422,18 @@ impl SluiceConfig {
                 check(&format!("{key}.max_batch_size"), "max_batch_size", policy.max_batch_size as u64)?;
             }
             check(&format!("{key}.max_wait_ms"), "max_wait_ms", policy.max_wait_ms)?;
+        }
+        for (key, rollout, model) in [
+            ("inferrer.rollout", &self.inferrer.rollout, &self.inferrer.model),
+            ("inferrer.query.rollout", &self.inferrer.query.rollout, &self.inferrer.query.model),
+        ] {
+            if !rollout.candidate.is_empty() && !self.control.redis_url.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.candidate"),
+                    "with control.redis_url set, a rollout lives in Redis for every replica: start it with `sluice rollout start`",
+                ));
+            }
+            rollout.rollout(key, "model", model)?;
         }
         for (key, model) in
             [("inferrer.model", &self.inferrer.model), ("inferrer.query.model", &self.inferrer.query.model)]

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sluice_control::rollout::{Phase, Rollout};
 use sluice_kafka::client::{Publisher, TopicReader};
 use sluice_kafka::embedded::EmbeddedCluster;
 use sluice_messages::dead_letter::DeadLetter;
@@ -132,10 +133,28 @@ pub async fn run(mut config: SluiceConfig, events: usize, invalid_every: usize) 
 
     shutdown.cancel();
     join(stages).await?;
-    summary(&tally, events, &all_stats, warmup)
+    let rollouts: Vec<_> = [control.rollout.current(), control.query_rollout.current()].into_iter().flatten().collect();
+    summary(&tally, events, &all_stats, warmup, &rollouts)
 }
 
-fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> anyhow::Result<()> {
+/// A rollout in one line: the candidate, where it stands, and why.
+fn rollout_line(r: &Rollout) -> String {
+    let how = match &r.phase {
+        Phase::Running => format!("still running (shadow {:.0}%, canary {:.0}%)", r.shadow * 100.0, r.canary * 100.0),
+        Phase::Promoted { figures, .. } => format!("promoted ({figures})"),
+        Phase::RolledBack { gate, figures, .. } => format!("rolled back by {gate} ({figures})"),
+        Phase::Aborted { by, .. } => format!("aborted by {by}"),
+    };
+    format!("{} version {} beside {}: {how}", r.model, r.candidate, r.serving)
+}
+
+fn summary(
+    tally: &Tally,
+    events: usize,
+    stats: &Stats,
+    warmup: Duration,
+    rollouts: &[Arc<Rollout>],
+) -> anyhow::Result<()> {
     let below = stats.writer.below_min_confidence.load(Ordering::Relaxed);
     let model_rows = stats.inferrer.model_rows.load(Ordering::Relaxed);
     let cache_hits = stats.inferrer.cache_hits.load(Ordering::Relaxed);
@@ -199,6 +218,9 @@ fn summary(tally: &Tally, events: usize, stats: &Stats, warmup: Duration) -> any
     )?;
     writeln!(out, "  latency p50 / p99:       {} ms / {} ms (request to written)", percentile(0.5), percentile(0.99))?;
     writeln!(out, "  warm-up:                 {:.2} s (model load, warm-up batch, group joins)", warmup.as_secs_f64())?;
+    for r in rollouts {
+        writeln!(out, "  rollout:                 {}", rollout_line(r))?;
+    }
     writeln!(out, "  lost:                    {lost}")?;
     anyhow::ensure!(lost == 0, "{lost} events were lost");
     Ok(())

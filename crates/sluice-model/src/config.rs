@@ -104,7 +104,7 @@ pub enum DeviceChoice {
 }
 
 /// A version name given as a string or as a whole number.
-fn version_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+pub fn version_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     struct Name;
 
     impl serde::de::Visitor<'_> for Name {

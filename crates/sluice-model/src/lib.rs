@@ -21,7 +21,7 @@ mod tokenizer;
 mod tune;
 
 pub use batch::Batch;
-pub use config::{DeviceChoice, ModelConfig, Precision};
+pub use config::{DeviceChoice, ModelConfig, Precision, version_name};
 pub use error::ModelError;
 pub use metadata::{ModelKind, ModelMetadata};
 pub use runner::{Inference, ModelLoader, ModelRunner};

@@ -21,6 +21,7 @@ const DIFF_FLOOR: f64 = 1e-6;
 
 /// The bounds a candidate must stay within.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Gates {
     /// Compared events before a promotion can be decided.
     pub min_compared: u64,
@@ -48,6 +49,10 @@ impl Default for Gates {
 }
 
 impl Gates {
+    /// Its fields' names, as refusals name them.
+    pub const FIELDS: [&'static str; 5] =
+        ["min_compared", "max_return_diff_p99", "min_label_agreement", "max_error_rate", "max_time_ratio"];
+
     /// Refuses bounds no candidate could be judged by, naming the key.
     pub fn check(&self) -> Result<(), String> {
         let finite = |key: &str, v: f64| {

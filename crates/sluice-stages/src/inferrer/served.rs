@@ -82,8 +82,12 @@ impl<L: ModelLoader> ServedModel<L> {
         }
     }
 
+    /// Follows `link`'s rollout; a running one's candidate starts loading
+    /// now, while the stage warms up, rather than at the first batch.
     pub(crate) fn follow_rollout_of(&mut self, link: RolloutLink) {
         self.rollout = link;
+        let settings = self.settings.borrow().clone();
+        self.follow_rollout(&settings);
     }
 
     pub(crate) fn rollout(&self) -> &RolloutLink {

@@ -61,8 +61,11 @@ impl<T: Task> Tried<T> {
 }
 
 impl TrialCalls {
+    /// The candidate's calls are counted under `{model}:candidate`, apart
+    /// from the serving version's (its latency, rows and failures).
     pub(crate) fn new(model: &str, budget_bytes: u64) -> Self {
-        Self { calls: Calls::new(model, budget_bytes), spare: None, credit: 0.0, failed: None, shadow_topic: "".into() }
+        let calls = Calls::new(&format!("{model}:candidate"), budget_bytes);
+        Self { calls, spare: None, credit: 0.0, failed: None, shadow_topic: "".into() }
     }
 
     /// Runs `runner`, `rollout`'s candidate, on the rows of this batch it
