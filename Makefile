@@ -11,7 +11,7 @@ EVENTS ?= 2000
 # apt-get needs root: sudo where make does not run as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup demo test fmt lint build promtool clean-cache
+.PHONY: setup demo test fmt lint build promtool images image-demo compose-local clean-cache
 
 setup:
 	@bash deploy/setup.sh
@@ -39,6 +39,19 @@ promtool:
 # built first. Everything builds in release: one build serves tests and demo.
 test: fmt lint build promtool
 	$(CARGO) test --release --workspace
+
+# Opt-in, not part of `make test` (20+ minutes the first time; podman, root):
+# the CPU image from deploy/docker/Dockerfile with local base images where no
+# registry can be reached (deploy/docker/README.md), the demo run inside it, and
+# the compose stack brought up with podman-compose (deploy/compose/README.md).
+images: setup
+	bash deploy/docker/build-local.sh
+
+image-demo:
+	bash deploy/docker/run-demo.sh
+
+compose-local:
+	bash deploy/compose/local.sh
 
 clean-cache:
 	rm -rf "$(SLUICE_CACHE)"

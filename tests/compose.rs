@@ -244,3 +244,61 @@ fn the_compose_prometheus_loads_the_alerting_rules() {
         .any(|v| v == "../prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro");
     assert!(mounted, "the compose stack must mount alerts.yml next to prometheus.yml");
 }
+
+/// What `local.yml` may say for podman-compose 1.0.3, which merges an
+/// override by appending its lists to the base file's: only services the
+/// stack has, and no key whose value is a list in the base (a command or a
+/// healthcheck would be appended to, not replaced). Every Sluice service runs
+/// the image `make images` builds; no third-party image is left but
+/// Grafana's, which is not started there.
+fn check_local_override(base: &Value, local: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let Some(services) = local["services"].as_object() else { return vec!["local.yml: no services".into()] };
+    for (name, service) in services {
+        let Some(fields) = service.as_object() else { continue };
+        let original = &base["services"][name];
+        if original.is_null() {
+            errors.push(format!("local.yml: {name} is not a service of docker-compose.yml"));
+            continue;
+        }
+        for (key, value) in fields {
+            if original[key].is_array() && key != "volumes" {
+                errors.push(format!(
+                    "local.yml: {name}.{key} is a list in docker-compose.yml: podman-compose appends to it"
+                ));
+            }
+            if key == "volumes" && !value.is_array() {
+                errors.push(format!("local.yml: {name}.volumes must be a list"));
+            }
+        }
+        let image = service["image"].as_str().unwrap_or("");
+        if !image.starts_with("localhost/") {
+            errors.push(format!("local.yml: {name} runs {image:?}, not a local image"));
+        }
+    }
+    for name in COMPOSE_SERVICES.iter().filter(|s| **s != "grafana") {
+        if services.get(*name).is_none() {
+            errors.push(format!("local.yml: {name} keeps docker-compose.yml's image"));
+        }
+    }
+    errors
+}
+
+#[test]
+fn the_local_override_replaces_every_image_but_grafanas_without_lists() {
+    let local = read_one_yaml(&compose_dir().join("local.yml"));
+    assert_no_errors("deploy/compose/local.yml", &check_local_override(&compose(), &local));
+    let local_sh = fs::read_to_string(compose_dir().join("local.sh")).expect("local.sh");
+    let ups: Vec<&str> = local_sh.lines().filter(|l| l.trim_start().starts_with("compose up")).collect();
+    assert!(!ups.is_empty() && ups.iter().all(|l| !l.contains("grafana")), "local.sh must not start grafana: {ups:?}");
+
+    let mut broken = local;
+    broken["services"]["redis"]["command"] = json!(["redis-server", "--port", "6380"]);
+    broken["services"]["nosuch"] = json!({ "image": "localhost/x" });
+    broken["services"]["writer"]["image"] = json!("sluice:dev");
+    unset(&mut broken["services"], "postgres");
+    let errors = check_local_override(&compose(), &broken);
+    for needle in ["redis.command is a list", "nosuch is not a service", "writer runs", "postgres keeps"] {
+        assert!(errors.iter().any(|e| e.contains(needle)), "{needle} not caught: {errors:?}");
+    }
+}
