@@ -40,17 +40,17 @@ promtool:
 test: fmt lint build promtool
 	$(CARGO) test --release --workspace
 
-# Opt-in, not part of `make test` (20+ minutes the first time; podman, root):
+# Opt-in, not part of `make test` (about 12 minutes the first time; podman, root):
 # the CPU image from deploy/docker/Dockerfile with local base images where no
 # registry can be reached (deploy/docker/README.md), the demo run inside it, and
 # the compose stack brought up with podman-compose (deploy/compose/README.md).
-images: setup
+images:
 	bash deploy/docker/build-local.sh
 
 image-demo:
 	bash deploy/docker/run-demo.sh
 
-compose-local:
+compose-local: setup
 	bash deploy/compose/local.sh
 
 clean-cache:

@@ -102,7 +102,7 @@ make_rust() {
 build() { # build DOCKERFILE TAG [extra build args...]
     local file="$1" tag="$2"
     shift 2
-    say "building $tag from $file (the first time: torch from PyPI, then a release build, 20+ minutes on 2 cores)"
+    say "building $tag from $file (the first time: torch from PyPI, then a release build, about 12 minutes on 2 cores)"
     pm build --network host "${PODMAN_ULIMITS[@]}" -f "$file" \
         --build-arg RUST_IMAGE="$(rust_image)" \
         --build-arg TORCH_INDEX="$TORCH_INDEX" --build-arg TORCH_SPEC="$TORCH_SPEC" \
