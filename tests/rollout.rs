@@ -78,14 +78,25 @@ struct Replica {
     link: RolloutLink,
 }
 
-async fn replica(control: &Control) -> Replica {
+/// What a model stage of `model` (its versions as `config` gives them)
+/// follows: its settings from the overrides, its rollout, and its version 1 loaded.
+async fn followed(
+    control: &Control,
+    model: &str,
+    config: fn(&str) -> ModelConfig,
+) -> (tokio::sync::watch::Receiver<Settings>, RolloutLink, ModelWorker) {
     let base = Settings { cache_enabled: false, max_batch_size: 32, ..settings() };
-    let versions = Arc::new(|v: &str| variant(v).has_version(v));
-    let settings = Controller::new(control.overrides.clone(), MODEL, base, versions, Duration::from_millis(200))
+    let versions = Arc::new(move |v: &str| config(v).has_version(v));
+    let settings = Controller::new(control.overrides.clone(), model, base, versions, Duration::from_millis(200))
         .start(control.shutdown.clone())
         .await;
-    let link = follow(control.rollouts.clone(), MODEL, control.shutdown.clone()).await;
-    let worker = ModelWorker::start(variant("1")).await.expect("version 1 loads");
+    let link = follow(control.rollouts.clone(), model, control.shutdown.clone()).await;
+    let worker = ModelWorker::start(config("1")).await.expect("version 1 loads");
+    (settings, link, worker)
+}
+
+async fn replica(control: &Control) -> Replica {
+    let (settings, link, worker) = followed(control, MODEL, variant).await;
     let stats = Arc::new(InferrerStats::default());
     let stage = Inferrer::new(TorchLoader, worker, variant("1"), settings, None, "out", stats.clone())
         .expect("inferrer")
@@ -424,13 +435,7 @@ async fn query_candidates_are_judged_by_label_agreement() {
 
     for (candidate, promoted) in [("relabelled", true), ("confused", false)] {
         let control = Control::new();
-        let base = Settings { cache_enabled: false, max_batch_size: 32, ..settings() };
-        let versions = Arc::new(|v: &str| query_variant(v).has_version(v));
-        let settings = Controller::new(control.overrides.clone(), QUERY, base, versions, Duration::from_millis(200))
-            .start(control.shutdown.clone())
-            .await;
-        let link = follow(control.rollouts.clone(), QUERY, control.shutdown.clone()).await;
-        let worker = ModelWorker::start(query_variant("1")).await.expect("version 1 loads");
+        let (settings, link, worker) = followed(&control, QUERY, query_variant).await;
         let stats = Arc::new(InferrerStats::default());
         let mut stage = QueryInferrer::new(TorchLoader, worker, query_variant("1"), settings, None, "out", stats)
             .expect("query inferrer")
