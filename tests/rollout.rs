@@ -372,17 +372,31 @@ async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgr
         .expect("late rows");
     assert_eq!(late.get::<_, i64>(0), 0, "version 1 answered long after the promotion");
 
-    // The candidate's shadow answers went to the shadow topic, not to the users.
-    let shadow = p.reader(&["inferred.shadow"]);
+    // The candidate's shadow answers went to the shadow topics, as JSON too, not to the users.
+    let read_all = async |topic: &str| -> Vec<Vec<u8>> {
+        let reader = p.reader(&[topic]);
+        let mut records = Vec::new();
+        // The first read waits for the reader to join its group.
+        while let Some(r) = reader.next(Duration::from_secs(if records.is_empty() { 30 } else { 3 })).await {
+            records.push(r.expect("read").payload);
+        }
+        records
+    };
     let mut shadowed = std::collections::HashSet::new();
-    // The first read waits for the reader to join its group.
-    while let Some(record) = shadow.next(Duration::from_secs(if shadowed.is_empty() { 30 } else { 3 })).await {
-        let envelope = codec::decode(&record.expect("read").payload).expect("envelope");
+    for payload in read_all("inferred.shadow").await {
+        let envelope = codec::decode(&payload).expect("envelope");
         let Payload::Prediction(answer) = envelope.payload else { panic!("not a prediction") };
         assert_eq!(answer.model_version, "same");
         shadowed.insert(envelope.event_id);
     }
     assert!(!shadowed.is_empty(), "no shadow answers");
+    let mut published = std::collections::HashSet::new();
+    for payload in read_all("predictions.shadow").await {
+        let record: sluice_messages::prediction::PredictionRecord = serde_json::from_slice(&payload).expect("JSON");
+        assert_eq!(record.model.version, "same");
+        published.insert(record.event_id);
+    }
+    assert_eq!(published, shadowed, "every shadow answer published as JSON, once each");
     // ... and, the writer saving to PostgreSQL, to the shadow tables: each once.
     let shadow_rows = async || -> (i64, i64, i64) {
         let sql = "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE model_version <> 'same') \

@@ -204,13 +204,15 @@ impl WriterConfig {
         Ok(Built::new(stage, self.batch.fixed()))
     }
 
-    /// A rollout's shadow answers, to PostgreSQL's shadow tables.
+    /// A rollout's shadow answers: as JSON to `topics.predictions_shadow`,
+    /// and to PostgreSQL's shadow tables when the writer saves there.
     fn build_shadow(&self, cx: &Context<'_>) -> anyhow::Result<Built> {
-        let sink = Box::new(PgPredictions::shadow(cx.config.postgres.pool()?));
-        Ok(Built::new(
-            Writer::shadow(cx.control.writer_settings.clone(), sink, cx.stats.shadow_writer.clone()),
-            self.batch.fixed(),
-        ))
+        let (settings, topic) = (cx.control.writer_settings.clone(), &cx.config.topics.predictions_shadow);
+        let mut stage = Writer::shadow(settings, topic, cx.stats.shadow_writer.clone());
+        if self.postgres {
+            stage = stage.with_sink(Box::new(PgPredictions::shadow(cx.config.postgres.pool()?)));
+        }
+        Ok(Built::new(stage, self.batch.fixed()))
     }
 }
 

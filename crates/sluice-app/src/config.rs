@@ -101,6 +101,10 @@ pub struct TopicsConfig {
     pub inferred_shadow: String,
     /// The JSON output topic.
     pub predictions: String,
+    /// A rollout's shadow answers as JSON records, as `predictions` has them
+    /// (the writer's `shadow-writer` consumer), never read by users' consumers
+    /// of `predictions`.
+    pub predictions_shadow: String,
     /// Dead letters from every stage.
     pub dead_letters: String,
     /// Partitions of every topic `sluice topics create` makes: the most
@@ -129,7 +133,7 @@ impl TopicsConfig {
     }
 
     /// Every topic name with its key under `[topics]`.
-    pub fn names(&self) -> [(&'static str, &String); 8] {
+    pub fn names(&self) -> [(&'static str, &String); 9] {
         [
             ("requests", &self.requests),
             ("fetched", &self.fetched),
@@ -138,6 +142,7 @@ impl TopicsConfig {
             ("inferred", &self.inferred),
             ("inferred_shadow", &self.inferred_shadow),
             ("predictions", &self.predictions),
+            ("predictions_shadow", &self.predictions_shadow),
             ("dead_letters", &self.dead_letters),
         ]
     }
@@ -153,6 +158,7 @@ impl TopicsConfig {
             inferred: name("inferred"),
             inferred_shadow: name("inferred_shadow"),
             predictions: name("predictions"),
+            predictions_shadow: name("predictions_shadow"),
             dead_letters: name("dead_letters"),
             ..self.clone()
         }

@@ -40,8 +40,9 @@ pub enum StageKind {
     /// Started by `inferrer` when it serves queries; not a command-line name.
     #[value(skip)]
     QueryInferrer,
-    /// Started by `writer` when it saves to PostgreSQL: a rollout's shadow
-    /// answers to the shadow tables; not a command-line name.
+    /// Started by `writer`: a rollout's shadow answers, as JSON to
+    /// `topics.predictions_shadow` (and to the shadow tables when the writer
+    /// saves to PostgreSQL); not a command-line name.
     #[value(skip)]
     ShadowWriter,
 }
@@ -80,7 +81,7 @@ impl StageKind {
     }
 
     /// The stage runtimes `kinds` stand for: `inferrer` becomes one per
-    /// served kind, and `writer` saving to PostgreSQL also saves shadow answers.
+    /// served kind, and `writer` also writes shadow answers.
     pub fn expand(kinds: &[Self], config: &SluiceConfig) -> Vec<Self> {
         let serves = |kind| config.inferrer.serve.contains(&kind);
         kinds
@@ -90,7 +91,7 @@ impl StageKind {
                     serves(ModelKind::Stock).then_some(Self::Inferrer),
                     serves(ModelKind::Query).then_some(Self::QueryInferrer),
                 ],
-                Self::Writer => [Some(Self::Writer), config.writer.postgres.then_some(Self::ShadowWriter)],
+                Self::Writer => [Some(Self::Writer), Some(Self::ShadowWriter)],
                 other => [Some(*other), None],
             })
             .flatten()

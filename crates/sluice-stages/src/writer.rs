@@ -62,8 +62,8 @@ pub struct Writer {
     settings: watch::Receiver<Settings>,
     file: Option<(PathBuf, BufWriter<File>)>,
     sink: Option<Box<dyn PredictionSink>>,
-    /// Where saved answers are published (none for shadow answers).
-    output: Option<Arc<str>>,
+    /// Where saved answers are published.
+    output: Arc<str>,
     stats: Arc<WriterStats>,
     name: &'static str,
 }
@@ -100,14 +100,14 @@ impl Writer {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
         };
-        Ok(Self { settings, file, sink: None, output: Some(output_topic.into()), stats, name: "writer" })
+        Ok(Self { settings, file, sink: None, output: output_topic.into(), stats, name: "writer" })
     }
 
     /// The writer of a rollout's shadow answers (`shadow-writer`): every one
-    /// saved to `sink` (the shadow tables), none filtered by confidence, none
-    /// published.
-    pub fn shadow(settings: watch::Receiver<Settings>, sink: Box<dyn PredictionSink>, stats: Arc<WriterStats>) -> Self {
-        Self { settings, file: None, sink: Some(sink), output: None, stats, name: "shadow-writer" }
+    /// published to `output_topic` (and saved to a sink given with
+    /// [`Writer::with_sink`]: the shadow tables), none filtered by confidence.
+    pub fn shadow(settings: watch::Receiver<Settings>, output_topic: &str, stats: Arc<WriterStats>) -> Self {
+        Self { settings, file: None, sink: None, output: output_topic.into(), stats, name: "shadow-writer" }
     }
 
     /// Also writes every saved prediction to `sink`, in one transaction per batch.
@@ -280,7 +280,8 @@ impl Stage for Writer {
         let mut answers = Answers::default();
         let written_at_ms = sluice_messages::now_ms();
         // Shadow answers are all kept: they are compared, not served.
-        let min_confidence = if self.output.is_some() { self.settings.borrow().min_confidence } else { 0.0 };
+        let shadow = self.name == "shadow-writer";
+        let min_confidence = if shadow { 0.0 } else { self.settings.borrow().min_confidence };
         for (i, input) in batch.iter().enumerate() {
             let envelope = match decode(i, input) {
                 Ok(envelope) => envelope,
@@ -376,14 +377,12 @@ impl Stage for Writer {
             match refused {
                 None => {
                     written += 1;
-                    if let Some(topic) = &self.output {
-                        outputs.push(Output::Send {
-                            source: saved.source,
-                            topic: topic.clone(),
-                            key: Some(saved.key),
-                            payload: saved.json,
-                        });
-                    }
+                    outputs.push(Output::Send {
+                        source: saved.source,
+                        topic: self.output.clone(),
+                        key: Some(saved.key),
+                        payload: saved.json,
+                    });
                 }
                 Some(message) => {
                     let e = StageError::SinkRefused { sink: sink_name, message };
@@ -393,10 +392,10 @@ impl Stage for Writer {
         }
         self.stats.written.fetch_add(written, Ordering::Relaxed);
         self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
-        if self.output.is_some() {
-            telemetry::written(written, below);
-        } else {
+        if shadow {
             telemetry::shadow_written(written);
+        } else {
+            telemetry::written(written, below);
         }
         Ok(outputs)
     }

@@ -215,6 +215,7 @@ tokenized = "{prefix}.tokenized"
 inferred = "{prefix}.inferred"
 inferred_shadow = "{prefix}.inferred.shadow"
 predictions = "{prefix}.predictions"
+predictions_shadow = "{prefix}.predictions.shadow"
 dead_letters = "{prefix}.dead-letters"
 partitions = {partitions}
 
