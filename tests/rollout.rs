@@ -318,7 +318,9 @@ async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgr
     let dir = |d: &std::path::Path| format!("dir = \"{}\"", d.display());
     std::fs::write(&p.config, config.replace(&dir(&model_dir()), &dir(&variant("1").dir))).expect("config");
     p.sluice(&["db", "migrate"]);
-    p.stages = vec![StageProcess::command(&p.config, &["pipeline"], "pipeline", &p.dir)];
+    let port = sluice_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    p.stages = vec![StageProcess::command(&p.config, &["--listen", &listen, "pipeline"], "pipeline", &p.dir)];
     p.stages[0].wait_for_log("kind=\"assign\"", 4, Duration::from_secs(90));
 
     let started = p.sluice(&[
@@ -347,6 +349,13 @@ async fn a_rollout_through_the_broker_loses_and_duplicates_nothing_at_the_postgr
     let decided = status();
     assert_eq!(decided["rollout"]["phase"]["phase"], "promoted", "{decided}\n{}", p.logs(30));
     assert!(decided["tally"]["compared"].as_u64() >= Some(1000), "{decided}");
+    // The process shows the decision in /status, with the figures that made it.
+    let status = sluice_testkit::http_get(port, "/status").expect("/status answers").1;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let shown = &status["models"]["stock-lstm"]["rollout"];
+    assert_eq!(shown["id"], rollout.id.as_str(), "{status}");
+    assert_eq!(shown["phase"]["phase"], "promoted", "{shown}");
+    assert!(shown["phase"]["figures"].as_str().is_some_and(|f| f.contains("compared")), "{shown}");
     p.produce("second", events[3000..].iter().map(|e| &e.json));
 
     let sink = SinkRows::connect(&schema).await;
