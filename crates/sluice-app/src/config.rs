@@ -410,6 +410,15 @@ impl SluiceConfig {
     }
 
     /// Rules the types cannot express.
+    /// Each model's configured rollout (`[inferrer.rollout]`, `[inferrer.query.rollout]`)
+    /// with its key and the model it rolls out.
+    pub fn rollouts(&self) -> [(&'static str, &RolloutConfig, &ModelConfig); 2] {
+        [
+            ("inferrer.rollout", &self.inferrer.rollout, &self.inferrer.model),
+            ("inferrer.query.rollout", &self.inferrer.query.rollout, &self.inferrer.query.model),
+        ]
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         // A setting that can also change live is checked against its one
         // declaration (sluice_control::overrides::FIELDS).
@@ -429,10 +438,7 @@ impl SluiceConfig {
             }
             check(&format!("{key}.max_wait_ms"), "max_wait_ms", policy.max_wait_ms)?;
         }
-        for (key, rollout, model) in [
-            ("inferrer.rollout", &self.inferrer.rollout, &self.inferrer.model),
-            ("inferrer.query.rollout", &self.inferrer.query.rollout, &self.inferrer.query.model),
-        ] {
+        for (key, rollout, model) in self.rollouts() {
             if !rollout.candidate.is_empty() && !self.control.redis_url.is_empty() {
                 return Err(invalid(
                     &format!("{key}.candidate"),

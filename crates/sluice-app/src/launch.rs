@@ -212,11 +212,7 @@ pub async fn start_control(
     };
     let rollouts = RolloutStore::beside(&store);
     // Without Redis, the configuration may start a rollout: this process's alone.
-    let configured = [
-        ("inferrer.rollout", &config.inferrer.rollout, stock),
-        ("inferrer.query.rollout", &config.inferrer.query.rollout, &config.inferrer.query.model),
-    ];
-    for (key, rollout, model) in configured.into_iter().filter(|_| tune && !rollouts.is_shared()) {
+    for (key, rollout, model) in config.rollouts().into_iter().filter(|_| tune && !rollouts.is_shared()) {
         if let Some(r) = rollout.rollout(key, &model_name(model), model)? {
             rollouts.replace(None, &r).await?;
         }

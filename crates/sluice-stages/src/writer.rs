@@ -65,7 +65,8 @@ pub struct Writer {
     /// Where saved answers are published.
     output: Arc<str>,
     stats: Arc<WriterStats>,
-    name: &'static str,
+    /// A rollout's shadow answers (`shadow-writer`): none filtered, counted apart.
+    shadow: bool,
 }
 
 impl std::fmt::Debug for Writer {
@@ -100,14 +101,14 @@ impl Writer {
             Some(path) => Some((path.to_path_buf(), BufWriter::new(open_append(path)?))),
             None => None,
         };
-        Ok(Self { settings, file, sink: None, output: output_topic.into(), stats, name: "writer" })
+        Ok(Self { settings, file, sink: None, output: output_topic.into(), stats, shadow: false })
     }
 
     /// The writer of a rollout's shadow answers (`shadow-writer`): every one
     /// published to `output_topic` (and saved to a sink given with
     /// [`Writer::with_sink`]: the shadow tables), none filtered by confidence.
     pub fn shadow(settings: watch::Receiver<Settings>, output_topic: &str, stats: Arc<WriterStats>) -> Self {
-        Self { settings, file: None, sink: None, output: output_topic.into(), stats, name: "shadow-writer" }
+        Self { settings, file: None, sink: None, output: output_topic.into(), stats, shadow: true }
     }
 
     /// Also writes every saved prediction to `sink`, in one transaction per batch.
@@ -267,7 +268,7 @@ async fn save_isolating(
 
 impl Stage for Writer {
     fn name(&self) -> &'static str {
-        self.name
+        if self.shadow { "shadow-writer" } else { "writer" }
     }
 
     fn dead_letter_reasons(&self) -> &'static [Reason] {
@@ -280,8 +281,7 @@ impl Stage for Writer {
         let mut answers = Answers::default();
         let written_at_ms = sluice_messages::now_ms();
         // Shadow answers are all kept: they are compared, not served.
-        let shadow = self.name == "shadow-writer";
-        let min_confidence = if shadow { 0.0 } else { self.settings.borrow().min_confidence };
+        let min_confidence = if self.shadow { 0.0 } else { self.settings.borrow().min_confidence };
         for (i, input) in batch.iter().enumerate() {
             let envelope = match decode(i, input) {
                 Ok(envelope) => envelope,
@@ -392,7 +392,7 @@ impl Stage for Writer {
         }
         self.stats.written.fetch_add(written, Ordering::Relaxed);
         self.stats.below_min_confidence.fetch_add(below, Ordering::Relaxed);
-        if shadow {
+        if self.shadow {
             telemetry::shadow_written(written);
         } else {
             telemetry::written(written, below);

@@ -116,14 +116,7 @@ impl<L: ModelLoader> ServedModel<L> {
             if self.trial.as_ref().is_none_or(|t| t.rollout != r.id) {
                 self.drop_trial();
                 telemetry::version_loading(&r.candidate, &serving);
-                let config = ModelConfig {
-                    version: r.candidate.clone(),
-                    intra_op_threads: settings.intra_op_threads,
-                    warmup_batch_size: self.model.warmup_batch_size.max(settings.max_batch_size),
-                    ..self.model.clone()
-                };
-                let loading = tokio::spawn(self.loader.load(config));
-                let candidate = Candidate::Loading(loading);
+                let candidate = Candidate::Loading(self.load(&r.candidate, settings));
                 self.trial = Some(Trial { rollout: r.id.clone(), version: r.candidate.clone(), candidate });
             }
             return;
@@ -226,15 +219,20 @@ impl<L: ModelLoader> ServedModel<L> {
             self.failed = None;
         } else if self.failed.as_ref() != Some(want) && self.loading.as_ref().is_none_or(|(v, _)| v != want) {
             telemetry::version_loading(want, self.runner.version());
-            let config = ModelConfig {
-                version: want.clone(),
-                intra_op_threads: settings.intra_op_threads,
-                warmup_batch_size: self.model.warmup_batch_size.max(settings.max_batch_size),
-                ..self.model.clone()
-            };
-            self.loading = Some((want.clone(), tokio::spawn(self.loader.load(config))));
+            self.loading = Some((want.clone(), self.load(want, &settings)));
         }
         settings
+    }
+
+    /// Starts loading `version` (warmed up at the batch size in force) on a task.
+    fn load(&self, version: &str, settings: &Settings) -> Loading<L> {
+        let config = ModelConfig {
+            version: version.to_string(),
+            intra_op_threads: settings.intra_op_threads,
+            warmup_batch_size: self.model.warmup_batch_size.max(settings.max_batch_size),
+            ..self.model.clone()
+        };
+        tokio::spawn(self.loader.load(config))
     }
 
     /// Makes a loaded, admitted version the serving one.
